@@ -1,0 +1,185 @@
+"""The component contract: a stage declares its name, version, config slice and named inputs and
+outputs, and its cache key is a hash of exactly those things plus its code.
+
+Cache key = sha256 of (name, version, code hash, config slice without `resources`, the cache keys
+of its inputs, fingerprints of external files). Output paths and resources never enter it. The code
+hash covers the component's module and every `components.*` module it imports, transitively, read
+as a syntax tree so comments and formatting do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from components.common.config import to_dict
+
+ConfigT = TypeVar("ConfigT")
+PACKAGE = "components"
+KEY_EXCLUDED_FIELDS = frozenset({"resources"})
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage reports besides the files it wrote: metrics (numbers) and artifacts to log."""
+
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    artifacts: list[str] = dataclasses.field(default_factory=list)  # paths relative to the entry folder
+
+
+@dataclasses.dataclass
+class StageContext(Generic[ConfigT]):
+    """Everything a running stage may use: its config slice, input folders, output folders."""
+
+    config: ConfigT
+    inputs: dict[str, Path]
+    outputs: dict[str, Path]
+    workdir: Path  # the staging folder; outputs live under it
+    seed: int = 0
+    log_metrics: Callable[[dict[str, float], int | None], None] = lambda metrics, step: None
+
+
+@dataclasses.dataclass(frozen=True)
+class Component(Generic[ConfigT]):
+    name: str
+    version: str
+    config_path: str  # dotted path of its slice in the pipeline config, e.g. "data.basic_filters"
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    run: Callable[[StageContext[ConfigT]], StageResult]
+    optional_inputs: tuple[str, ...] = ()
+    # Extra key material from the config (e.g. fingerprints of external files the stage reads).
+    external_fingerprint: Callable[[ConfigT], dict[str, Any]] | None = None
+
+    @property
+    def module(self) -> str:
+        return self.run.__module__
+
+    def code_hash(self) -> str:
+        return code_hash(self.module)
+
+    def key_material(self, config: ConfigT, input_keys: dict[str, str]) -> dict[str, Any]:
+        material: dict[str, Any] = {
+            "component": self.name,
+            "version": self.version,
+            "code": self.code_hash(),
+            "config": strip_excluded(to_dict(config)),
+            "inputs": dict(sorted(input_keys.items())),
+        }
+        if self.external_fingerprint is not None:
+            material["external"] = self.external_fingerprint(config)
+        return material
+
+    def cache_key(self, config: ConfigT, input_keys: dict[str, str]) -> str:
+        return hash_material(self.key_material(config, input_keys))
+
+
+def component(
+    *,
+    name: str,
+    version: str,
+    config: str,
+    inputs: tuple[str, ...] = (),
+    outputs: tuple[str, ...],
+    optional_inputs: tuple[str, ...] = (),
+    external_fingerprint: Callable[[Any], dict[str, Any]] | None = None,
+) -> Callable[[Callable[[StageContext[Any]], StageResult]], Component[Any]]:
+    """Declare a stage: `@component(name=..., version=..., config="data.x", inputs=(...), outputs=(...))`."""
+
+    def wrap(run: Callable[[StageContext[Any]], StageResult]) -> Component[Any]:
+        return Component(
+            name=name,
+            version=version,
+            config_path=config,
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            run=run,
+            optional_inputs=tuple(optional_inputs),
+            external_fingerprint=external_fingerprint,
+        )
+
+    return wrap
+
+
+def strip_excluded(tree: Any) -> Any:
+    """Drop `resources` (where and how wide a stage runs) from a config tree, at any depth."""
+    if isinstance(tree, dict):
+        return {k: strip_excluded(v) for k, v in tree.items() if k not in KEY_EXCLUDED_FIELDS}
+    if isinstance(tree, list):
+        return [strip_excluded(v) for v in tree]
+    return tree
+
+
+def hash_material(material: dict[str, Any]) -> str:
+    blob = json.dumps(material, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def code_hash(module: str) -> str:
+    """Hash of a module's syntax tree and those of the `components.*` modules it imports."""
+    digest = hashlib.sha256()
+    for name in sorted(_module_closure(module)):
+        digest.update(name.encode())
+        digest.update(_normalised_source(_module_file(name)).encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _normalised_source(path: Path) -> str:
+    return ast.dump(ast.parse(path.read_text(), filename=str(path)), annotate_fields=False)
+
+
+def _module_file(module: str) -> Path:
+    loaded = sys.modules.get(module)
+    if loaded is not None and getattr(loaded, "__file__", None):
+        return Path(loaded.__file__)
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"cannot find the source of module {module!r}")
+    return Path(spec.origin)
+
+
+def _module_closure(module: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo.extend(_imported_project_modules(current))
+    return seen
+
+
+def _imported_project_modules(module: str) -> list[str]:
+    tree = ast.parse(_module_file(module).read_text())
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend(alias.name for alias in node.names if _is_project(alias.name))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and _is_project(node.module):
+            found.append(node.module)
+            for alias in node.names:  # `from components.data import ingest` imports a module
+                candidate = f"{node.module}.{alias.name}"
+                if importlib.util.find_spec(node.module) and _is_module(candidate):
+                    found.append(candidate)
+    return found
+
+
+def _is_project(module: str) -> bool:
+    return module == PACKAGE or module.startswith(PACKAGE + ".")
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False

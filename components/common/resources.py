@@ -1,0 +1,33 @@
+"""Per-stage compute resources: read at the call site, never part of a cache key."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class Resources:
+    """How a Ray Data step is spread: tasks' CPUs, actor-pool size, rows per batch."""
+
+    num_cpus: float = 1.0
+    concurrency: int | None = None  # None: let Ray Data decide
+    batch_size: int = 256
+    runtime_env: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"image_uri": ...}
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0:
+            raise ValueError(f"resources.num_cpus must be > 0, got {self.num_cpus}")
+        if self.batch_size < 1:
+            raise ValueError(f"resources.batch_size must be >= 1, got {self.batch_size}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"resources.concurrency must be >= 1 or null, got {self.concurrency}")
+
+    def map_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `Dataset.map_batches` / `flat_map`."""
+        kwargs: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.concurrency is not None:
+            kwargs["concurrency"] = self.concurrency
+        if self.runtime_env:
+            kwargs["runtime_env"] = self.runtime_env
+        return kwargs

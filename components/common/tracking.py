@@ -1,0 +1,111 @@
+"""Experiment tracking: one MLflow parent run per pipeline run, one child run per stage.
+
+Stages talk to a `Tracker`; `NullTracker` accepts everything and records nothing, so no code
+branches on whether tracking is on. `MlflowTracker` writes through `MlflowClient` with explicit run
+ids (no global active-run state), which keeps parent/child runs straight.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+PARAMS_PER_BATCH = 100
+
+
+class Tracker(Protocol):
+    def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str: ...
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
+    def log_artifact(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None: ...
+    def end(self, run_id: str, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """Tracking switched off: every call is accepted and nothing is written."""
+
+    def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
+        return f"null-{name}"
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifact(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
+        pass
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker:
+    """Runs in one MLflow experiment, created with our artifact location when it is new."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            self.experiment_id = found.experiment_id
+        self.tracking_uri = tracking_uri
+
+    def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
+        all_tags = dict(tags)
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in sorted(params.items())]
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(key, float(value), stamp, step or 0) for key, value in sorted(metrics.items())]
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + PARAMS_PER_BATCH])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_dir)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def git_commit(repo: Path) -> str:
+    """The commit the code runs at, with `-dirty` if the tree has changes; `unknown` outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit

@@ -1,0 +1,115 @@
+"""Typed configs of the data stages; their defaults are DataComp's basic-filter defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from components.common.resources import Resources
+
+NOISE_KINDS = (
+    "mismatched_caption",
+    "exact_duplicate",
+    "near_duplicate",
+    "tiny_image",
+    "extreme_aspect",
+    "corrupt_image",
+    "empty_caption",
+    "non_utf8_caption",
+)
+
+
+@dataclasses.dataclass
+class NoiseRates:
+    """Fraction of generated samples carrying each kind of labelled noise (the rest are clean)."""
+
+    mismatched_caption: float = 0.10
+    exact_duplicate: float = 0.03
+    near_duplicate: float = 0.05
+    tiny_image: float = 0.03
+    extreme_aspect: float = 0.03
+    corrupt_image: float = 0.02
+    empty_caption: float = 0.02
+    non_utf8_caption: float = 0.02
+
+    def __post_init__(self) -> None:
+        rates = dataclasses.asdict(self)
+        if any(r < 0 for r in rates.values()) or sum(rates.values()) > 0.9:
+            raise ValueError(f"noise rates must be >= 0 and sum to <= 0.9, got {rates}")
+
+
+@dataclasses.dataclass
+class SyntheticCrawlConfig:
+    """A labelled synthetic 'web crawl' written as img2dataset-format shards."""
+
+    enabled: bool = True
+    num_samples: int = 1000
+    num_shards: int = 4
+    min_side: int = 200  # clean images: shorter side at least this
+    max_side: int = 512  # clean images: longer side at most this
+    max_clean_aspect: float = 2.5
+    jpeg_quality: int = 90
+    noise: NoiseRates = dataclasses.field(default_factory=NoiseRates)
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.num_shards < 1:
+            raise ValueError("num_samples and num_shards must be >= 1")
+        if not 32 <= self.min_side <= self.max_side:
+            raise ValueError(f"need 32 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        if self.max_clean_aspect < 1:
+            raise ValueError("max_clean_aspect must be >= 1")
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One external input: img2dataset/WebDataset tars, parquet files, or a folder of images."""
+
+    kind: Literal["webdataset", "parquet", "folder"]
+    path: str
+    name: str = ""  # prefix of sample keys and the `source` column; defaults to the path's stem
+    caption_column: str = "caption"  # parquet: column with the caption text
+    image_column: str = "image"  # parquet: column with encoded image bytes ...
+    path_column: str = "path"  # ... or with image paths (relative to the parquet file)
+    fingerprint: Literal["content", "stat"] = "content"  # how file changes enter the cache key
+
+
+@dataclasses.dataclass
+class IngestConfig:
+    """Which sources to read, besides the synthetic crawl when it is enabled."""
+
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    max_image_pixels: int = 178_956_970  # larger images are dropped (decompression-bomb guard)
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+
+@dataclasses.dataclass
+class BasicFiltersConfig:
+    """DataComp's basic filter: image size, aspect ratio, caption length."""
+
+    min_short_side: int = 200
+    max_aspect_ratio: float = 3.0
+    min_caption_words: int = 3  # DataComp: more than 2 words
+    min_caption_chars: int = 6  # DataComp: more than 5 characters
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+
+@dataclasses.dataclass
+class ShardsConfig:
+    """WebDataset shard writing."""
+
+    samples_per_shard: int = 1000
+    prefix: str = "shard"
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    synthetic_crawl: SyntheticCrawlConfig = dataclasses.field(default_factory=SyntheticCrawlConfig)
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    basic_filters: BasicFiltersConfig = dataclasses.field(default_factory=BasicFiltersConfig)
+    shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)

@@ -1,0 +1,100 @@
+"""The root config schema and the profile loader: base.yaml -> profile -> experiments -> --set."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from components.common.config import ConfigError, LayeredDict, build, parse_override, read_yaml
+from components.data.config import DataConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclasses.dataclass
+class RunSettings:
+    root: str = "runs"  # artifacts, cache and the MLflow store; relative paths are taken from the cwd
+    seed: int = 0
+    name: str = ""  # MLflow parent run name; empty: "<profile>-<timestamp>"
+
+
+@dataclasses.dataclass
+class RaySettings:
+    address: str = ""  # empty: RAY_ADDRESS if set (e.g. under `ray job submit`), else a local Ray
+    num_cpus: int | None = None  # local Ray only
+    include_dashboard: bool = True
+
+
+@dataclasses.dataclass
+class MlflowSettings:
+    tracking_uri: str = ""  # empty: sqlite:///<run.root>/mlflow.db
+    experiment: str = "seed-vl"
+    artifact_location: str = ""  # empty: <run.root>/mlartifacts
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    profile: str = "tiny"
+    run: RunSettings = dataclasses.field(default_factory=RunSettings)
+    ray: RaySettings = dataclasses.field(default_factory=RaySettings)
+    mlflow: MlflowSettings = dataclasses.field(default_factory=MlflowSettings)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run.root).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        return self.mlflow.artifact_location or (self.root / "mlartifacts").as_uri()
+
+
+def available(kind: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
+
+
+def layer_path(kind: str, name: str) -> Path:
+    """`configs/<kind>/<name>.yaml`, or `name` itself when it is a path to a YAML file."""
+    as_path = Path(name)
+    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
+        return as_path
+    path = CONFIG_DIR / kind / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no {kind[:-1]} named {name!r}: choose one of {available(kind)} or give a YAML path")
+    return path
+
+
+def load_config(
+    profile: str = "tiny",
+    experiments: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> tuple[PipelineConfig, LayeredDict]:
+    """Resolve the layers in order; later layers win. Returns the typed config and its layers."""
+    layered = LayeredDict()
+    layered.merge(read_yaml(CONFIG_DIR / "base.yaml"), "configs/base.yaml")
+    profile_path = layer_path("profiles", profile)
+    layered.merge({"profile": profile_path.stem}, str(_shown(profile_path)))
+    layered.merge(read_yaml(profile_path), str(_shown(profile_path)))
+    for experiment in experiments or []:
+        path = layer_path("experiments", experiment)
+        layered.merge(read_yaml(path), str(_shown(path)))
+    env_root = os.environ.get("SEEDVL_RUN_ROOT")
+    if env_root:
+        layered.merge({"run": {"root": env_root}}, "$SEEDVL_RUN_ROOT")
+    for override in overrides or []:
+        layered.merge(parse_override(override), f"--set {override}")
+    return build(PipelineConfig, layered), layered
+
+
+def _shown(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(REPO_ROOT)
+    except ValueError:
+        return path
+

@@ -1,0 +1,1 @@
+"""Pipeline wiring: which components run, in what order, fed by which outputs."""

@@ -1,0 +1,195 @@
+"""The pipeline runner: walks the steps in order, serves each from the cache or runs it, and records
+one MLflow parent run with a child run per step.
+
+Selection: `only` runs just the named steps (everything upstream must already be cached); `from_step`
+forces that step and every later one; `force` forces the named steps. Ray is started only when a
+step actually runs, so a fully cached rerun costs seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from components.common.cache import ArtifactCache, Manifest, publish_folder, write_json_atomic
+from components.common.config import LayeredDict, dump_yaml, flatten, select, to_dict
+from components.common.contract import Component
+from components.common.executor import manifest_for, run_into
+from components.common.ray_env import ensure_ray
+from components.common.tracking import MlflowTracker, NullTracker, Tracker, git_commit
+from components.schema import REPO_ROOT, PipelineConfig
+
+log = logging.getLogger("pipeline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A component in the pipeline with its inputs wired to upstream outputs: name -> (step, output)."""
+
+    component: Component[Any]
+    inputs: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    enabled: Callable[[PipelineConfig], bool] = lambda config: True
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    only: tuple[str, ...] = ()
+    from_step: str | None = None
+    force: tuple[str, ...] = ()
+
+    def check(self, names: list[str]) -> None:
+        for name in (*self.only, *self.force, *([self.from_step] if self.from_step else [])):
+            if name not in names:
+                raise ValueError(f"unknown step {name!r}; the steps are: {', '.join(names)}")
+
+
+@dataclasses.dataclass
+class StepOutcome:
+    name: str
+    cache_key: str
+    status: str  # ran | cached | skipped (disabled)
+    duration_s: float
+    output_dir: str
+    metrics: dict[str, float]
+
+
+class PipelineError(RuntimeError):
+    """A step could not run for a reason the user can fix (named in the message)."""
+
+
+class PipelineRunner:
+    def __init__(self, steps: list[Step], config: PipelineConfig, layered: LayeredDict, selection: Selection,
+                 tracker: Tracker | None = None) -> None:
+        self.steps, self.config, self.layered, self.selection = steps, config, layered, selection
+        selection.check([s.name for s in steps])
+        self.root = config.root
+        self.cache = ArtifactCache(self.root / "cache")
+        self.tracker = tracker or make_tracker(config)
+        self.commit = git_commit(REPO_ROOT)
+
+    def run(self, argv: list[str] | None = None) -> list[StepOutcome]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        started = time.strftime("%Y%m%d-%H%M%S")
+        name = self.config.run.name or f"{self.config.profile}-{started}"
+        parent = self.tracker.start(name, {
+            "profile": self.config.profile, "git_commit": self.commit, "kind": "pipeline",
+            "command": " ".join(argv or sys.argv), "selection": json.dumps(dataclasses.asdict(self.selection)),
+        })
+        record_dir = self.root / "pipeline_runs" / f"{started}-{parent[-8:]}"
+        record_dir.mkdir(parents=True, exist_ok=True)
+        (record_dir / "resolved_config.yaml").write_text(dump_yaml(self.config))
+        (record_dir / "config_sources.json").write_text(json.dumps(self.layered.sources, indent=1, sort_keys=True))
+        self.tracker.log_params(parent, flatten(to_dict(self.config)))
+        self.tracker.log_artifact(parent, record_dir / "resolved_config.yaml")
+        self.tracker.log_artifact(parent, record_dir / "config_sources.json")
+        outcomes: list[StepOutcome] = []
+        status = "FAILED"
+        try:
+            outcomes = self._run_steps(parent)
+            status = "FINISHED"
+        finally:
+            write_json_atomic(record_dir / "summary.json",
+                              {"mlflow_run_id": parent, "status": status, "steps": [dataclasses.asdict(o) for o in outcomes]})
+            self.tracker.log_artifact(parent, record_dir / "summary.json")
+            self.tracker.log_metrics(parent, {f"{o.name}.duration_s": o.duration_s for o in outcomes})
+            self.tracker.end(parent, status)
+        return outcomes
+
+    def _run_steps(self, parent: str) -> list[StepOutcome]:
+        keys: dict[str, str] = {}
+        entries: dict[str, Path] = {}
+        outcomes: list[StepOutcome] = []
+        forced_from = False
+        for step in self.steps:
+            forced_from = forced_from or step.name == self.selection.from_step
+            if not step.enabled(self.config):
+                outcomes.append(StepOutcome(step.name, "", "skipped", 0.0, "", {}))
+                continue
+            inputs, input_keys = self._resolve_inputs(step, keys, entries)
+            config = select(self.config, step.component.config_path)
+            material = step.component.key_material(config, input_keys)
+            key = step.component.cache_key(config, input_keys)
+            must_run = forced_from or step.name in self.selection.force
+            manifest = None if must_run else self.cache.lookup(step.name, key)
+            if manifest is None and self.selection.only and step.name not in self.selection.only:
+                raise PipelineError(
+                    f"--only {','.join(self.selection.only)}: upstream step {step.name!r} is not cached for this "
+                    f"config; run the pipeline once without --only (or use --from {step.name})")
+            outcome = self._track_step(parent, step, key, config, inputs, material, manifest)
+            keys[step.name], entries[step.name] = key, self.cache.entry(step.name, key)
+            outcomes.append(outcome)
+            log.info("%-16s %-7s %6.1fs  %s", step.name, outcome.status, outcome.duration_s, outcome.output_dir)
+            if self.selection.only and set(self.selection.only) <= {o.name for o in outcomes}:
+                break
+        return outcomes
+
+    def _resolve_inputs(self, step: Step, keys: dict[str, str], entries: dict[str, Path]
+                        ) -> tuple[dict[str, Path], dict[str, str]]:
+        inputs: dict[str, Path] = {}
+        input_keys: dict[str, str] = {}
+        for input_name, (upstream, output_name) in step.inputs.items():
+            if upstream not in keys:
+                if input_name in step.component.optional_inputs:
+                    continue
+                raise PipelineError(f"step {step.name!r} needs {upstream!r}, which is disabled or not wired before it")
+            inputs[input_name] = entries[upstream] / output_name
+            input_keys[input_name] = keys[upstream]
+        return inputs, input_keys
+
+    def _track_step(self, parent: str, step: Step, key: str, config: Any, inputs: dict[str, Path],
+                    material: dict[str, Any], manifest: Manifest | None) -> StepOutcome:
+        comp = step.component
+        run_id = self.tracker.start(step.name, {
+            "component": comp.name, "component_version": comp.version, "cache_key": key,
+            "cache_hit": str(manifest is not None).lower(), "git_commit": self.commit,
+            "profile": self.config.profile, "code_hash": material["code"],
+            "inputs": json.dumps({n: str(p) for n, p in inputs.items()}),
+        }, parent=parent)
+        self.tracker.log_params(run_id, flatten(to_dict(config)))
+        try:
+            if manifest is None:
+                manifest = self._execute(step, key, config, inputs, material, run_id)
+                duration, status = manifest.duration_s, "ran"
+            else:
+                duration, status = 0.0, "cached"
+        except BaseException:
+            self.tracker.set_tags(run_id, {"error": traceback.format_exc()[-4000:]})
+            self.tracker.end(run_id, "FAILED")
+            raise
+        entry = self.cache.entry(step.name, key)
+        self.tracker.set_tags(run_id, {"output_dir": str(entry)} | {
+            f"output.{name}": str(entry / rel) for name, rel in manifest.outputs.items()})
+        self.tracker.log_metrics(run_id, manifest.metrics)
+        for artifact in manifest.artifacts:
+            if (entry / artifact).is_file():
+                self.tracker.log_artifact(run_id, entry / artifact, "outputs")
+        self.tracker.end(run_id)
+        return StepOutcome(step.name, key, status, duration, str(entry), manifest.metrics)
+
+    def _execute(self, step: Step, key: str, config: Any, inputs: dict[str, Path], material: dict[str, Any],
+                 run_id: str) -> Manifest:
+        ray_cfg = self.config.ray
+        ensure_ray(ray_cfg.address, ray_cfg.num_cpus, ray_cfg.include_dashboard, REPO_ROOT)
+        with self.cache.staging(step.name, key) as staged:
+            result, duration = run_into(step.component, config, inputs, staged, self.config.run.seed,
+                                        lambda metrics, step_no: self.tracker.log_metrics(run_id, metrics, step_no))
+            manifest = manifest_for(step.component, key, material, result, duration)
+            publish_folder(staged, self.cache.entry(step.name, key), manifest)
+        return manifest
+
+
+def make_tracker(config: PipelineConfig) -> Tracker:
+    if not config.mlflow.experiment:
+        return NullTracker()
+    return MlflowTracker(config.tracking_uri, config.mlflow.experiment, config.artifact_location)
