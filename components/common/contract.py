@@ -58,6 +58,8 @@ class Component(Generic[ConfigT]):
     optional_inputs: tuple[str, ...] = ()
     # Extra key material from the config (e.g. fingerprints of external files the stage reads).
     external_fingerprint: Callable[[ConfigT], dict[str, Any]] | None = None
+    # Config fields left out of the key besides `resources` (e.g. `path`, when fingerprinted instead).
+    key_exclude: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -71,7 +73,7 @@ class Component(Generic[ConfigT]):
             "component": self.name,
             "version": self.version,
             "code": self.code_hash(),
-            "config": strip_excluded(to_dict(config)),
+            "config": strip_excluded(to_dict(config), KEY_EXCLUDED_FIELDS | set(self.key_exclude)),
             "inputs": dict(sorted(input_keys.items())),
         }
         if self.external_fingerprint is not None:
@@ -91,6 +93,7 @@ def component(
     outputs: tuple[str, ...],
     optional_inputs: tuple[str, ...] = (),
     external_fingerprint: Callable[[Any], dict[str, Any]] | None = None,
+    key_exclude: tuple[str, ...] = (),
 ) -> Callable[[Callable[[StageContext[Any]], StageResult]], Component[Any]]:
     """Declare a stage: `@component(name=..., version=..., config="data.x", inputs=(...), outputs=(...))`."""
 
@@ -104,17 +107,18 @@ def component(
             run=run,
             optional_inputs=tuple(optional_inputs),
             external_fingerprint=external_fingerprint,
+            key_exclude=tuple(key_exclude),
         )
 
     return wrap
 
 
-def strip_excluded(tree: Any) -> Any:
-    """Drop `resources` (where and how wide a stage runs) from a config tree, at any depth."""
+def strip_excluded(tree: Any, excluded: frozenset[str] | set[str] = KEY_EXCLUDED_FIELDS) -> Any:
+    """Drop fields such as `resources` (where and how wide a stage runs) from a config tree, at any depth."""
     if isinstance(tree, dict):
-        return {k: strip_excluded(v) for k, v in tree.items() if k not in KEY_EXCLUDED_FIELDS}
+        return {k: strip_excluded(v, excluded) for k, v in tree.items() if k not in excluded}
     if isinstance(tree, list):
-        return [strip_excluded(v) for v in tree]
+        return [strip_excluded(v, excluded) for v in tree]
     return tree
 
 

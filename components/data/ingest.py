@@ -89,7 +89,7 @@ def ingest_fingerprint(cfg: IngestConfig) -> dict[str, Any]:
 
 @component(
     name="ingest", version="1", config="data.ingest", inputs=("crawl",), optional_inputs=("crawl",),
-    outputs=("samples",), external_fingerprint=ingest_fingerprint,
+    outputs=("samples",), external_fingerprint=ingest_fingerprint, key_exclude=("path",),
 )
 def ingest(ctx: StageContext[IngestConfig]) -> StageResult:
     import ray.data

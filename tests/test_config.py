@@ -1,0 +1,80 @@
+"""Config layering (base -> profile -> experiment -> --set) and load-time errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from components.common.config import ConfigError, dump_yaml
+from components.schema import load_config
+
+
+def test_profiles_layer_over_base() -> None:
+    tiny, _ = load_config("tiny")
+    full, _ = load_config("full")
+    assert tiny.profile == "tiny" and full.profile == "full"
+    assert tiny.data.synthetic_crawl.num_samples == 600  # tiny.yaml over base.yaml's 1000
+    assert full.data.synthetic_crawl.num_samples == 20000
+    assert tiny.data.basic_filters.min_short_side == 200  # from base.yaml, untouched by tiny
+
+
+def test_experiment_then_override_win_in_order() -> None:
+    config, layered = load_config("tiny", ["strict_filters"], ["data.basic_filters.max_aspect_ratio=2.5"])
+    assert config.data.basic_filters.min_short_side == 256  # experiment
+    assert config.data.basic_filters.max_aspect_ratio == 2.5  # --set beats the experiment's 2.0
+    assert layered.source_of("data.basic_filters.min_short_side") == "configs/experiments/strict_filters.yaml"
+    assert layered.source_of("data.basic_filters.max_aspect_ratio").startswith("--set")
+
+
+def test_override_values_are_parsed_as_yaml() -> None:
+    config, _ = load_config("tiny", overrides=[
+        "data.synthetic_crawl.enabled=false", "data.shards.prefix=train", "ray.num_cpus=null",
+        "data.ingest.sources=[{kind: folder, path: /tmp}]",
+    ])
+    assert config.data.synthetic_crawl.enabled is False
+    assert config.data.shards.prefix == "train"
+    assert config.ray.num_cpus is None
+    assert config.data.ingest.sources[0].kind == "folder"
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path: Path) -> None:
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text("data:\n  basic_filters:\n    min_short_sid: 100\n")
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [str(overlay)])
+    message = str(error.value)
+    assert "data.basic_filters.min_short_sid" in message
+    assert str(overlay) in message
+    assert "did you mean 'data.basic_filters.min_short_side'" in message
+
+
+def test_mistyped_values_fail_with_expected_type() -> None:
+    with pytest.raises(ConfigError, match=r"'data.shards.samples_per_shard' must be an integer, got str"):
+        load_config("tiny", overrides=["data.shards.samples_per_shard=many"])
+    with pytest.raises(ConfigError, match=r"must be true or false"):
+        load_config("tiny", overrides=["data.synthetic_crawl.enabled=1"])
+    with pytest.raises(ConfigError, match=r"is not one of \['webdataset', 'parquet', 'folder'\]; did you mean 'folder'"):
+        load_config("tiny", overrides=["data.ingest.sources=[{kind: foldr, path: /tmp}]"])
+
+
+def test_value_checks_run_at_load() -> None:
+    with pytest.raises(ConfigError, match="noise rates"):
+        load_config("tiny", overrides=["data.synthetic_crawl.noise.corrupt_image=2.0"])
+    with pytest.raises(ConfigError, match="samples_per_shard must be >= 1"):
+        load_config("tiny", overrides=["data.shards.samples_per_shard=0"])
+
+
+def test_unknown_profile_and_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match=r"no profile named 'tinny'.*\['full', 'tiny'\]"):
+        load_config("tinny")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config("tiny", overrides=["data.shards.prefix"])
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    config, _ = load_config("tiny", ["strict_filters"])
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(dump_yaml(config))
+    reloaded, _ = load_config("tiny", [str(saved)])
+    assert reloaded == config
