@@ -63,7 +63,12 @@ class Component(Generic[ConfigT]):
 
     @property
     def module(self) -> str:
-        return self.run.__module__
+        """The importable module name, also when the component's file runs as `python -m ...`."""
+        name = self.run.__module__
+        if name == "__main__":
+            spec = getattr(sys.modules["__main__"], "__spec__", None)
+            name = spec.name if spec is not None else name
+        return name
 
     def code_hash(self) -> str:
         return code_hash(self.module)

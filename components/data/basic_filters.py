@@ -51,3 +51,10 @@ def basic_filters(ctx: StageContext[BasicFiltersConfig]) -> StageResult:
     stats = write_stats(table, "basic_filters", upstream=ctx.inputs["samples"])
     return StageResult(metrics=drop_metrics(stats), artifacts=["samples/stats.json"])
 
+
+if __name__ == "__main__":
+    import sys
+
+    from components.common.cli import component_main
+
+    sys.exit(component_main(basic_filters))

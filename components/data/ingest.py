@@ -111,3 +111,11 @@ def ingest(ctx: StageContext[IngestConfig]) -> StageResult:
     stats = write_stats(table, "ingest", upstream=None)
     metrics = drop_metrics(stats) | {"read_tasks": float(len(tasks)), "sources": float(len(sources))}
     return StageResult(metrics=metrics, artifacts=["samples/stats.json"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.common.cli import component_main
+
+    sys.exit(component_main(ingest))

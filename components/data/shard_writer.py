@@ -115,3 +115,11 @@ def write_shards(ctx: StageContext[ShardsConfig]) -> StageResult:
 def list_shards(folder: Path) -> list[Path]:
     """The shard files of a `write_shards` output, in name order."""
     return sorted(Path(folder).glob("*.tar"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.common.cli import component_main
+
+    sys.exit(component_main(write_shards))

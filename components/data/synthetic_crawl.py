@@ -299,3 +299,11 @@ def synthetic_crawl(ctx: StageContext[SyntheticCrawlConfig]) -> StageResult:
     (ctx.workdir / "crawl_stats.json").write_text(json.dumps(summary, indent=1))
     metrics = {"samples": float(summary["samples"])} | {f"noise.{k}": float(v) for k, v in totals.items()}
     return StageResult(metrics=metrics, artifacts=["crawl_stats.json"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.common.cli import component_main
+
+    sys.exit(component_main(synthetic_crawl))

@@ -1,0 +1,181 @@
+"""End to end on the tiny profile: the real entry point, killed and rerun, cached reruns, one knob
+changed, --only, MLflow's record of it all, and `ray job submit` against a local head."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+# A smaller crawl than the tiny profile's, same code paths.
+SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthetic_crawl.num_shards=2"]
+
+
+def run_pipeline(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
+    done = subprocess.run([sys.executable, "pipelines/full.py", *SMALL, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"pipeline failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def last_summary(root: Path) -> dict[str, dict]:
+    latest = sorted((root / "pipeline_runs").iterdir())[-1]
+    summary = json.loads((latest / "summary.json").read_text())
+    return {step["name"]: step for step in summary["steps"]}
+
+
+def statuses(root: Path) -> dict[str, str]:
+    return {name: step["status"] for name, step in last_summary(root).items()}
+
+
+def staging_leftovers(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "cache").rglob(".staging-*"))
+
+
+def kill_when_staging(root: Path, stage: str, timeout: float = 300) -> None:
+    """Start the pipeline and SIGKILL its whole process group once `stage` has begun writing."""
+    env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
+    process = subprocess.Popen([sys.executable, "pipelines/full.py", *SMALL], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if list((root / "cache" / stage).glob(".staging-*")):
+                time.sleep(3.0)  # let it write something
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the pipeline ended before the stage started"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+
+
+def test_killed_rerun_cached_and_knob_change(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    kill_when_staging(root, "write_shards")
+    assert staging_leftovers(root), "the killed run should have left its staging folder"
+    assert not list((root / "cache" / "write_shards").glob("[!.]*")), "a killed stage must publish nothing"
+
+    run_pipeline(root)  # rerun after the kill
+    assert statuses(root) == {"synthetic_crawl": "cached", "ingest": "cached", "basic_filters": "cached",
+                              "write_shards": "ran"}
+    assert staging_leftovers(root) == []
+    first = last_summary(root)
+    stats = json.loads((Path(first["write_shards"]["output_dir"]) / "shards" / "stats.json").read_text())
+    assert stats["in"] == 240 and stats["in"] == stats["kept"] + sum(stats["dropped"].values())
+
+    started = time.monotonic()
+    cached = run_pipeline(root)
+    cached_seconds = time.monotonic() - started
+    assert set(statuses(root).values()) == {"cached"}
+    assert "starting a local Ray" not in cached.stderr  # nothing to compute, so no Ray at all
+    print(f"fully cached rerun: {cached_seconds:.1f}s")
+
+    run_pipeline(root, "--set", "data.basic_filters.min_short_side=150")
+    assert statuses(root) == {"synthetic_crawl": "cached", "ingest": "cached", "basic_filters": "ran",
+                              "write_shards": "ran"}
+    changed = last_summary(root)
+    assert changed["ingest"]["cache_key"] == first["ingest"]["cache_key"]
+    assert changed["write_shards"]["cache_key"] != first["write_shards"]["cache_key"]
+
+    run_pipeline(root, "--only", "basic_filters", "--set", "data.basic_filters.min_short_side=120")
+    assert statuses(root) == {"synthetic_crawl": "cached", "ingest": "cached", "basic_filters": "ran"}
+
+    refused = run_pipeline(root, "--only", "write_shards", "--set", "data.basic_filters.min_short_side=110",
+                           check=False)
+    assert refused.returncode == 2 and "upstream step 'basic_filters' is not cached" in refused.stderr
+
+    run_pipeline(root, "--force", "ingest")
+    assert statuses(root) == {"synthetic_crawl": "cached", "ingest": "ran", "basic_filters": "cached",
+                              "write_shards": "cached"}  # same inputs, same keys: downstream stays valid
+
+    check_mlflow(root)
+
+
+def check_mlflow(root: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["seed-vl"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    assert len(parents) == 7  # the killed run, then 6 more (the refused --only run included)
+    finished = [p for p in parents if p.info.status == "FINISHED"]
+    assert len(finished) == 5
+    latest = max(finished, key=lambda r: r.info.start_time)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id]
+    by_name = {c.data.tags["mlflow.runName"]: c for c in children}
+    assert set(by_name) == {"synthetic_crawl", "ingest", "basic_filters", "write_shards"}
+    filters = by_name["basic_filters"]
+    assert filters.data.tags["cache_hit"] == "true" and filters.data.tags["component"] == "basic_filters"
+    assert {"cache_key", "git_commit", "profile", "output_dir"} <= set(filters.data.tags)
+    assert filters.data.params["min_short_side"] == "200"
+    assert filters.data.metrics["rows_in"] > filters.data.metrics["rows_kept"] > 0
+    assert by_name["ingest"].data.tags["cache_hit"] == "false"
+    assert latest.data.params["data.basic_filters.min_short_side"] == "200"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(latest.info.run_id)}
+    assert "resolved_config.yaml" in artifacts
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    bin_dir = Path(sys.executable).parent
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dashboard_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
+         f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        wait_for_dashboard(address, head)
+        submitted = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             "python", "pipelines/full.py", *SMALL, "--set", f"run.root={root}"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+        assert "succeeded" in submitted.stdout
+        assert set(statuses(root).values()) == {"ran"}
+        stats = json.loads((Path(last_summary(root)["write_shards"]["output_dir"]) / "shards" / "stats.json")
+                           .read_text())
+        assert stats["in"] == 240 and stats["kept"] > 0
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+
+
+def wait_for_dashboard(address: str, head: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard at {address} did not come up")
