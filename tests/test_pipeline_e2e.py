@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,13 +140,15 @@ def free_port() -> int:
 def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     bin_dir = Path(sys.executable).parent
-    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+                        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # head and client share it
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_port(), free_port()
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}",
-         f"--temp-dir={tmp_path / 'ray'}"],
+         f"--temp-dir={ray_temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -159,15 +164,18 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
                            .read_text())
         assert stats["in"] == 240 and stats["kept"] > 0
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def wait_for_dashboard(address: str, head: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -176,6 +184,8 @@ def wait_for_dashboard(address: str, head: subprocess.Popen[bytes], timeout: flo
         try:
             with urllib.request.urlopen(f"{address}/api/version", timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # it answers (401 when Ray's token authentication is on)
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"Ray dashboard at {address} did not come up")
