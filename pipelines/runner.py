@@ -80,6 +80,9 @@ class PipelineRunner:
 
     def run(self, argv: list[str] | None = None) -> list[StepOutcome]:
         self.root.mkdir(parents=True, exist_ok=True)
+        closed = self.tracker.close_abandoned()
+        if closed:
+            log.info("marked %d MLflow run(s) of killed pipelines as KILLED", closed)
         started = time.strftime("%Y%m%d-%H%M%S")
         name = self.config.run.name or f"{self.config.profile}-{started}"
         parent = self.tracker.start(name, {

@@ -116,6 +116,7 @@ def check_mlflow(root: Path) -> None:
     assert len(parents) == 7  # the killed run, then 6 more (the refused --only run included)
     finished = [p for p in parents if p.info.status == "FINISHED"]
     assert len(finished) == 5
+    assert [p.info.status for p in parents].count("KILLED") == 1  # closed by the next run
     latest = max(finished, key=lambda r: r.info.start_time)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id]
     by_name = {c.data.tags["mlflow.runName"]: c for c in children}

@@ -113,7 +113,7 @@ def remove_abandoned_staging(parent: Path) -> list[Path]:
     removed = []
     for folder in parent.glob(f"{STAGING_PREFIX}*"):
         owner = _owner_pid(folder.name)
-        if owner is None or not _pid_alive(owner):
+        if owner is None or not pid_alive(owner):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
@@ -127,7 +127,7 @@ def _owner_pid(name: str) -> int | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

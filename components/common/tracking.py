@@ -7,11 +7,15 @@ ids (no global active-run state), which keeps parent/child runs straight.
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+from components.common.cache import pid_alive
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 PARAMS_PER_BATCH = 100
@@ -24,6 +28,7 @@ class Tracker(Protocol):
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def log_artifact(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None: ...
     def end(self, run_id: str, status: str = "FINISHED") -> None: ...
+    def close_abandoned(self) -> int: ...
 
 
 class NullTracker:
@@ -47,6 +52,9 @@ class NullTracker:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         pass
 
+    def close_abandoned(self) -> int:
+        return 0
+
 
 class MlflowTracker:
     """Runs in one MLflow experiment, created with our artifact location when it is new."""
@@ -63,7 +71,7 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
 
     def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
-        all_tags = dict(tags)
+        all_tags = dict(tags) | {"host": socket.gethostname(), "pid": str(os.getpid())}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -95,9 +103,23 @@ class MlflowTracker:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def close_abandoned(self) -> int:
+        """Mark runs left RUNNING by a killed process on this host as KILLED; returns how many."""
+        closed = 0
+        host = socket.gethostname()
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            tags = run.data.tags
+            if tags.get("host") == host and tags.get("pid", "").isdigit() and not pid_alive(int(tags["pid"])):
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                closed += 1
+        return closed
+
 
 def git_commit(repo: Path) -> str:
-    """The commit the code runs at, with `-dirty` if the tree has changes; `unknown` outside git."""
+    """The commit the code runs at, with `-dirty` if the tree has changes; outside a git checkout (as
+    in a `ray job submit` working dir) $SEEDVL_GIT_COMMIT, else `unknown`."""
+    if os.environ.get("SEEDVL_GIT_COMMIT"):
+        return os.environ["SEEDVL_GIT_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import BasicFiltersConfig
-from components.data.table import SAMPLE_SCHEMA, data_dir, drop_metrics, read_kept, write_stats
+from components.data.table import SAMPLE_SCHEMA, data_dir, drop_metrics, plot_counts, read_kept, write_stats
 
 
 def drop_reason(width: int, height: int, caption: str | None, cfg: BasicFiltersConfig) -> str | None:
@@ -49,7 +49,7 @@ def basic_filters(ctx: StageContext[BasicFiltersConfig]) -> StageResult:
     )
     ds.write_parquet(str(data_dir(table)))
     stats = write_stats(table, "basic_filters", upstream=ctx.inputs["samples"])
-    return StageResult(metrics=drop_metrics(stats), artifacts=["samples/stats.json"])
+    return StageResult(metrics=drop_metrics(stats), artifacts=["samples/stats.json", plot_counts(table, stats)])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from PIL import Image
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import IngestConfig, SourceConfig
 from components.data.sources import RawRecord, ReadTask, fingerprint, plan_reads, read_task
-from components.data.table import data_dir, drop_metrics, rows_to_table, write_stats
+from components.data.table import data_dir, drop_metrics, plot_counts, rows_to_table, write_stats
 
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 RECORDS_PER_BLOCK = 256
@@ -110,7 +110,7 @@ def ingest(ctx: StageContext[IngestConfig]) -> StageResult:
         ds.write_parquet(str(data_dir(table)))
     stats = write_stats(table, "ingest", upstream=None)
     metrics = drop_metrics(stats) | {"read_tasks": float(len(tasks)), "sources": float(len(sources))}
-    return StageResult(metrics=metrics, artifacts=["samples/stats.json"])
+    return StageResult(metrics=metrics, artifacts=["samples/stats.json", plot_counts(table, stats)])
 
 
 if __name__ == "__main__":

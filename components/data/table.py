@@ -123,6 +123,15 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 
+def plot_counts(table: Path, stats: dict[str, Any]) -> str:
+    """`drop_reasons.png` beside the table's stats: kept vs each drop reason of this stage."""
+    from components.common.plots import bar_chart
+
+    counts = {"kept": stats["kept"], **stats["dropped"]}
+    bar_chart(counts, f"{stats['stage']}: {stats['in']} rows in", Path(table) / "drop_reasons.png")
+    return f"{Path(table).name}/drop_reasons.png"
+
+
 def drop_metrics(stats: dict[str, Any]) -> dict[str, float]:
     """Flatten stats into MLflow metrics: rows_in, rows_kept, dropped.<reason>, and cumulative ones."""
     metrics: dict[str, float] = {"rows_in": stats["in"], "rows_kept": stats["kept"]}
