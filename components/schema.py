@@ -89,7 +89,22 @@ def load_config(
         layered.merge({"run": {"root": env_root}}, "$SEEDVL_RUN_ROOT")
     for override in overrides or []:
         layered.merge(parse_override(override), f"--set {override}")
-    return build(PipelineConfig, layered), layered
+    config = build(PipelineConfig, layered)
+    check_cross_fields(config, layered)
+    return config, layered
+
+
+def check_cross_fields(config: PipelineConfig, layered: LayeredDict) -> None:
+    """Rules that span sections, checked at load like the rest."""
+    clip = config.data.clip_filter
+    if clip.enabled and not clip.weights and not config.data.clip_scorer.enabled:
+        raise ConfigError(
+            f"{layered.source_of('data.clip_filter.weights')}: 'data.clip_filter.weights' is empty: set it to a "
+            "local open_clip checkpoint for data.clip_filter.architecture, or set data.clip_scorer.enabled=true "
+            "to train a small scorer, or data.clip_filter.enabled=false")
+    if clip.enabled and clip.mode == "calibrated" and not config.data.clip_scorer.enabled:
+        raise ConfigError("'data.clip_filter.mode' = 'calibrated' needs data.clip_scorer.enabled=true "
+                          "(use mode threshold or fraction with your own weights)")
 
 
 def _shown(path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters -> shards.
+"""The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters ->
+(CLIP scorer training ->) CLIP-score filter -> shards.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
     ray job submit --working-dir . -- python pipelines/full.py --profile full
@@ -19,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from components.common.config import ConfigError  # noqa: E402
 from components.data.basic_filters import basic_filters  # noqa: E402
+from components.data.clip_filter import clip_filter  # noqa: E402
+from components.data.clip_scorer import clip_scorer  # noqa: E402
 from components.data.ingest import ingest  # noqa: E402
 from components.data.shard_writer import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
@@ -29,7 +32,10 @@ STEPS = [
     Step(synthetic_crawl, enabled=lambda config: config.data.synthetic_crawl.enabled),
     Step(ingest, inputs={"crawl": ("synthetic_crawl", "shards")}),
     Step(basic_filters, inputs={"samples": ("ingest", "samples")}),
-    Step(write_shards, inputs={"samples": ("basic_filters", "samples")}),
+    Step(clip_scorer, enabled=lambda config: config.data.clip_scorer.enabled),
+    Step(clip_filter, inputs={"samples": ("basic_filters", "samples"), "scorer": ("clip_scorer", "scorer")},
+         enabled=lambda config: config.data.clip_filter.enabled),
+    Step(write_shards, inputs={"samples": [("clip_filter", "samples"), ("basic_filters", "samples")]}),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 

@@ -31,10 +31,12 @@ log = logging.getLogger("pipeline")
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """A component in the pipeline with its inputs wired to upstream outputs: name -> (step, output)."""
+    """A component in the pipeline with its inputs wired to upstream outputs: name -> (step, output),
+    or a list of such pairs, of which the first whose step is enabled is used (e.g. shards come from
+    the CLIP filter, or from the basic filters when the CLIP filter is switched off)."""
 
     component: Component[Any]
-    inputs: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    inputs: dict[str, tuple[str, str] | list[tuple[str, str]]] = dataclasses.field(default_factory=dict)
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
 
     @property
@@ -141,7 +143,9 @@ class PipelineRunner:
                         ) -> tuple[dict[str, Path], dict[str, str]]:
         inputs: dict[str, Path] = {}
         input_keys: dict[str, str] = {}
-        for input_name, (upstream, output_name) in step.inputs.items():
+        for input_name, wiring in step.inputs.items():
+            candidates = wiring if isinstance(wiring, list) else [wiring]
+            upstream, output_name = next(((s, o) for s, o in candidates if s in keys), candidates[-1])
             if upstream not in keys:
                 if input_name in step.component.optional_inputs:
                     continue

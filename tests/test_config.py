@@ -78,3 +78,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     saved.write_text(dump_yaml(config))
     reloaded, _ = load_config("tiny", [str(saved)])
     assert reloaded == config
+
+
+def test_cross_section_rules_fail_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"'data.clip_filter.weights' is empty: set it to a local open_clip"):
+        load_config("tiny", overrides=["data.clip_scorer.enabled=false", "data.clip_filter.mode=threshold"])
+    with pytest.raises(ConfigError, match="calibrated' needs data.clip_scorer.enabled=true"):
+        load_config("tiny", overrides=["data.clip_scorer.enabled=false", "data.clip_filter.weights=/w.pt"])
+    config, _ = load_config("tiny", overrides=["data.clip_filter.enabled=false", "data.clip_scorer.enabled=false"])
+    assert not config.data.clip_filter.enabled

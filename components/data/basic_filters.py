@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import BasicFiltersConfig
-from components.data.table import SAMPLE_SCHEMA, data_dir, drop_metrics, plot_counts, read_kept, write_stats
+from components.data.table import data_dir, drop_metrics, plot_counts, read_kept, write_stats
 
 
 def drop_reason(width: int, height: int, caption: str | None, cfg: BasicFiltersConfig) -> str | None:
@@ -34,8 +34,7 @@ def apply_basic_filters(batch: pa.Table, cfg: BasicFiltersConfig) -> pa.Table:
     heights = batch.column("height").to_pylist()
     captions = batch.column("caption").to_pylist()
     reasons = [drop_reason(w, h, c, cfg) for w, h, c in zip(widths, heights, captions)]
-    batch = batch.append_column("drop_reason", pa.array(reasons, pa.string()))
-    return batch.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
+    return batch.append_column("drop_reason", pa.array(reasons, pa.string()))
 
 
 @component(name="basic_filters", version="1", config="data.basic_filters", inputs=("samples",),

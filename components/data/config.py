@@ -95,6 +95,41 @@ class BasicFiltersConfig:
 
 
 @dataclasses.dataclass
+class ClipScorerConfig:
+    """Training the tiny profile's own open_clip scorer on clean synthetic pairs."""
+
+    enabled: bool = False  # off where a real CLIP checkpoint is given in data.clip_filter.weights
+    architecture: str = "seedvl-tiny-clip"  # configs/open_clip/<name>.json or an open_clip name
+    train_samples: int = 3000
+    eval_samples: int = 400
+    render_max_side: int = 320
+    batch_size: int = 64
+    learning_rate: float = 5e-4  # 1e-3 and above did not learn within a few hundred steps here
+    max_steps: int = 250  # the budget is in steps (reproducible); max_seconds only caps a slow machine
+    max_seconds: float = 600.0
+    expected_mismatch_rate: float = 0.1  # prior used to calibrate the threshold (precision depends on it)
+    resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=2))
+
+
+@dataclasses.dataclass
+class ClipFilterConfig:
+    """CLIP-score filter: drop pairs whose image-caption cosine similarity is too low."""
+
+    enabled: bool = True
+    architecture: str = "ViT-L-14"  # any open_clip name (ignored when the scorer step trains one)
+    weights: str = ""  # a local checkpoint file; required unless data.clip_scorer.enabled
+    mode: Literal["threshold", "fraction", "calibrated"] = "threshold"
+    threshold: float = 0.2  # mode threshold: keep score >= this
+    keep_fraction: float = 0.7  # mode fraction: keep the top fraction (threshold = quantile, as DataComp)
+    resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=1, concurrency=1,
+                                                                                  batch_size=64))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+
+
+@dataclasses.dataclass
 class ShardsConfig:
     """WebDataset shard writing."""
 
@@ -112,4 +147,6 @@ class DataConfig:
     synthetic_crawl: SyntheticCrawlConfig = dataclasses.field(default_factory=SyntheticCrawlConfig)
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
     basic_filters: BasicFiltersConfig = dataclasses.field(default_factory=BasicFiltersConfig)
+    clip_scorer: ClipScorerConfig = dataclasses.field(default_factory=ClipScorerConfig)
+    clip_filter: ClipFilterConfig = dataclasses.field(default_factory=ClipFilterConfig)
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)

@@ -7,7 +7,7 @@ since ingest (in = kept + dropped by reason, checked). Sample layout, schema ver
 
     <key>.jpg|png|webp   the image bytes as ingested
     <key>.txt            the caption (UTF-8)
-    <key>.json           {"key", "caption", "width", "height", "source", "meta", "schema_version"}
+    <key>.json           {"key", "caption", "width", "height", "source", "meta", "scores", "schema_version"}
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import pyarrow as pa
 from components.common.cache import write_json_atomic
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import ShardsConfig
-from components.data.table import check_counts_add_up, read_kept, read_stats
+from components.data.table import KEPT_SCHEMA, check_counts_add_up, read_kept, read_stats
 
 SCHEMA_VERSION = 1
+BASE_COLUMNS = frozenset(KEPT_SCHEMA.names) | {"shard"}  # anything else is a score column
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -47,6 +48,7 @@ def write_tar(path: Path, rows: list[dict[str, Any]]) -> int:
             sample_json = {
                 "key": row["key"], "caption": row["caption"], "width": row["width"], "height": row["height"],
                 "source": row["source"], "meta": json.loads(row["meta"]), "schema_version": SCHEMA_VERSION,
+                "scores": {name: row[name] for name in sorted(row) if name not in BASE_COLUMNS},
             }
             _add(tar, f"{row['key']}.{row['image_ext']}", row["image"])
             _add(tar, f"{row['key']}.txt", (row["caption"] or "").encode())

@@ -115,8 +115,9 @@ def read_kept(table: Path) -> Any:
 
 
 def _kept_rows(batch: pa.Table) -> pa.Table:
+    """Kept rows without `drop_reason`; columns later stages added (e.g. `clip_score`) stay."""
     kept = batch.filter(pc.is_null(batch.column("drop_reason")))
-    return kept.drop_columns(["drop_reason"]).cast(KEPT_SCHEMA)
+    return kept.drop_columns(["drop_reason"])
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

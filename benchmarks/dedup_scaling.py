@@ -1,0 +1,96 @@
+"""How perceptual dedup scales: index + find groups on n random 64-bit hashes, 5% planted near copies.
+
+    .venv/bin/python benchmarks/dedup_scaling.py [--sizes 10000,100000,1000000] [--threshold 8]
+                                                 [--bands N] [--max-bucket 1000] [--seed 0]
+
+Each size gets n uniformly random hashes of which 5% are near copies of others (1..threshold random
+bits flipped). Timed: `find_duplicate_groups` end to end (collapsing identical hashes, the LSH
+tables, verification, union-find, grouping). The per-hash cost relative to the first row says how
+close to linear it is. Prints a table and records it in benchmarks/results/dedup_scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from components.data.dedup_core import LSHStats, find_duplicate_groups
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results" / "dedup_scaling.json"
+PLANTED_FRACTION = 0.05
+
+
+def planted_hashes(n: int, threshold: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hashes, source index, copy index): the last 5% are copies of earlier ones at distance 1..threshold."""
+    rng = np.random.default_rng(seed)
+    copies = int(n * PLANTED_FRACTION)
+    base = rng.integers(0, 2**64, size=n - copies, dtype=np.uint64)
+    sources = rng.integers(0, base.size, size=copies)
+    distances = rng.integers(1, threshold + 1, size=copies)
+    bit_order = np.argsort(rng.random((copies, 64)), axis=1)  # a random order of the 64 bits per copy
+    chosen = np.arange(64)[None, :] < distances[:, None]  # (copies, 64): flip the first d of them
+    masks = np.bitwise_or.reduce(np.where(chosen, np.uint64(1) << bit_order.astype(np.uint64), np.uint64(0)), axis=1)
+    hashes = np.concatenate([base, base[sources] ^ masks])
+    return hashes, sources, np.arange(base.size, n)
+
+
+def planted_recall(groups: list[list[int]], n: int, sources: np.ndarray, copies: np.ndarray) -> float:
+    group_of = np.full(n, -1)
+    for g, members in enumerate(groups):
+        group_of[members] = g
+    found = (group_of[sources] == group_of[copies]) & (group_of[copies] >= 0)
+    return float(found.mean()) if found.size else 1.0
+
+
+def run_size(n: int, threshold: int, bands: int | None, max_bucket: int, seed: int) -> dict:
+    hashes, sources, copies = planted_hashes(n, threshold, seed)
+    keys = [f"h{i:08d}" for i in range(n)]
+    stats = LSHStats()
+    started = time.perf_counter()
+    groups = find_duplicate_groups(keys, hashes, threshold, bands=bands, max_bucket=max_bucket, stats=stats)
+    seconds = time.perf_counter() - started
+    return {"n": n, "seconds": round(seconds, 3), "us_per_hash": round(seconds / n * 1e6, 2),
+            "bands": stats.bands, "tables": stats.tables, "candidate_pairs": stats.candidate_pairs,
+            "verified_pairs": stats.verified_pairs, "oversized_buckets": stats.oversized_buckets,
+            "groups": len(groups), "planted_recall": round(planted_recall(groups, n, sources, copies), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated numbers of hashes")
+    parser.add_argument("--threshold", type=int, default=8)
+    parser.add_argument("--bands", type=int, default=None, help="force a layout; default: choose_bands per size")
+    parser.add_argument("--max-bucket", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    run_size(1000, args.threshold, args.bands, args.max_bucket, args.seed)  # warm-up, not recorded
+    rows = []
+    for n in sizes:
+        rows.append(run_size(n, args.threshold, args.bands, args.max_bucket, args.seed))
+        first = rows[0]["us_per_hash"]
+        rows[-1]["ratio_vs_first"] = round(rows[-1]["us_per_hash"] / first, 2) if first else None
+    print(f"\nthreshold {args.threshold}, {PLANTED_FRACTION:.0%} planted near copies, max_bucket {args.max_bucket}")
+    print(f"{'n':>9} {'seconds':>8} {'us/hash':>8} {'ratio':>6} {'bands':>5} {'tables':>6} {'candidates':>12} "
+          f"{'groups':>7} {'recall':>7}")
+    for r in rows:
+        print(f"{r['n']:>9} {r['seconds']:>8.2f} {r['us_per_hash']:>8.2f} {r['ratio_vs_first']:>6.2f} {r['bands']:>5} "
+              f"{r['tables']:>6} {r['candidate_pairs']:>12,} {r['groups']:>7} {r['planted_recall']:>7.4f}")
+    record = {"threshold": args.threshold, "bands": args.bands, "max_bucket": args.max_bucket, "seed": args.seed,
+              "planted_fraction": PLANTED_FRACTION, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "python": platform.python_version(), "numpy": np.__version__, "date": time.strftime("%Y-%m-%d"),
+              "rows": rows}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\nrecorded in {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
