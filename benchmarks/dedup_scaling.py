@@ -12,11 +12,10 @@ close to linear it is. Prints a table and records it in benchmarks/results/dedup
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
+
+from results_file import record
 
 import numpy as np
 
@@ -83,13 +82,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['n']:>9} {r['seconds']:>8.2f} {r['us_per_hash']:>8.2f} {r['ratio_vs_first']:>6.2f} {r['bands']:>5} "
               f"{r['tables']:>6} {r['candidate_pairs']:>12,} {r['groups']:>7} {r['planted_recall']:>7.4f}")
-    record = {"threshold": args.threshold, "bands": args.bands, "max_bucket": args.max_bucket, "seed": args.seed,
-              "planted_fraction": PLANTED_FRACTION, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "python": platform.python_version(), "numpy": np.__version__, "date": time.strftime("%Y-%m-%d"),
-              "rows": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\nrecorded in {RESULTS.relative_to(REPO)}")
+    record(RESULTS, {"threshold": args.threshold, "bands": args.bands, "max_bucket": args.max_bucket,
+                     "seed": args.seed, "planted_fraction": PLANTED_FRACTION, "numpy": np.__version__}, rows)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_file import record
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "pipeline_times.json"
@@ -58,12 +59,7 @@ def main() -> None:
     for row in rows:
         ran = ", ".join(f"{n} {s}" for n, s in row["step_s"].items()) or "none"
         print(f"{row['scenario']:<34} {row['wall_s']:>7.1f} {row['wall_s'] / cold:>8.2f}  {ran}")
-    record = {"profile": args.profile, "overrides": args.overrides, "machine": f"{platform.machine()}, "
-              f"{os.cpu_count()} cores", "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-              "rows": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\nrecorded in {RESULTS.relative_to(REPO)}")
+    record(RESULTS, {"profile": args.profile, "overrides": args.overrides}, rows)
 
 
 if __name__ == "__main__":
