@@ -1,5 +1,5 @@
 """The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters ->
-(CLIP scorer training ->) CLIP-score filter -> shards.
+(CLIP scorer training ->) CLIP-score filter -> dedup -> shards.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
     ray job submit --working-dir . -- python pipelines/full.py --profile full
@@ -22,6 +22,7 @@ from components.common.config import ConfigError  # noqa: E402
 from components.data.basic_filters import basic_filters  # noqa: E402
 from components.data.clip_filter import clip_filter  # noqa: E402
 from components.data.clip_scorer import clip_scorer  # noqa: E402
+from components.data.dedup import dedup  # noqa: E402
 from components.data.ingest import ingest  # noqa: E402
 from components.data.shard_writer import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
@@ -35,7 +36,10 @@ STEPS = [
     Step(clip_scorer, enabled=lambda config: config.data.clip_scorer.enabled),
     Step(clip_filter, inputs={"samples": ("basic_filters", "samples"), "scorer": ("clip_scorer", "scorer")},
          enabled=lambda config: config.data.clip_filter.enabled),
-    Step(write_shards, inputs={"samples": [("clip_filter", "samples"), ("basic_filters", "samples")]}),
+    Step(dedup, inputs={"samples": [("clip_filter", "samples"), ("basic_filters", "samples")]},
+         enabled=lambda config: config.data.dedup.enabled),
+    Step(write_shards, inputs={"samples": [("dedup", "samples"), ("clip_filter", "samples"),
+                                           ("basic_filters", "samples")]}),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 

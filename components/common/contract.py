@@ -4,7 +4,9 @@ outputs, and its cache key is a hash of exactly those things plus its code.
 Cache key = sha256 of (name, version, code hash, config slice without `resources`, the cache keys
 of its inputs, fingerprints of external files). Output paths and resources never enter it. The code
 hash covers the component's module and every `components.*` module it imports, transitively, read
-as a syntax tree so comments and formatting do not count.
+as a syntax tree so comments and formatting do not count. Config-schema modules (`*.config`,
+`components.schema`) are left out of the code hash: what they produce, the config values, is in the
+key already, and adding a field for one stage must not invalidate every other stage's cache.
 """
 
 from __future__ import annotations
@@ -164,8 +166,13 @@ def _module_closure(module: str) -> set[str]:
         if current in seen:
             continue
         seen.add(current)
-        todo.extend(_imported_project_modules(current))
+        todo.extend(m for m in _imported_project_modules(current) if not is_schema_module(m))
     return seen
+
+
+def is_schema_module(module: str) -> bool:
+    """Modules that only declare config dataclasses (their values enter the key instead)."""
+    return module == "components.schema" or module.rsplit(".", 1)[-1] == "config"
 
 
 def _imported_project_modules(module: str) -> list[str]:

@@ -130,6 +130,20 @@ class ClipFilterConfig:
 
 
 @dataclasses.dataclass
+class DedupConfig:
+    """Exact and perceptual (pHash) dedup; the representative of a group is its largest image."""
+
+    enabled: bool = True
+    phash_threshold: int = 6  # Hamming distance on 64-bit pHash at or under which images are duplicates
+    max_bucket: int = 1000  # LSH buckets larger than this are compared with a bounded window
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.phash_threshold <= 32:
+            raise ValueError(f"phash_threshold must be in [0, 32], got {self.phash_threshold}")
+
+
+@dataclasses.dataclass
 class ShardsConfig:
     """WebDataset shard writing."""
 
@@ -149,4 +163,5 @@ class DataConfig:
     basic_filters: BasicFiltersConfig = dataclasses.field(default_factory=BasicFiltersConfig)
     clip_scorer: ClipScorerConfig = dataclasses.field(default_factory=ClipScorerConfig)
     clip_filter: ClipFilterConfig = dataclasses.field(default_factory=ClipFilterConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)

@@ -1,0 +1,55 @@
+"""The dedup step's planning on real images: exact and near copies grouped, the largest image kept."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from components.data.dedup import add_hashes, label_metrics, mark_duplicates, plan_drops
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _scene(seed: int) -> Image.Image:
+    image = Image.new("RGB", (320, 240), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i in range(4):
+        x, y = (seed * 37 + i * 71) % 260, (seed * 53 + i * 29) % 180
+        draw.ellipse((x, y, x + 60, y + 60), fill=((seed * 40 + i * 60) % 255, (i * 90) % 255, (seed * 17) % 255))
+    return image
+
+
+def test_exact_and_near_copies_are_grouped_and_the_largest_kept() -> None:
+    original = _scene(1)
+    rows = [
+        ("a-original", _jpeg(original), 320, 240),
+        ("b-exact", _jpeg(original), 320, 240),
+        ("c-reencoded", _jpeg(original, 50), 320, 240),
+        ("d-larger", _jpeg(original.resize((400, 300))), 400, 300),
+        ("e-other", _jpeg(_scene(7)), 320, 240),
+    ]
+    batch = pa.table({"key": [r[0] for r in rows], "image": [r[1] for r in rows],
+                      "width": pa.array([r[2] for r in rows], pa.int32()),
+                      "height": pa.array([r[3] for r in rows], pa.int32())})
+    hashed = add_hashes(batch)
+    reasons, dropped, stats = plan_drops(hashed, threshold=6, max_bucket=1000)
+    assert set(reasons) == {"a-original", "b-exact", "c-reencoded"}  # the 400x300 copy is kept
+    assert all(d["duplicate_of"] == "d-larger" for d in dropped)
+    assert reasons["c-reencoded"] == "duplicate_near"
+    assert stats.unique_hashes == 2  # the copies share one pHash here; the other scene has its own
+    marked = mark_duplicates(hashed, reasons)
+    assert "content_sha256" not in marked.column_names
+    assert marked.column("drop_reason").to_pylist()[3:] == [None, None]
+
+
+def test_label_metrics_count_duplicates_and_distinct_images() -> None:
+    meta = [json.dumps({"synthetic": {"noise": n}}) for n in ("near_duplicate", "exact_duplicate", None, None)]
+    metrics = label_metrics(meta, ["k1", "k2", "k3", "k4"], {"k1": "duplicate_near", "k3": "duplicate_near"})
+    assert metrics["duplicate_recall"] == 0.5 and metrics["distinct_removed_rate"] == 0.5
