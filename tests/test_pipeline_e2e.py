@@ -55,19 +55,22 @@ def staging_leftovers(root: Path) -> list[Path]:
     return sorted(p for p in (root / "cache").rglob(".staging-*"))
 
 
-def kill_when_staging(root: Path, stage: str, timeout: float = 300) -> None:
+def kill_when_staging(root: Path, stage: str, timeout: float = 900) -> None:
     """Start the pipeline and SIGKILL its whole process group once `stage` has begun writing."""
     env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
     process = subprocess.Popen([sys.executable, "pipelines/full.py", *SMALL], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
+    seen = False
     try:
         while time.monotonic() < deadline and process.poll() is None:
             if list((root / "cache" / stage).glob(".staging-*")):
+                seen = True
                 time.sleep(3.0)  # let it write something
                 break
             time.sleep(0.2)
-        assert process.poll() is None, "the pipeline ended before the stage started"
+        assert seen, f"{stage} did not start within {timeout:.0f} s"
+        assert process.poll() is None, "the pipeline ended before it could be killed"
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
