@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import ClipFilterConfig
-from components.data.table import data_dir, drop_metrics, plot_counts, read_kept, write_stats
+from components.data.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
 DROP_REASON = "clip_score_low"
 MISMATCH_LABEL = "mismatched_caption"
@@ -98,12 +97,6 @@ def score_histogram(scores: np.ndarray, threshold: float, path: Path) -> None:
     plt.close(figure)
 
 
-def _read_columns(folder: Path, columns: list[str]) -> pa.Table:
-    files = sorted(str(f) for f in folder.glob("*.parquet"))
-    return pads.dataset(files, format="parquet").to_table(columns=columns) if files else pa.table(
-        {c: pa.array([], pa.float32() if c == "clip_score" else pa.string()) for c in columns})
-
-
 @component(name="clip_filter", version="1", config="data.clip_filter", inputs=("samples", "scorer"),
            optional_inputs=("scorer",), outputs=("samples",))
 def clip_filter(ctx: StageContext[ClipFilterConfig]) -> StageResult:
@@ -125,7 +118,7 @@ def clip_filter(ctx: StageContext[ClipFilterConfig]) -> StageResult:
         batch_size=resources.batch_size, batch_format="pyarrow",
         **resources.map_kwargs() | {"concurrency": resources.concurrency or 1},
     ).write_parquet(str(scored_dir))
-    scored = _read_columns(scored_dir, ["clip_score", "meta"])
+    scored = read_columns(scored_dir, ["clip_score", "meta"])
     scores = scored.column("clip_score").to_numpy(zero_copy_only=False)
     threshold = float(np.float32(resolve_threshold(cfg, scores, scorer)))  # compared in float32 below
     table = ctx.outputs["samples"]

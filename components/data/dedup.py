@@ -14,12 +14,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -27,7 +25,7 @@ from components.common.contract import StageContext, StageResult, component
 from components.data.config import DedupConfig
 from components.data.dedup_core import (LSHStats, choose_representatives, content_hash, find_duplicate_groups,
                                         phash64)
-from components.data.table import data_dir, drop_metrics, plot_counts, read_kept, write_stats
+from components.data.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
 DUPLICATE_LABELS = ("exact_duplicate", "near_duplicate")
 
@@ -90,11 +88,6 @@ def label_metrics(meta: list[str], keys: list[str], reasons: dict[str, str]) -> 
             "labelled_duplicates": float(dup_total)}
 
 
-def _read(folder: Path, columns: list[str]) -> pa.Table:
-    files = sorted(str(f) for f in folder.glob("*.parquet"))
-    return pads.dataset(files, format="parquet").to_table(columns=columns)
-
-
 @component(name="dedup", version="1", config="data.dedup", inputs=("samples",), outputs=("samples",))
 def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     import ray.data
@@ -110,7 +103,7 @@ def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     dropped: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     if hashed_files:
-        rows = _read(hashed_dir, ["key", "content_sha256", "phash", "width", "height", "meta"])
+        rows = read_columns(hashed_dir, ["key", "content_sha256", "phash", "width", "height", "meta"])
         reasons, dropped, index_stats = plan_drops(rows, cfg.phash_threshold, cfg.max_bucket)
         metrics |= {f"lsh.{k}": float(v) for k, v in vars(index_stats).items()}
         metrics |= label_metrics(rows.column("meta").to_pylist(), rows.column("key").to_pylist(), reasons)

@@ -58,18 +58,25 @@ def data_dir(table: Path) -> Path:
     return Path(table) / DATA_DIR
 
 
+def read_columns(folder: Path, columns: list[str]) -> pa.Table:
+    """Only `columns` of every parquet file in `folder`, read here (small columns: keys, hashes,
+    scores); an empty folder gives empty columns."""
+    files = sorted(str(f) for f in Path(folder).glob("*.parquet"))
+    if not files:
+        return pa.table({name: pa.array([], pa.null()) for name in columns})
+    return pads.dataset(files, format="parquet").to_table(columns=columns)
+
+
 def count_drop_reasons(table: Path) -> StageCounts:
     """Read only the `drop_reason` column of a written table and count it."""
     reasons = Counter[str]()
     kept = 0
-    files = sorted(data_dir(table).glob("*.parquet"))
-    if files:
-        column = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["drop_reason"]).column(0)
-        for value, count in Counter(column.to_pylist()).items():
-            if value is None:
-                kept += count
-            else:
-                reasons[value] += count
+    column = read_columns(data_dir(table), ["drop_reason"]).column(0)
+    for value, count in Counter(column.to_pylist()).items():
+        if value is None:
+            kept += count
+        else:
+            reasons[value] += count
     return StageCounts(Path(table).name, reasons, kept)
 
 
