@@ -162,7 +162,8 @@ def test_shards_read_back_and_are_deterministic(curated: dict[str, Path], local_
 
     shards = list_shards(curated["shards"])
     job = json.loads((curated["shards"] / "stats.json").read_text())
-    assert [p.name for p in shards] == sorted(job["per_shard"])
+    assert [str(p.relative_to(curated["shards"])) for p in shards] == sorted(job["per_shard"])
+    assert [p.parent.name for p in shards] == ["caption"] * len(shards)
     assert job["kept"] == read_stats(curated["filters"])["cumulative"]["kept"]
     assert job["in"] == job["kept"] + sum(job["dropped"].values())
     per_shard = [json.loads(p.with_suffix(".stats.json").read_text()) for p in shards]
@@ -172,7 +173,7 @@ def test_shards_read_back_and_are_deterministic(curated: dict[str, Path], local_
     seen = []
     for sample in dataset:
         image = sample.get("jpg") or sample.get("png")
-        assert sample["txt"] == sample["json"]["caption"]
+        assert sample["txt"] == sample["json"]["caption"] and sample["json"]["task"] == "caption"
         assert image.size == (sample["json"]["width"], sample["json"]["height"])
         seen.append(sample["__key__"])
     assert len(seen) == len(set(seen)) == job["kept"]
