@@ -1,5 +1,5 @@
 """The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters ->
-(CLIP scorer training ->) CLIP-score filter -> dedup -> shards.
+(CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance -> shards by task type.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
     ray job submit --working-dir . -- python pipelines/full.py --profile full
@@ -24,11 +24,13 @@ from components.data.clip_filter import clip_filter  # noqa: E402
 from components.data.clip_scorer import clip_scorer  # noqa: E402
 from components.data.dedup import dedup  # noqa: E402
 from components.data.ingest import ingest  # noqa: E402
+from components.data.rebalance import rebalance  # noqa: E402
 from components.data.shard_writer import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
 from components.schema import PipelineConfig, available, load_config  # noqa: E402
 from pipelines.runner import PipelineError, PipelineRunner, Selection, Step  # noqa: E402
 
+CURATED = [("dedup", "samples"), ("clip_filter", "samples"), ("basic_filters", "samples")]  # the first enabled
 STEPS = [
     Step(synthetic_crawl, enabled=lambda config: config.data.synthetic_crawl.enabled),
     Step(ingest, inputs={"crawl": ("synthetic_crawl", "shards")}),
@@ -38,8 +40,8 @@ STEPS = [
          enabled=lambda config: config.data.clip_filter.enabled),
     Step(dedup, inputs={"samples": [("clip_filter", "samples"), ("basic_filters", "samples")]},
          enabled=lambda config: config.data.dedup.enabled),
-    Step(write_shards, inputs={"samples": [("dedup", "samples"), ("clip_filter", "samples"),
-                                           ("basic_filters", "samples")]}),
+    Step(rebalance, inputs={"samples": CURATED}, enabled=lambda config: config.data.rebalance.enabled),
+    Step(write_shards, inputs={"samples": [("rebalance", "samples"), *CURATED]}),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.e2e
 SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthetic_crawl.num_shards=2",
          "--set", "data.clip_scorer.train_samples=300", "--set", "data.clip_scorer.eval_samples=100",
          "--set", "data.clip_scorer.max_steps=20"]
-ALL_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "write_shards")
+ALL_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "rebalance",
+             "write_shards")
 
 
 def expect(ran: set[str], upto: str = "write_shards") -> dict[str, str]:
@@ -97,7 +98,7 @@ def test_killed_rerun_cached_and_knob_change(tmp_path: Path) -> None:
     print(f"fully cached rerun: {cached_seconds:.1f}s")
 
     run_pipeline(root, "--set", "data.basic_filters.min_short_side=150")
-    assert statuses(root) == expect({"basic_filters", "clip_filter", "dedup", "write_shards"})
+    assert statuses(root) == expect({"basic_filters", "clip_filter", "dedup", "rebalance", "write_shards"})
     changed = last_summary(root)
     assert changed["ingest"]["cache_key"] == first["ingest"]["cache_key"]
     assert changed["write_shards"]["cache_key"] != first["write_shards"]["cache_key"]

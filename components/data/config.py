@@ -49,6 +49,7 @@ class SyntheticCrawlConfig:
     max_side: int = 512  # clean images: longer side at most this
     max_clean_aspect: float = 2.5
     jpeg_quality: int = 90
+    colour_skew: float = 0.0  # Zipf exponent over object colours: > 0 gives a head and a tail to rebalance
     noise: NoiseRates = dataclasses.field(default_factory=NoiseRates)
     resources: Resources = dataclasses.field(default_factory=Resources)
 
@@ -59,6 +60,8 @@ class SyntheticCrawlConfig:
             raise ValueError(f"need 32 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
         if self.max_clean_aspect < 1:
             raise ValueError("max_clean_aspect must be >= 1")
+        if self.colour_skew < 0:
+            raise ValueError(f"colour_skew must be >= 0, got {self.colour_skew}")
 
 
 @dataclasses.dataclass
@@ -144,6 +147,30 @@ class DedupConfig:
 
 
 @dataclasses.dataclass
+class RebalanceConfig:
+    """Concept rebalancing: cap the head (MetaCLIP's per-concept cap), repeat the tail."""
+
+    enabled: bool = True
+    concept_source: Literal["caption", "meta"] = "caption"
+    meta_field: str = ""  # concept_source meta: dotted path into the sample's meta JSON, e.g. "cls"
+    vocabulary: list[str] = dataclasses.field(default_factory=list)  # matched in captions; empty: top_k words
+    top_k: int = 50
+    max_per_concept: int = 0  # head cap; 0 = no cap
+    min_per_concept: int = 0  # tail target: samples of rarer concepts are repeated; 0 = no repeats
+    max_repeat: int = 3  # at most this many extra copies of one sample
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        if self.concept_source == "meta" and not self.meta_field:
+            raise ValueError("concept_source 'meta' needs meta_field (a dotted key of the sample's meta JSON)")
+        if min(self.top_k, self.max_per_concept, self.min_per_concept, self.max_repeat) < 0:
+            raise ValueError("top_k, max_per_concept, min_per_concept and max_repeat must be >= 0")
+        if self.max_per_concept and self.min_per_concept > self.max_per_concept:
+            raise ValueError(f"min_per_concept ({self.min_per_concept}) must not exceed max_per_concept "
+                             f"({self.max_per_concept})")
+
+
+@dataclasses.dataclass
 class ShardsConfig:
     """WebDataset shard writing."""
 
@@ -164,4 +191,5 @@ class DataConfig:
     clip_scorer: ClipScorerConfig = dataclasses.field(default_factory=ClipScorerConfig)
     clip_filter: ClipFilterConfig = dataclasses.field(default_factory=ClipFilterConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    rebalance: RebalanceConfig = dataclasses.field(default_factory=RebalanceConfig)
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)

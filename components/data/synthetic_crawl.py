@@ -65,11 +65,17 @@ class Scene:
         return f"{listed} on a {self.background} background"
 
 
-def random_scene(rng: random.Random, width: int, height: int) -> Scene:
+def random_scene(rng: random.Random, width: int, height: int, colour_skew: float = 0.0) -> Scene:
+    """Colours are uniform, or Zipf-skewed with exponent `colour_skew` over COLOURS' order (a long tail)."""
     background = rng.choice(list(BACKGROUNDS))
     scene = Scene(width, height, background)
     for _ in range(rng.randint(1, 4)):
-        colour = rng.choice([c for c in COLOURS if c != background])
+        allowed = [c for c in COLOURS if c != background]
+        if colour_skew > 0:
+            ranks = [list(COLOURS).index(c) + 1 for c in allowed]
+            colour = rng.choices(allowed, weights=[r ** -colour_skew for r in ranks])[0]
+        else:
+            colour = rng.choice(allowed)
         size = max(4, int(min(width, height) * rng.uniform(0.15, 0.35)))
         x0 = rng.randint(0, max(0, width - size))
         y0 = rng.randint(0, max(0, height - size))
@@ -179,7 +185,7 @@ def _make_sample(
         width, height = (long, short) if rng.random() < 0.5 else (short, long)
     else:
         width, height = clean_size(rng, cfg)
-    scene = random_scene(rng, width, height)
+    scene = random_scene(rng, width, height, cfg.colour_skew)
     image = encode(render(scene), fmt, cfg.jpeg_quality)
     caption = scene.caption().encode()
     if noise == "mismatched_caption":
