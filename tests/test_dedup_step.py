@@ -53,3 +53,49 @@ def test_label_metrics_count_duplicates_and_distinct_images() -> None:
     meta = [json.dumps({"synthetic": {"noise": n}}) for n in ("near_duplicate", "exact_duplicate", None, None)]
     metrics = label_metrics(meta, ["k1", "k2", "k3", "k4"], {"k1": "duplicate_near", "k3": "duplicate_near"})
     assert metrics["duplicate_recall"] == 0.5 and metrics["distinct_removed_rate"] == 0.5
+
+
+def _sample_table(folder, named_images: list[tuple[str, Image.Image]]):
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from components.data.table import SAMPLE_SCHEMA, data_dir, write_stats
+
+    rows = [{"key": key, "image": _jpeg(image), "image_ext": "jpg", "caption": f"scene {key}", "width": image.width,
+             "height": image.height, "source": "t", "meta": "{}", "drop_reason": None} for key, image in named_images]
+    folder = Path(folder)
+    data_dir(folder).mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), data_dir(folder) / "part.parquet")
+    write_stats(folder, "ingest", upstream=None)
+    return folder
+
+
+def test_dedup_against_earlier_shards(tmp_path, local_ray) -> None:
+    """A sample already in an earlier run's shards is dropped; shards with and without stored pHash work."""
+    from components.common.executor import run_into
+    from components.data.config import DedupConfig, ShardsConfig
+    from components.data.dedup import against_fingerprint, dedup
+    from components.data.shard_writer import write_shards
+    from components.data.table import read_columns, data_dir
+
+    first = _sample_table(tmp_path / "first", [("old-a", _scene(1)), ("old-b", _scene(2))])
+    run_into(dedup, DedupConfig(), {"samples": first}, tmp_path / "dedup1", seed=0)
+    run_into(write_shards, ShardsConfig(), {"samples": tmp_path / "dedup1" / "samples"}, tmp_path / "run1", seed=0)
+    raw = _sample_table(tmp_path / "raw", [("old-c", _scene(3))])  # shards without a stored pHash
+    run_into(write_shards, ShardsConfig(), {"samples": raw}, tmp_path / "run0", seed=0)
+
+    second = _sample_table(tmp_path / "second", [("new-a", _scene(1).resize((330, 248))), ("new-c", _scene(3)),
+                                                 ("new-d", _scene(9))])
+    cfg = DedupConfig(against=[str(tmp_path / "run1" / "shards"), str(tmp_path / "run0" / "shards")])
+    result, _ = run_into(dedup, cfg, {"samples": second}, tmp_path / "dedup2", seed=0)
+    table = read_columns(data_dir(tmp_path / "dedup2" / "samples"), ["key", "drop_reason"]).to_pylist()
+    reasons = {row["key"]: row["drop_reason"] for row in table}
+    assert reasons == {"new-a": "duplicate_earlier_shard", "new-c": "duplicate_earlier_shard", "new-d": None}
+    assert result.metrics["earlier_hashes"] == 3 and result.metrics["dropped_seen_before"] == 2
+    assert against_fingerprint(cfg)["against"][0][0].endswith(".tar")
+
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="data.dedup.against"):
+        against_fingerprint(DedupConfig(against=[str(tmp_path / "nowhere")]))

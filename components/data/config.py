@@ -139,6 +139,7 @@ class DedupConfig:
     enabled: bool = True
     phash_threshold: int = 6  # Hamming distance on 64-bit pHash at or under which images are duplicates
     max_bucket: int = 1000  # LSH buckets larger than this are compared with a bounded window
+    against: list[str] = dataclasses.field(default_factory=list)  # earlier write_shards folders to dedup against
     resources: Resources = dataclasses.field(default_factory=Resources)
 
     def __post_init__(self) -> None:

@@ -4,7 +4,9 @@ duplicates, found with the LSH index of `dedup_core` (never all pairs), one repr
 Ray Data hashes every image (one decode each) into a scratch table; the driver groups the hashes
 (8 bytes a row) and picks each group's representative (the largest image, ties to the smallest key);
 a second Ray Data pass marks the others `duplicate_exact` (same bytes as their representative) or
-`duplicate_near`. `duplicates.parquet` lists every dropped key with the key it duplicates. Where
+`duplicate_near`. With `against` set, the pHashes of earlier runs' shards (their json `scores.phash`,
+or the image hashed again when a shard lacks it) form a `HammingIndex`, and every sample within the
+threshold of one is dropped as `duplicate_earlier_shard`, whatever its group. `duplicates.parquet` lists every dropped key with the key it duplicates. Where
 samples carry synthetic noise labels, recall on the labelled duplicates and the share of distinct
 images removed are logged.
 """
@@ -14,6 +16,9 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +28,8 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import DedupConfig
-from components.data.dedup_core import (LSHStats, choose_representatives, content_hash, find_duplicate_groups,
-                                        phash64)
+from components.data.dedup_core import (HammingIndex, LSHStats, choose_representatives, content_hash,
+                                        find_duplicate_groups, phash64)
 from components.data.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
 DUPLICATE_LABELS = ("exact_duplicate", "near_duplicate")
@@ -67,6 +72,80 @@ def plan_drops(rows: pa.Table, threshold: int, max_bucket: int) -> tuple[dict[st
     return reasons, dropped, stats
 
 
+def earlier_shard_files(paths: list[str]) -> list[Path]:
+    """Every `.tar` under the given shard folders (or the files themselves), sorted; a missing path is an error."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files += sorted(path.rglob("*.tar"))
+        else:
+            raise FileNotFoundError(f"data.dedup.against: {path} does not exist (give earlier write_shards folders)")
+    return sorted(set(files))
+
+
+def against_fingerprint(cfg: DedupConfig) -> dict[str, Any]:
+    """Earlier shards enter the cache key by name, size and mtime (shards are written once, atomically)."""
+    return {"against": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in earlier_shard_files(cfg.against)]}
+
+
+def shard_hashes(path: Path) -> Iterator[int]:
+    """The pHash of every sample in one shard: the stored score, else the image hashed again."""
+    images: dict[str, bytes] = {}
+    stored: dict[str, int | None] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = Path(member.name).name.partition(".")
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if ext == "json":
+                stored[key] = json.loads(data).get("scores", {}).get("phash")
+            elif ext in ("jpg", "jpeg", "png", "webp", "frame0000.jpg"):
+                images[key] = data
+    for key in sorted(set(images) | set(stored)):
+        if stored.get(key) is not None:
+            yield int(stored[key])  # type: ignore[arg-type]
+        elif key in images:
+            with Image.open(io.BytesIO(images[key])) as image:
+                yield phash64(image)
+
+
+def read_shard_hashes(batch: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data UDF: shard paths in, their samples' pHashes out."""
+    hashes = [h for path in batch["path"] for h in shard_hashes(Path(path))]
+    return {"phash": np.array(hashes, dtype=np.uint64)}
+
+
+def earlier_hashes(cfg: DedupConfig) -> np.ndarray:
+    import ray.data
+
+    files = earlier_shard_files(cfg.against)
+    if not files:
+        return np.empty(0, dtype=np.uint64)
+    rows = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=len(files)).map_batches(
+        read_shard_hashes, batch_size=1, **cfg.resources.map_kwargs()).take_all()
+    return np.array([r["phash"] for r in rows], dtype=np.uint64)
+
+
+def drop_seen_before(rows: pa.Table, earlier: np.ndarray, cfg: DedupConfig, reasons: dict[str, str],
+                     dropped: list[dict[str, Any]]) -> int:
+    """Mark rows within the threshold of an earlier shard's hash; returns how many were marked."""
+    if not earlier.size:
+        return 0
+    hashes = rows.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
+    matched = HammingIndex(earlier, cfg.phash_threshold, max_bucket=cfg.max_bucket).query(hashes)
+    keys = rows.column("key").to_pylist()
+    for index in np.flatnonzero(matched).tolist():
+        if keys[index] in reasons:
+            dropped[:] = [d for d in dropped if d["key"] != keys[index]]
+        reasons[keys[index]] = "duplicate_earlier_shard"
+        dropped.append({"key": keys[index], "duplicate_of": "earlier shards", "reason": "duplicate_earlier_shard",
+                        "distance": -1})
+    return int(matched.sum())
+
+
 def label_metrics(meta: list[str], keys: list[str], reasons: dict[str, str]) -> dict[str, float]:
     """Recall on labelled duplicates and the share of the other (distinct) labelled images removed."""
     labelled = dup_total = dup_dropped = distinct_total = distinct_dropped = 0
@@ -88,7 +167,8 @@ def label_metrics(meta: list[str], keys: list[str], reasons: dict[str, str]) -> 
             "labelled_duplicates": float(dup_total)}
 
 
-@component(name="dedup", version="1", config="data.dedup", inputs=("samples",), outputs=("samples",))
+@component(name="dedup", version="2", config="data.dedup", inputs=("samples",), outputs=("samples",),
+           external_fingerprint=against_fingerprint, key_exclude=("against",))
 def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     import ray.data
 
@@ -105,6 +185,10 @@ def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     if hashed_files:
         rows = read_columns(hashed_dir, ["key", "content_sha256", "phash", "width", "height", "meta"])
         reasons, dropped, index_stats = plan_drops(rows, cfg.phash_threshold, cfg.max_bucket)
+        if cfg.against:
+            earlier = earlier_hashes(cfg)
+            seen = drop_seen_before(rows, earlier, cfg, reasons, dropped)
+            metrics |= {"earlier_hashes": float(earlier.size), "dropped_seen_before": float(seen)}
         metrics |= {f"lsh.{k}": float(v) for k, v in vars(index_stats).items()}
         metrics |= label_metrics(rows.column("meta").to_pylist(), rows.column("key").to_pylist(), reasons)
         ray.data.read_parquet([str(f) for f in hashed_files]).map_batches(
