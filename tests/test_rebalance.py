@@ -7,16 +7,14 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from sample_tables import caption_table
 
 from components.common.executor import run_into
 from components.data.config import RebalanceConfig, ShardsConfig
 from components.data.rebalance import (NO_CONCEPT, caption_concepts, concept_patterns, frequent_words,
                                        meta_concepts, plan_rebalance, rebalance)
 from components.data.shard_writer import list_shards, write_shards
-from components.data.table import SAMPLE_SCHEMA, data_dir, write_stats
 
 
 def test_vocabulary_matches_whole_words_and_plurals() -> None:
@@ -65,19 +63,9 @@ def test_off_by_default() -> None:
     assert not dropped and not repeats and before == after
 
 
-def _table(folder: Path, captions: list[str]) -> Path:
-    rows = [{"key": f"s{i:03d}", "image": b"\xff\xd8fake", "image_ext": "jpg", "caption": c, "width": 64,
-             "height": 64, "source": "t", "meta": "{}", "drop_reason": None} for i, c in enumerate(captions)]
-    rows.append({**rows[0], "key": "gone", "drop_reason": "image_corrupt"})
-    data_dir(folder).mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), data_dir(folder) / "part.parquet")
-    write_stats(folder, "ingest", upstream=None)
-    return folder
-
-
 def test_step_marks_rows_and_shards_write_the_copies(tmp_path: Path, local_ray: None) -> None:
     captions = ["a red circle on white"] * 60 + ["a blue square on white"] * 4 + ["nothing known here"] * 2
-    source = _table(tmp_path / "in", captions)
+    source = caption_table(tmp_path / "in", captions)
     cfg = RebalanceConfig(vocabulary=["red circle", "blue square"], max_per_concept=20, min_per_concept=8)
     staged = tmp_path / "rebalanced"
     result, _ = run_into(rebalance, cfg, {"samples": source}, staged, seed=0)

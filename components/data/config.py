@@ -172,6 +172,50 @@ class RebalanceConfig:
 
 
 @dataclasses.dataclass
+class VideoSourceConfig:
+    """Real video files: one file or a folder of them, with a caption for all (else a `.txt` beside each)."""
+
+    path: str
+    name: str = ""
+    caption: str = ""
+
+
+@dataclasses.dataclass
+class VideoConfig:
+    """Video samples: synthetic clips with exact labels plus real files, sampled by the paper's rule."""
+
+    enabled: bool = True
+    synthetic_clips: int = 0
+    min_duration_s: float = 8.0
+    max_duration_s: float = 30.0
+    clip_fps: list[float] = dataclasses.field(default_factory=lambda: [2.0, 5.0, 10.0])
+    clip_width: int = 320
+    clip_height: int = 240
+    max_objects: int = 3
+    sources: list[VideoSourceConfig] = dataclasses.field(default_factory=list)
+    sample_fps: float = 1.0  # the paper: 1 fps by default, up to 5 for motion-heavy tasks
+    min_frames: int = 16
+    budgets: list[int] = dataclasses.field(default_factory=lambda: [640, 512, 384, 256, 160, 128])
+    max_tokens: int = 81_920
+    frame_quality: int = 90
+    decode_timeout_s: float = 120.0
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        if self.synthetic_clips < 0:
+            raise ValueError("synthetic_clips must be >= 0")
+        if not 0 < self.min_duration_s <= self.max_duration_s:
+            raise ValueError(f"need 0 < min_duration_s <= max_duration_s, got {self.min_duration_s}, "
+                             f"{self.max_duration_s}")
+        if not 0 < self.sample_fps <= 5:
+            raise ValueError(f"sample_fps must be in (0, 5] (the paper's range), got {self.sample_fps}")
+        if not self.clip_fps or min(self.clip_fps) <= 0:
+            raise ValueError("clip_fps must list positive frame rates")
+        if not self.budgets or sorted(self.budgets, reverse=True) != list(self.budgets):
+            raise ValueError(f"budgets must be tokens per frame in decreasing order, got {self.budgets}")
+
+
+@dataclasses.dataclass
 class ShardsConfig:
     """WebDataset shard writing."""
 
@@ -193,4 +237,5 @@ class DataConfig:
     clip_filter: ClipFilterConfig = dataclasses.field(default_factory=ClipFilterConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     rebalance: RebalanceConfig = dataclasses.field(default_factory=RebalanceConfig)
+    video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)

@@ -6,7 +6,9 @@ A sample is one of three layouts (`LAYOUTS`):
 
 * `sparse`: 1-4 objects, small or large, kept apart (a gap of background between any two);
 * `crowded`: 8-20 small objects on a jittered grid, one per cell; neighbours may touch;
-* `occluded`: 2-7 objects where each one after the first is drawn over part of an earlier one.
+* `occluded`: 2-8 objects (3-8 attempted; a placement that keeps failing is dropped) in clusters:
+  most objects after the first are drawn over part of an earlier one (at least one is), the
+  others stand apart and start a new cluster.
   Every object keeps at least `min_visible_fraction` of its drawn pixels visible and its visible
   pixels stay one 4-connected piece, so each object is still seen, and counted, as one object.
 
@@ -23,8 +25,8 @@ Rules shared by all layouts, so that the labels are exact and the image agrees w
   else "small". Sides are drawn from two separated ranges (small <= 0.15, large >= 0.24 of the
   shorter side; `MIN_OBJECT_SIDE` px at least), so the word is never borderline.
 * `box_px` is the tight pixel box of the visible pixels; `box = coords.normalise_box(box_px)`.
-  `point` is a visible pixel as deep inside the visible region as possible (4-neighbour erosion)
-  and nearest its centroid, chosen so that `coords.point_to_pixels(point)` falls on a visible pixel
+  `point` is a visible pixel as deep inside the visible region as possible (up to 16 4-neighbour
+  erosions) and nearest its centroid, chosen so that `coords.point_to_pixels(point)` falls on a visible pixel
   of the same object at every image size.
 
 Referring expressions use the fewest attributes (size, colour, shape) that single the target out
@@ -32,8 +34,10 @@ Referring expressions use the fewest attributes (size, colour, shape) that singl
 phrase is added: a superlative over the matching objects ("the leftmost green triangle") or a
 relation to another object that attributes alone describe ("the red circle left of the blue
 square"). Generation demands a clear margin (the target's visible box lies wholly beyond the
-others / the anchor), and `resolve_expression` reads the words back with the lenient centre-based
-meaning; targets without such an expression are skipped. Counting questions ask about colour+shape
+other matching objects' / the anchor's, and no other matching object has even its centre on the
+anchor's side), while `resolve_expression` reads the words back with the lenient centre-based
+meaning, so a unique answer there is unique to a viewer too; targets without such an expression
+are skipped. Counting questions ask about colour+shape
 groups, shapes, colours and all shapes, sometimes about an absent group (answer 0); the answer is
 the number of objects that match, with their boxes and points.
 """
@@ -69,7 +73,9 @@ LARGE_SIDE_RANGE = (0.24, 0.34)  # of the shorter side, sampled for "large" obje
 SAME_COLOUR_GAP = 3  # px of background at least between two objects of one colour
 SPARSE_GAP_RATIO = 0.04  # of the shorter side: background between any two sparse objects
 MAX_OCCLUDED_VISIBLE_FRACTION = 0.9  # some pixels must be hidden for a layout to be 'occluded'
+FREE_OBJECT_RATE = 0.3  # occluded layout: chance that an object stands apart, starting a new cluster
 MAX_LAYOUT_ATTEMPTS = 200
+MAX_CACHED_SIDE = 256  # masks up to this side are cached (<= 64 KiB each, 1024 of them at most)
 MAX_PLACEMENT_ATTEMPTS = 80
 
 Box = tuple[int, int, int, int]
@@ -121,15 +127,25 @@ class _Draft:
 
 
 def size_class(side: int, width: int, height: int) -> str:
-    """"large" iff a drawn side is >= LARGE_SIDE_RATIO x the image's shorter side, else "small"."""
+    """The size word of a drawn side: "large" iff side >= LARGE_SIDE_RATIO x the shorter image side."""
     return "large" if side >= LARGE_SIDE_RATIO * min(width, height) else "small"
 
 
-@functools.lru_cache(maxsize=4096)
 def shape_mask(shape: str, side: int) -> np.ndarray:
     """The read-only bool (side, side) mask of a shape drawn into a side x side square at the origin."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    if side < 1:
+        raise ValueError(f"a shape needs a side >= 1 px, got {side!r}")
+    return _cached_mask(shape, side) if side <= MAX_CACHED_SIDE else _draw_mask(shape, side)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_mask(shape: str, side: int) -> np.ndarray:
+    return _draw_mask(shape, side)
+
+
+def _draw_mask(shape: str, side: int) -> np.ndarray:
     canvas = Image.new("L", (side, side), 0)
     draw = ImageDraw.Draw(canvas)
     e, m = side - 1, (side - 1) // 2
@@ -224,7 +240,7 @@ def _inner_levels(mask: np.ndarray, max_depth: int = 16) -> list[np.ndarray]:
     return levels
 
 
-def _choose_point(visible: np.ndarray, box: Box, width: int, height: int) -> tuple[int, int] | None:
+def choose_point(visible: np.ndarray, box: Box, width: int, height: int) -> tuple[int, int] | None:
     """A normalised point that maps back onto a visible pixel: deepest level first, nearest the centroid."""
     ys, xs = np.nonzero(visible)
     cy, cx = ys.mean(), xs.mean()
@@ -262,17 +278,24 @@ def _colour_for(rng: random.Random, box: Box, drafts: Sequence[_Draft], palette:
     return rng.choice(free) if free else None
 
 
-def _place_sparse(rng: random.Random, width: int, height: int, palette: Sequence[str]) -> list[_Draft]:
+def _apart(rng: random.Random, drafts: Sequence[_Draft], width: int, height: int, palette: Sequence[str]) -> _Draft | None:
+    """A candidate object of either size at a random place, or None if it comes too close to another."""
     short = min(width, height)
     gap = max(SAME_COLOUR_GAP, round(SPARSE_GAP_RATIO * short))
+    side = _sample_side(rng, rng.choice(SIZES), short)
+    x, y = rng.randint(0, width - side), rng.randint(0, height - side)
+    if any(box_gap((x, y, x + side, y + side), d.box) < gap for d in drafts):
+        return None
+    return _Draft(rng.choice(SHAPES), rng.choice(palette), side, x, y)
+
+
+def _place_sparse(rng: random.Random, width: int, height: int, palette: Sequence[str]) -> list[_Draft]:
     drafts: list[_Draft] = []
     for _ in range(rng.randint(1, 4)):
         for _ in range(MAX_PLACEMENT_ATTEMPTS):
-            side = _sample_side(rng, rng.choice(SIZES), short)
-            x, y = rng.randint(0, width - side), rng.randint(0, height - side)
-            box = (x, y, x + side, y + side)
-            if all(box_gap(box, d.box) >= gap for d in drafts):
-                drafts.append(_Draft(rng.choice(SHAPES), rng.choice(palette), side, x, y))
+            draft = _apart(rng, drafts, width, height, palette)
+            if draft is not None:
+                drafts.append(draft)
                 break
     return drafts
 
@@ -328,17 +351,23 @@ def _occlusion_ok(drafts: Sequence[_Draft], min_visible: float) -> bool:
 def _place_occluded(
     rng: random.Random, width: int, height: int, palette: Sequence[str], min_visible: float
 ) -> list[_Draft]:
-    short = min(width, height)
-    side = _sample_side(rng, rng.choice(SIZES), short)
-    drafts = [_Draft(rng.choice(SHAPES), rng.choice(palette), side, rng.randint(0, width - side),
-                     rng.randint(0, height - side))]
-    for _ in range(rng.randint(1, 6)):
+    """3-8 objects; each after the first covers part of an earlier one (or, 30% of the time, stands
+    apart, so scenes hold several clusters). Empty when no object ended up covering another."""
+    drafts: list[_Draft] = []
+    occluders = 0
+    for _ in range(rng.randint(3, 8)):
+        alone = not drafts or rng.random() < FREE_OBJECT_RATE
         for _ in range(MAX_PLACEMENT_ATTEMPTS):
-            draft = _occluder(rng, drafts, short, width, height, palette)
-            if draft is not None and _occlusion_ok([*drafts, draft], min_visible):
+            if alone:
+                draft = _apart(rng, drafts, width, height, palette)
+            else:
+                draft = _occluder(rng, drafts, min(width, height), width, height, palette)
+                draft = draft if draft is not None and _occlusion_ok([*drafts, draft], min_visible) else None
+            if draft is not None:
                 drafts.append(draft)
+                occluders += not alone
                 break
-    return drafts if len(drafts) >= 2 else []
+    return drafts if occluders else []
 
 
 def _occluder(
@@ -368,7 +397,7 @@ def _finalise(drafts: Sequence[_Draft], width: int, height: int, min_visible: fl
         drawn, shown = int(shape_mask(draft.shape, draft.side).sum()), int(visible.sum())
         if shown == 0 or shown < min_visible * drawn or component_count(visible) != 1:
             return None
-        point = _choose_point(visible, draft.box, width, height)
+        point = choose_point(visible, draft.box, width, height)
         if point is None:
             return None
         ys, xs = np.nonzero(visible)
@@ -529,11 +558,17 @@ def _spatial_options(
 def describe(target: int, objects: Sequence[PlacedObject], rng: random.Random) -> tuple[str, str] | None:
     """(expression, kind) denoting only `target`, kind "attributes" | "spatial"; None if none is clear."""
     subsets = _subsets(rng)
-    phrase = _attribute_phrase(target, objects, subsets)
-    if phrase is not None:
-        return f"the {phrase}", "attributes"
-    anchors = {i: p for i in range(len(objects)) if i != target
-               for p in [_attribute_phrase(i, objects, subsets)] if p is not None}
+    phrases = [_attribute_phrase(i, objects, subsets) for i in range(len(objects))]
+    return _describe(target, objects, rng, subsets, phrases)
+
+
+def _describe(
+    target: int, objects: Sequence[PlacedObject], rng: random.Random, subsets: Sequence[tuple[str, ...]],
+    phrases: Sequence[str | None],
+) -> tuple[str, str] | None:
+    if phrases[target] is not None:
+        return f"the {phrases[target]}", "attributes"
+    anchors = {i: p for i, p in enumerate(phrases) if p is not None}
     for length in range(1, len(ATTRIBUTES) + 1):
         options: list[str] = []
         for names in (s for s in subsets if len(s) == length):
@@ -547,9 +582,11 @@ def describe(target: int, objects: Sequence[PlacedObject], rng: random.Random) -
 
 def referring_expressions(objects: Sequence[PlacedObject], rng: random.Random) -> list[dict[str, Any]]:
     """One expression for every object that can be singled out, with its box and point."""
+    subsets = _subsets(rng)  # one attribute preference order per sample
+    phrases = [_attribute_phrase(i, objects, subsets) for i in range(len(objects))]
     entries = []
     for target, obj in enumerate(objects):
-        described = describe(target, objects, rng)
+        described = _describe(target, objects, rng, subsets, phrases)
         if described is not None:
             expression, kind = described
             entries.append({"expression": expression, "target": target, "box": list(obj.box),
