@@ -172,6 +172,32 @@ class RebalanceConfig:
 
 
 @dataclasses.dataclass
+class GroundingConfig:
+    """Synthetic grounding (referring expression -> box/point) and counting samples."""
+
+    enabled: bool = True
+    num_samples: int = 0  # scenes; each gives one grounding and one counting sample
+    min_side: int = 224
+    max_side: int = 640
+    max_aspect: float = 2.0
+    layouts: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"sparse": 0.4, "crowded": 0.3, "occluded": 0.3})  # proportions
+    min_visible_fraction: float = 0.4  # a counted object keeps at least this share of its pixels visible
+    max_questions: int = 4  # per sample
+    ask_points: bool = True  # every other referring question asks for a point instead of a box
+    resources: Resources = dataclasses.field(default_factory=lambda: Resources(batch_size=32))
+
+    def __post_init__(self) -> None:
+        unknown = set(self.layouts) - {"sparse", "crowded", "occluded"}
+        if unknown or not self.layouts or min(self.layouts.values()) < 0 or sum(self.layouts.values()) <= 0:
+            raise ValueError(f"layouts must weight sparse / crowded / occluded (>= 0, some > 0), got {self.layouts}")
+        if not 48 <= self.min_side <= self.max_side:
+            raise ValueError(f"need 48 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        if self.num_samples < 0 or self.max_questions < 1 or self.max_aspect < 1:
+            raise ValueError("num_samples must be >= 0, max_questions >= 1, max_aspect >= 1")
+
+
+@dataclasses.dataclass
 class VideoSourceConfig:
     """Real video files: one file or a folder of them, with a caption for all (else a `.txt` beside each)."""
 
@@ -237,5 +263,6 @@ class DataConfig:
     clip_filter: ClipFilterConfig = dataclasses.field(default_factory=ClipFilterConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     rebalance: RebalanceConfig = dataclasses.field(default_factory=RebalanceConfig)
+    grounding: GroundingConfig = dataclasses.field(default_factory=GroundingConfig)
     video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)

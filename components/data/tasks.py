@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import random
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -83,3 +85,33 @@ def caption_record(row: dict[str, Any]) -> dict[str, Any]:
         "width": row["width"], "height": row["height"], "source": row["source"], "caption": row["caption"],
         "conversations": "[]", "annotations": "{}", "meta": row["meta"],
     }
+
+
+def synthesize(ctx: Any, stage: str, num_samples: int, render_rows: Callable[..., pa.Table],
+               fn_kwargs: dict[str, Any], resources: Any) -> dict[str, Any]:
+    """Run a synthesis step on Ray Data: sample indices in blocks -> `render_rows(batch, **fn_kwargs)` ->
+    the task table in `ctx.outputs["samples"]`, with stats. Each sample's rng is seeded by (seed, stage,
+    index), so the output does not depend on how Ray splits the work."""
+    import ray.data
+
+    from components.data.table import data_dir, write_stats
+
+    table = ctx.outputs["samples"]
+    blocks = max(1, -(-num_samples // resources.batch_size))  # one block per batch: rendering is the work
+    ray.data.range(num_samples, override_num_blocks=blocks).map_batches(
+        render_rows, fn_kwargs=fn_kwargs | {"seed": ctx.seed}, batch_size=resources.batch_size,
+        batch_format="pyarrow", **resources.map_kwargs(),
+    ).write_parquet(str(data_dir(table)))
+    return write_stats(table, stage, upstream=None)
+
+
+def sample_rng(seed: int, stage: str, index: int) -> random.Random:
+    return random.Random(f"{seed}-{stage}-{index}")
+
+
+def sample_size(rng: random.Random, min_side: int, max_side: int, max_aspect: float) -> tuple[int, int]:
+    """A native-resolution size: shorter side in [min_side, max_side], aspect up to max_aspect, either way."""
+    aspect = rng.uniform(1.0, max_aspect)
+    short = rng.randint(min_side, max(min_side, int(max_side / aspect)))
+    long = max(short, min(max_side, round(short * aspect)))
+    return (long, short) if rng.random() < 0.5 else (short, long)
