@@ -1,10 +1,12 @@
 """The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters ->
-(CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance -> shards by task type.
+(CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance, plus OCR synthesis,
+grounding/counting synthesis and video samples -> WebDataset shards by task type.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
     ray job submit --working-dir . -- python pipelines/full.py --profile full
     python pipelines/full.py --only basic_filters --set data.basic_filters.min_short_side=128
     python pipelines/full.py --from ingest --experiment strict_filters
+    python pipelines/full.py --until clip_filter --set data.synthetic_crawl.num_samples=5000
 
 Stages later issues build are added here when they exist; none is faked.
 """
@@ -23,10 +25,13 @@ from components.data.basic_filters import basic_filters  # noqa: E402
 from components.data.clip_filter import clip_filter  # noqa: E402
 from components.data.clip_scorer import clip_scorer  # noqa: E402
 from components.data.dedup import dedup  # noqa: E402
+from components.data.grounding_samples import grounding_samples  # noqa: E402
 from components.data.ingest import ingest  # noqa: E402
+from components.data.ocr_samples import ocr_samples  # noqa: E402
 from components.data.rebalance import rebalance  # noqa: E402
 from components.data.shard_writer import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
+from components.data.video_samples import video_samples  # noqa: E402
 from components.schema import PipelineConfig, available, load_config  # noqa: E402
 from pipelines.runner import PipelineError, PipelineRunner, Selection, Step  # noqa: E402
 
@@ -41,7 +46,13 @@ STEPS = [
     Step(dedup, inputs={"samples": [("clip_filter", "samples"), ("basic_filters", "samples")]},
          enabled=lambda config: config.data.dedup.enabled),
     Step(rebalance, inputs={"samples": CURATED}, enabled=lambda config: config.data.rebalance.enabled),
-    Step(write_shards, inputs={"samples": [("rebalance", "samples"), *CURATED]}),
+    Step(ocr_samples, enabled=lambda config: config.data.ocr.enabled and config.data.ocr.num_samples > 0),
+    Step(grounding_samples,
+         enabled=lambda config: config.data.grounding.enabled and config.data.grounding.num_samples > 0),
+    Step(video_samples, enabled=lambda config: config.data.video.enabled
+         and (config.data.video.synthetic_clips > 0 or bool(config.data.video.sources))),
+    Step(write_shards, inputs={"samples": [("rebalance", "samples"), *CURATED], "ocr": ("ocr_samples", "samples"),
+                               "grounding": ("grounding_samples", "samples"), "video": ("video_samples", "samples")}),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -57,6 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="run only this step (repeatable); everything upstream must be cached")
     parser.add_argument("--from", dest="from_step", choices=STEP_NAMES,
                         help="rerun this step and every later one")
+    parser.add_argument("--until", choices=STEP_NAMES, help="stop after this step (its upstream runs or is cached)")
     parser.add_argument("--force", action="append", default=[], choices=STEP_NAMES,
                         help="rerun this step even if it is cached (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -76,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(dump_yaml(config))
         return 0
-    selection = Selection(only=tuple(args.only), from_step=args.from_step, force=tuple(args.force))
+    selection = Selection(only=tuple(args.only), from_step=args.from_step, force=tuple(args.force),
+                          until=args.until)
     try:
         outcomes = PipelineRunner(STEPS, config, layered, selection).run(["pipelines/full.py", *(argv or sys.argv[1:])])
     except PipelineError as error:

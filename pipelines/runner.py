@@ -2,8 +2,8 @@
 one MLflow parent run with a child run per step.
 
 Selection: `only` runs just the named steps (everything upstream must already be cached); `from_step`
-forces that step and every later one; `force` forces the named steps. Ray is started only when a
-step actually runs, so a fully cached rerun costs seconds.
+forces that step and every later one; `force` forces the named steps; `until` stops after that step.
+Ray is started only when a step actually runs, so a fully cached rerun costs seconds.
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ class Selection:
     only: tuple[str, ...] = ()
     from_step: str | None = None
     force: tuple[str, ...] = ()
+    until: str | None = None  # stop after this step
 
     def check(self, names: list[str]) -> None:
-        for name in (*self.only, *self.force, *([self.from_step] if self.from_step else [])):
+        for name in (*self.only, *self.force, *([self.from_step] if self.from_step else []),
+                     *([self.until] if self.until else [])):
             if name not in names:
                 raise ValueError(f"unknown step {name!r}; the steps are: {', '.join(names)}")
 
@@ -136,6 +138,8 @@ class PipelineRunner:
             outcomes.append(outcome)
             log.info("%-16s %-7s %6.1fs  %s", step.name, outcome.status, outcome.duration_s, outcome.output_dir)
             if self.selection.only and set(self.selection.only) <= {o.name for o in outcomes}:
+                break
+            if step.name == self.selection.until:
                 break
         return outcomes
 

@@ -23,9 +23,10 @@ pytestmark = pytest.mark.e2e
 # A smaller crawl than the tiny profile's, same code paths.
 SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthetic_crawl.num_shards=2",
          "--set", "data.clip_scorer.train_samples=300", "--set", "data.clip_scorer.eval_samples=100",
-         "--set", "data.clip_scorer.max_steps=20"]
+         "--set", "data.clip_scorer.max_steps=20", "--set", "data.ocr.num_samples=16",
+         "--set", "data.grounding.num_samples=16", "--set", "data.video.synthetic_clips=1"]
 ALL_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "rebalance",
-             "write_shards")
+             "ocr_samples", "grounding_samples", "video_samples", "write_shards")
 
 
 def expect(ran: set[str], upto: str = "write_shards") -> dict[str, str]:
@@ -88,7 +89,9 @@ def test_killed_rerun_cached_and_knob_change(tmp_path: Path) -> None:
     assert staging_leftovers(root) == []
     first = last_summary(root)
     stats = json.loads((Path(first["write_shards"]["output_dir"]) / "shards" / "stats.json").read_text())
-    assert stats["in"] == 240 and stats["in"] == stats["kept"] + sum(stats["dropped"].values())
+    assert stats["tasks"]["caption"]["in"] == 240 and stats["in"] == stats["kept"] + sum(stats["dropped"].values())
+    assert set(stats["tasks"]) == {"caption", "ocr", "grounding", "counting", "video"}
+    assert_shards_complete(Path(first["write_shards"]["output_dir"]) / "shards", stats)
 
     started = time.monotonic()
     cached = run_pipeline(root)
@@ -114,6 +117,22 @@ def test_killed_rerun_cached_and_knob_change(tmp_path: Path) -> None:
     assert statuses(root) == expect({"ingest"})  # same inputs, same keys: downstream stays valid
 
     check_mlflow(root)
+
+
+def assert_shards_complete(folder: Path, stats: dict) -> None:
+    """After a kill and rerun: exactly the shards the stats list, each sample once, none missing."""
+    import tarfile
+
+    from components.data.shard_writer import list_shards
+
+    shards = list_shards(folder)
+    assert sorted(str(p.relative_to(folder)) for p in shards) == sorted(stats["per_shard"])
+    keys = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            keys += [name[: -len(".json")] for name in tar.getnames() if name.endswith(".json")]
+    assert len(keys) == len(set(keys)) == stats["written"]
+    assert not list(folder.rglob(".*.tmp"))
 
 
 def check_mlflow(root: Path) -> None:
@@ -174,7 +193,7 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
         assert set(statuses(root).values()) == {"ran"}
         stats = json.loads((Path(last_summary(root)["write_shards"]["output_dir"]) / "shards" / "stats.json")
                            .read_text())
-        assert stats["in"] == 240 and stats["kept"] > 0
+        assert stats["tasks"]["caption"]["in"] == 240 and stats["kept"] > 0
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)

@@ -172,6 +172,33 @@ class RebalanceConfig:
 
 
 @dataclasses.dataclass
+class OcrConfig:
+    """Synthetic OCR samples: scene text, documents, tables and charts with exact text and QA."""
+
+    enabled: bool = True
+    num_samples: int = 0
+    kinds: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"scene_text": 0.3, "document": 0.3, "table": 0.2, "chart": 0.2})  # proportions
+    min_side: int = 224
+    max_side: int = 768
+    max_aspect: float = 2.0
+    font_dirs: list[str] = dataclasses.field(default_factory=lambda: ["/usr/share/fonts"])  # none found: built-in
+    max_rotation_deg: float = 15.0
+    max_questions: int = 4  # besides the transcription
+    resources: Resources = dataclasses.field(default_factory=lambda: Resources(batch_size=32))
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - {"scene_text", "document", "table", "chart"}
+        if unknown or not self.kinds or min(self.kinds.values()) < 0 or sum(self.kinds.values()) <= 0:
+            raise ValueError(f"kinds must weight scene_text / document / table / chart (>= 0, some > 0), "
+                             f"got {self.kinds}")
+        if not 64 <= self.min_side <= self.max_side:
+            raise ValueError(f"need 64 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        if self.num_samples < 0 or self.max_aspect < 1 or not 0 <= self.max_rotation_deg <= 90:
+            raise ValueError("num_samples must be >= 0, max_aspect >= 1, max_rotation_deg in [0, 90]")
+
+
+@dataclasses.dataclass
 class GroundingConfig:
     """Synthetic grounding (referring expression -> box/point) and counting samples."""
 
@@ -263,6 +290,7 @@ class DataConfig:
     clip_filter: ClipFilterConfig = dataclasses.field(default_factory=ClipFilterConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     rebalance: RebalanceConfig = dataclasses.field(default_factory=RebalanceConfig)
+    ocr: OcrConfig = dataclasses.field(default_factory=OcrConfig)
     grounding: GroundingConfig = dataclasses.field(default_factory=GroundingConfig)
     video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)

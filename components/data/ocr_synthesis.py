@@ -1,4 +1,4 @@
-"""OCR sample synthesis: renders text images (scene text, documents, tables, bar charts) whose ground truth is exact by construction.
+"""OCR synthesis: renders text images (scene text, documents, tables, bar charts) with exact ground truth.
 
 Every string is drawn through its own ink mask, so the text, the per-line boxes and the
 question-answer pairs describe exactly what is in the pixels. The functions are pure and
@@ -30,7 +30,8 @@ Guarantees
       table header fills all stay in one luma band; chart values sit above the bars, not on them).
     * Images must be at least `MIN_WIDTH` x `MIN_HEIGHT` (160 x 80); 1024 x 768 and larger work.
     * With no font files (`fonts=[]`) Pillow's built-in scalable font is used
-      (`ImageFont.load_default(size=...)`, Pillow >= 10.1); a font file that fails to load also
+      (`ImageFont.load_default(size=...)`, Pillow >= 10.1). A picked font file that fails to load,
+      or lacks a glyph for a character the generators use (it would draw .notdef boxes), also
       falls back to it, and `OcrSample.font` then reads "default".
 
 `render_ocr_layers` returns, besides the sample, the image before any text was drawn and the
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import math
 import random
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache, reduce
@@ -74,6 +76,9 @@ _BG_JITTER = 12
 _NOISE_AMPLITUDE = 6
 _SPECKLE_FRACTION = 0.03
 _REF_GLYPHS = "Hgjy|$(Q"  # tall and deep glyphs: the vertical extent of a line of text
+# Every character the content generators emit; a font must have its own glyph for each.
+_CHARSET = string.ascii_letters + string.digits + "$%-./,!?"
+_MISSING_GLYPH_PROBE = "\U0010fffd"  # a private-use code point: fonts draw their .notdef box
 
 _WORDS: tuple[str, ...] = (
     "apple", "river", "market", "green", "north", "signal", "harbor", "silver", "garden",
@@ -221,14 +226,23 @@ def _validate(kind: str, width: int, height: int, max_rotation_deg: float) -> No
 
 
 def _pick_font_source(rng: random.Random, fonts: Sequence[str]) -> str:
+    """A font path drawn from `fonts`, or DEFAULT_FONT if there is none or it cannot draw our text."""
     if not fonts:
         return DEFAULT_FONT
     source = rng.choice(list(fonts))
+    return source if _usable_font(source) else DEFAULT_FONT
+
+
+@lru_cache(maxsize=256)
+def _usable_font(path: str) -> bool:
+    """Whether the font loads and has a glyph of its own for every character the generators use."""
     try:
-        _font(source, MIN_FONT_SIZE)
-    except OSError:
-        return DEFAULT_FONT
-    return source
+        font = _font(path, 24)
+        missing = font.getmask(_MISSING_GLYPH_PROBE)
+        missing_key = (missing.size, bytes(missing))
+        return all((m.size, bytes(m)) != missing_key for m in map(font.getmask, _CHARSET))
+    except (OSError, ValueError):
+        return False
 
 
 @lru_cache(maxsize=512)
@@ -278,11 +292,6 @@ def _vmetrics(font: Font) -> tuple[int, int]:
     """Top and bottom (relative to the draw origin) of a line of text in this font."""
     _, top, _, bottom = font.getbbox(_REF_GLYPHS)
     return int(top), int(bottom)
-
-
-def _advance_width(text: str, font: Font) -> int:
-    """Right edge of `text` drawn at x = 0 (a cheap layout estimate; placement re-checks the ink)."""
-    return int(font.getbbox(text)[2]) + 1
 
 
 def _fit_text(words: list[str], source: str, size: int, max_width: int) -> tuple[str, Font, int]:
@@ -352,26 +361,25 @@ def _background(rng: random.Random, width: int, height: int, palette: _Palette) 
     """A solid, vertical-gradient, noisy or speckled background; every pixel stays in the palette's band."""
     style = rng.choice(BACKGROUND_STYLES)
     top = np.array(palette.background, dtype=np.float64)
-    if style == "gradient":
-        bottom = np.array(palette.background_color(rng), dtype=np.float64)
-        t = np.linspace(0.0, 1.0, height)[:, None, None]
-        pixels = np.broadcast_to(top * (1.0 - t) + bottom * t, (height, width, 3))
-    else:
-        pixels = np.broadcast_to(top, (height, width, 3))
-    pixels = np.rint(pixels)
+    bottom = np.array(palette.background_color(rng), dtype=np.float64) if style == "gradient" else top
+    t = np.linspace(0.0, 1.0, height)[:, None]
+    rows = np.rint(top * (1.0 - t) + bottom * t).astype(np.int16)  # (height, 3)
+    pixels = np.broadcast_to(rows[:, None, :], (height, width, 3))
     if style in ("noise", "speckle"):
-        pixels = pixels + _jitter(rng, style, width, height)[:, :, None]
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB"), style
+        pixels = np.clip(pixels + _jitter(rng, style, width, height)[:, :, None], 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB"), style
 
 
 def _jitter(rng: random.Random, style: str, width: int, height: int) -> np.ndarray:
-    """Grey-level offsets (the same on all channels) of at most _BG_JITTER."""
+    """Grey-level offsets (the same on all channels) of at most _BG_JITTER, as int16."""
     generator = np.random.default_rng(rng.getrandbits(64))
     if style == "noise":
-        return generator.integers(-_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, size=(height, width)).astype(np.float64)
-    spots = generator.random((height, width)) < _SPECKLE_FRACTION
-    signs = np.where(generator.random((height, width)) < 0.5, -1.0, 1.0)
-    return spots * signs * _BG_JITTER
+        return generator.integers(-_NOISE_AMPLITUDE, _NOISE_AMPLITUDE + 1, size=(height, width), dtype=np.int16)
+    u = generator.random((height, width), dtype=np.float32)
+    offsets = np.zeros((height, width), dtype=np.int16)
+    offsets[u < _SPECKLE_FRACTION] = _BG_JITTER
+    offsets[u < _SPECKLE_FRACTION / 2] = -_BG_JITTER
+    return offsets
 
 
 # --------------------------------------------------------------------------- painting
@@ -569,15 +577,23 @@ def _render_scene_text(
 
 
 def _wrap(words: list[str], font: Font, max_width: int) -> list[str]:
-    """Greedy word wrap by measured width; a word wider than a whole line is left out."""
+    """Greedy word wrap by measured advance widths; a word wider than a whole line is left out.
+
+    Widths are summed per word (kerning across a space is ignored), with 2 px to spare; the
+    painter still refuses any line whose actual ink would leave the image.
+    """
+    space = font.getlength(" ")
     lines: list[str] = []
     current: list[str] = []
+    used = 0.0
     for word in words:
-        if _advance_width(word, font) > max_width:
+        width = font.getlength(word)
+        if width + 2 > max_width:
             continue
-        if current and _advance_width(" ".join(current + [word]), font) > max_width:
+        if current and used + space + width + 2 > max_width:
             lines.append(" ".join(current))
             current = []
+        used = used + space + width if current else width
         current.append(word)
     if current:
         lines.append(" ".join(current))
@@ -704,7 +720,10 @@ def _fit_table(
             raise RuntimeError("table does not fit the image even at the minimum font size")
 
 
-def _draw_grid(image: Image.Image, layout: _TableLayout, x0: int, y0: int, palette: _Palette, header_fill: RGB | None) -> None:
+def _draw_grid(
+    image: Image.Image, layout: _TableLayout, x0: int, y0: int, palette: _Palette, header_fill: RGB | None
+) -> None:
+    """Draw the grid lines (in the text colour) and the optional header fill."""
     draw = ImageDraw.Draw(image)
     table_w, table_h = layout.size
     lw = layout.line_w
@@ -811,7 +830,14 @@ def _chart_fits(layout: _ChartLayout, width: int, height: int, margin: int) -> b
 
 
 def _fit_chart(
-    rng: random.Random, title_words: list[str], labels: list[str], printed: list[str], source: str, width: int, height: int, margin: int
+    rng: random.Random,
+    title_words: list[str],
+    labels: list[str],
+    printed: list[str],
+    source: str,
+    width: int,
+    height: int,
+    margin: int,
 ) -> _ChartLayout:
     """Shrink title and label fonts, then drop trailing categories (keeping 2), until the chart fits."""
     title_size = _clamp(rng.randint(min(width, height) // 16, min(width, height) // 10), MIN_FONT_SIZE, 48)
@@ -866,7 +892,10 @@ def _draw_bars(
     bar_w = max(2, int(slot * rng.uniform(0.45, 0.75)))
     draw = ImageDraw.Draw(image)
     draw.rectangle((margin, axis_y, width - margin - 1, axis_y + 1), fill=palette.text)
-    colors = [palette.graphic_color(rng)] * layout.n if rng.random() < 0.5 else [palette.graphic_color(rng) for _ in values]
+    if rng.random() < 0.5:
+        colors = [palette.graphic_color(rng)] * layout.n
+    else:
+        colors = [palette.graphic_color(rng) for _ in values]
     tops = []
     for i, (value, color) in enumerate(zip(values, colors)):
         bar_h = max(2, round(value / max(values) * (axis_y - plot_top)))
@@ -878,24 +907,34 @@ def _draw_bars(
 
 
 def _draw_chart_text(
-    painter: _Painter, layout: _ChartLayout, labels: list[str], printed: list[str], bar_tops: list[int], margin: int, color: RGB
+    painter: _Painter,
+    layout: _ChartLayout,
+    labels: list[str],
+    printed: list[str],
+    bar_tops: list[int],
+    margin: int,
+    color: RGB,
 ) -> None:
     width, height = painter.image.size
     title_ink = layout.title_ink
-    ok = painter.draw_ink(layout.title, title_ink, (width - title_ink.width) // 2 - title_ink.dx, margin - title_ink.dy, color)
+    title_x = (width - title_ink.width) // 2 - title_ink.dx
+    ok = painter.draw_ink(layout.title, title_ink, title_x, margin - title_ink.dy, color)
     slot = (width - 2 * margin) / layout.n
     label_top, _ = _row_extent(layout.labels[: layout.n])
     _, value_bottom = _row_extent(layout.values[: layout.n])
     label_y = _axis_y(layout, height, margin) + 2 + layout.gap - label_top
     for i in range(layout.n):
         cx = margin + slot * (i + 0.5)
-        for text, ink, y in ((labels[i], layout.labels[i], label_y), (printed[i], layout.values[i], bar_tops[i] - layout.gap - value_bottom)):
+        value_y = bar_tops[i] - layout.gap - value_bottom
+        for text, ink, y in ((labels[i], layout.labels[i], label_y), (printed[i], layout.values[i], value_y)):
             ok = painter.draw_ink(text, ink, int(round(cx - ink.width / 2)) - ink.dx, y, color) and ok
     if not ok:
         raise RuntimeError("chart text does not fit")  # unreachable: layout measured
 
 
-def _chart_qa(rng: random.Random, title: str, labels: list[str], values: list[float], printed: list[str]) -> list[dict[str, str]]:
+def _chart_qa(
+    rng: random.Random, title: str, labels: list[str], values: list[float], printed: list[str]
+) -> list[dict[str, str]]:
     highest = max(range(len(values)), key=values.__getitem__)
     lowest = min(range(len(values)), key=values.__getitem__)
     qa = [

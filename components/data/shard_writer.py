@@ -2,6 +2,7 @@
 per task type, with stats per shard, per task and per job.
 
 Shard membership is a stable hash of the key, a task's shard count is ceil(samples / samples_per_shard),
+rows reach their shard through parquet fragments on disk (pass 1) that pass 2 assembles into tars,
 and members are sorted by key, so the same samples always give byte-identical shards with the same
 names. A caption sample that the rebalancing step marked for `repeat` extra copies is written that many
 more times as `<key>_r1`, `<key>_r2`, ... (the tail duplicated on disk, as the paper does). Counts are
@@ -21,6 +22,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -103,19 +105,53 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def write_shard_group(group: pa.Table, folder: str, prefix: str) -> pa.Table:
-    """Ray Data `map_groups` UDF: all rows of one (task, shard) in, the tar and its stats written."""
-    rows = group.to_pylist()
-    task = rows[0]["task"]
-    name = f"{task}/{shard_name(prefix, rows[0]['shard'])}"
-    (Path(folder) / task).mkdir(parents=True, exist_ok=True)
-    size = write_tar(Path(folder) / name, rows)
-    sources = Counter(json.loads(r["sample_json"])["source"] for r in rows)
+def write_fragments(batch: pa.Table, folder: str) -> pa.Table:
+    """Ray Data UDF, pass 1: a batch's rows split by (task, shard) into parquet fragments under `folder`.
+
+    A file-based exchange instead of Ray's hash shuffle: no aggregator actors competing for a small
+    machine's CPUs, and memory bounded by one shard in pass 2. A retried task may leave a second copy
+    of a fragment; pass 2 keeps one row per key, so retries never duplicate samples."""
+    import uuid
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    written = []
+    for task, shard in sorted(set(zip(batch.column("task").to_pylist(), batch.column("shard").to_pylist()))):
+        part = batch.filter(pc.and_(pc.equal(batch.column("task"), task), pc.equal(batch.column("shard"), shard)))
+        target = Path(folder) / task / f"{shard:06d}"
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / f".{uuid.uuid4().hex}.tmp"
+        pq.write_table(part, tmp)
+        tmp.rename(tmp.with_name(tmp.name[1:-len(".tmp")] + ".parquet"))
+        written.append({"task": task, "shard": shard})
+    return pa.Table.from_pylist(written, schema=pa.schema([("task", pa.string()), ("shard", pa.int32())]))
+
+
+def write_shard(batch: pa.Table, fragments: str, folder: str, prefix: str) -> pa.Table:
+    """Ray Data UDF, pass 2: one (task, shard) per row in; its fragments read, the tar and stats written."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for task, index in zip(batch.column("task").to_pylist(), batch.column("shard").to_pylist()):
+        rows: dict[str, dict[str, Any]] = {}
+        for fragment in sorted((Path(fragments) / task / f"{index:06d}").glob("*.parquet")):
+            for row in pq.read_table(fragment).to_pylist():
+                rows.setdefault(row["key"], row)
+        out.append(json.dumps(write_group(list(rows.values()), task, index, Path(folder), prefix)))
+    return pa.table({"stats": out})
+
+
+def write_group(rows: list[dict[str, Any]], task: str, index: int, folder: Path, prefix: str) -> dict[str, Any]:
+    name = f"{task}/{shard_name(prefix, index)}"
+    (folder / task).mkdir(parents=True, exist_ok=True)
+    size = write_tar(folder / name, rows)
+    samples = [json.loads(r["sample_json"]) for r in rows]
     stats = {"shard": name, "task": task, "samples": len(rows), "bytes": size,
-             "repeats": sum(1 for r in rows if json.loads(r["sample_json"])["repeat_of"]),
-             "sources": dict(sorted(sources.items()))}
-    write_json_atomic(Path(folder) / f"{name[:-len('.tar')]}.stats.json", stats)
-    return pa.table({"stats": [json.dumps(stats)]})
+             "repeats": sum(1 for sample in samples if sample["repeat_of"]),
+             "sources": dict(sorted(Counter(sample["source"] for sample in samples).items()))}
+    write_json_atomic(folder / f"{name[:-len('.tar')]}.stats.json", stats)
+    return stats
 
 
 def caption_counts(table: Path) -> dict[str, Any]:
@@ -179,6 +215,8 @@ def job_stats(expected: dict[str, dict[str, Any]], shard_stats: list[dict[str, A
 @component(name="write_shards", version="2", config="data.shards", inputs=("samples", *TASK_INPUTS),
            optional_inputs=TASK_INPUTS, outputs=("shards",))
 def write_shards(ctx: StageContext[ShardsConfig]) -> StageResult:
+    import ray.data
+
     cfg = ctx.config
     folder = ctx.outputs["shards"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -191,16 +229,21 @@ def write_shards(ctx: StageContext[ShardsConfig]) -> StageResult:
     num_shards = {task: max(1, math.ceil((c["kept"] + c["repeats"]) / cfg.samples_per_shard))
                   for task, c in expected.items()}
     shard_stats: list[dict[str, Any]] = []
-    datasets = [read_kept(table).map_batches(
-        to_shard_rows, fn_kwargs={"num_shards": num_shards}, batch_format="pyarrow",
-        batch_size=cfg.resources.batch_size, num_cpus=cfg.resources.num_cpus,
-    ) for table in tables]
     if sum(c["kept"] for c in expected.values()):
-        merged = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-        written = merged.groupby(["task", "shard"]).map_groups(
-            write_shard_group, fn_kwargs={"folder": str(folder), "prefix": cfg.prefix}, batch_format="pyarrow",
-            **cfg.resources.map_kwargs(),
+        fragments = ctx.workdir / "_fragments"
+        for table in tables:
+            read_kept(table).map_batches(
+                to_shard_rows, fn_kwargs={"num_shards": num_shards}, batch_format="pyarrow",
+                batch_size=cfg.resources.batch_size, num_cpus=cfg.resources.num_cpus,
+            ).map_batches(write_fragments, fn_kwargs={"folder": str(fragments)}, batch_format="pyarrow",
+                          batch_size=None, num_cpus=cfg.resources.num_cpus).materialize()
+        groups = [{"task": task.name, "shard": int(shard.name)} for task in sorted(fragments.iterdir())
+                  for shard in sorted(task.iterdir())]
+        written = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+            write_shard, fn_kwargs={"fragments": str(fragments), "folder": str(folder), "prefix": cfg.prefix},
+            batch_size=1, batch_format="pyarrow", **cfg.resources.map_kwargs(),
         ).take_all()
+        shutil.rmtree(fragments)
         shard_stats = sorted((json.loads(r["stats"]) for r in written), key=lambda s: s["shard"])
     stats = job_stats(expected, shard_stats)
     write_json_atomic(folder / "stats.json", stats)

@@ -55,8 +55,41 @@ def safe_key(text: str) -> str:
 
 
 def sample(path: Path, cfg: VideoConfig) -> SampledVideo:
-    return sample_video(path, cfg.sample_fps, cfg.min_frames, tuple(cfg.budgets), cfg.max_tokens,
-                        cfg.decode_timeout_s)
+    """Sample one video in a child process: ffmpeg can abort or hang on a broken file, and then only the
+    child goes down (`video_decoder_crashed` / `video_decode_timeout`), never the Ray worker."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    receiver, sender = context.Pipe(duplex=False)
+    args = (sender, str(path), cfg.sample_fps, cfg.min_frames, tuple(cfg.budgets), cfg.max_tokens, cfg.decode_timeout_s)
+    child = context.Process(target=_sample_into, args=args, daemon=True)
+    child.start()
+    sender.close()
+    try:
+        if not receiver.poll(cfg.decode_timeout_s + 30):
+            raise VideoDecodeError("video_decode_timeout", f"{path}: no result after {cfg.decode_timeout_s:g} s")
+        status, *payload = receiver.recv()
+    except EOFError:
+        child.join(5)
+        raise VideoDecodeError("video_decoder_crashed", f"{path}: decoder exited with {child.exitcode}") from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+        receiver.close()
+    if status == "error":
+        raise VideoDecodeError(*payload)
+    return payload[0]
+
+
+def _sample_into(sender: Any, path: str, fps: float, min_frames: int, budgets: tuple[int, ...], max_tokens: int,
+                 timeout_s: float) -> None:
+    try:
+        sender.send(("ok", sample_video(path, fps, min_frames, budgets, max_tokens, timeout_s)))
+    except VideoDecodeError as error:
+        sender.send(("error", error.reason, str(error).removeprefix(f"{error.reason}: ")))
+    finally:
+        sender.close()
 
 
 def frame_fields(sampled: SampledVideo, cfg: VideoConfig) -> dict[str, Any]:
