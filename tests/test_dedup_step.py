@@ -8,6 +8,7 @@ import json
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
+from components.data.config import DedupConfig
 from components.data.dedup import add_hashes, label_metrics, mark_duplicates, plan_drops
 
 
@@ -39,20 +40,30 @@ def test_exact_and_near_copies_are_grouped_and_the_largest_kept() -> None:
                       "width": pa.array([r[2] for r in rows], pa.int32()),
                       "height": pa.array([r[3] for r in rows], pa.int32())})
     hashed = add_hashes(batch)
-    reasons, dropped, stats = plan_drops(hashed, threshold=6, max_bucket=1000)
+    reasons, dropped, stats = plan_drops(hashed, DedupConfig(phash_threshold=6))
     assert set(reasons) == {"a-original", "b-exact", "c-reencoded"}  # the 400x300 copy is kept
     assert all(d["duplicate_of"] == "d-larger" for d in dropped)
     assert reasons["c-reencoded"] == "duplicate_near"
     assert stats.unique_hashes == 2  # the copies share one pHash here; the other scene has its own
     marked = mark_duplicates(hashed, reasons)
-    assert "content_sha256" not in marked.column_names
+    assert "content_sha256" not in marked.column_names and "thumbnail" not in marked.column_names
     assert marked.column("drop_reason").to_pylist()[3:] == [None, None]
 
 
-def test_label_metrics_count_duplicates_and_distinct_images() -> None:
-    meta = [json.dumps({"synthetic": {"noise": n}}) for n in ("near_duplicate", "exact_duplicate", None, None)]
-    metrics = label_metrics(meta, ["k1", "k2", "k3", "k4"], {"k1": "duplicate_near", "k3": "duplicate_near"})
-    assert metrics["duplicate_recall"] == 0.5 and metrics["distinct_removed_rate"] == 0.5
+def test_label_metrics_score_groups_against_the_labels() -> None:
+    def label(noise: str | None, of: str | None = None) -> str:
+        return json.dumps({"synthetic": {"noise": noise, "duplicate_of": of}})
+
+    keys = ["c-0-a", "c-0-b", "c-0-c", "c-0-d", "c-0-e", "c-0-f"]
+    meta = [label(None), label("near_duplicate", "a"), label("exact_duplicate", "a"), label(None),
+            label("near_duplicate", "d"), label(None)]
+    # b kept over its smaller original a (correct), c grouped with b (correct), e missed,
+    # f dropped for d: a distinct image wrongly removed
+    kept_for = {"c-0-a": "c-0-b", "c-0-c": "c-0-b", "c-0-f": "c-0-d"}
+    metrics = label_metrics(meta, keys, kept_for)
+    assert metrics["labelled_duplicates"] == 3
+    assert metrics["duplicate_recall"] == 2 / 3
+    assert metrics["distinct_removed_rate"] == 1 / 3  # of a, d, f: only f was removed for another image
 
 
 def _sample_table(folder, named_images: list[tuple[str, Image.Image]]):

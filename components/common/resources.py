@@ -23,11 +23,16 @@ class Resources:
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"resources.concurrency must be >= 1 or null, got {self.concurrency}")
 
-    def map_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `Dataset.map_batches` / `flat_map`."""
+    def map_kwargs(self, actors: bool = False) -> dict[str, Any]:
+        """Keyword arguments for `Dataset.map_batches`: CPUs per task or actor, and the pool as `compute`
+        (a task pool capped at `concurrency`, or an actor pool of that size for callable classes)."""
+        import ray.data
+
         kwargs: dict[str, Any] = {"num_cpus": self.num_cpus}
-        if self.concurrency is not None:
-            kwargs["concurrency"] = self.concurrency
+        if actors:
+            kwargs["compute"] = ray.data.ActorPoolStrategy(size=self.concurrency or 1)
+        elif self.concurrency is not None:
+            kwargs["compute"] = ray.data.TaskPoolStrategy(size=self.concurrency)
         if self.runtime_env:
             kwargs["runtime_env"] = self.runtime_env
         return kwargs

@@ -116,7 +116,7 @@ def clip_filter(ctx: StageContext[ClipFilterConfig]) -> StageResult:
     read_kept(ctx.inputs["samples"]).map_batches(
         ClipScoreBatch, fn_constructor_args=(architecture, weights, int(resources.num_cpus)),
         batch_size=resources.batch_size, batch_format="pyarrow",
-        **resources.map_kwargs() | {"concurrency": resources.concurrency or 1},
+        **resources.map_kwargs(actors=True),
     ).write_parquet(str(scored_dir))
     scored = read_columns(scored_dir, ["clip_score", "meta"])
     scores = scored.column("clip_score").to_numpy(zero_copy_only=False)

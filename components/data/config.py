@@ -137,7 +137,10 @@ class DedupConfig:
     """Exact and perceptual (pHash) dedup; the representative of a group is its largest image."""
 
     enabled: bool = True
-    phash_threshold: int = 6  # Hamming distance on 64-bit pHash at or under which images are duplicates
+    phash_threshold: int = 8  # Hamming distance on 64-bit pHash at or under which images are candidates
+    verify: bool = True  # candidates must also agree on aspect ratio and thumbnail (or be byte-identical)
+    max_aspect_change: float = 0.1  # |log(aspect a / aspect b)|
+    max_thumbnail_diff: int = 72  # largest difference of any cell and channel of the 8x8 RGB thumbnails (0-255)
     max_bucket: int = 1000  # LSH buckets larger than this are compared with a bounded window
     against: list[str] = dataclasses.field(default_factory=list)  # earlier write_shards folders to dedup against
     resources: Resources = dataclasses.field(default_factory=Resources)

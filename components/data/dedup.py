@@ -1,8 +1,11 @@
 """Dedup step: exact (content hash) and perceptual (64-bit pHash within a Hamming threshold)
 duplicates, found with the LSH index of `dedup_core` (never all pairs), one representative kept.
 
-Ray Data hashes every image (one decode each) into a scratch table; the driver groups the hashes
-(8 bytes a row) and picks each group's representative (the largest image, ties to the smallest key);
+Ray Data hashes every image (one decode each: pHash and an 8x8 RGB thumbnail) into a scratch table;
+the driver finds the row pairs within the pHash threshold with the LSH index, keeps those that also
+pass a second signal (identical bytes, or aspect ratios within `max_aspect_change` in log space and
+thumbnails within `max_thumbnail_diff` at every cell: pHash alone confuses simple flat scenes), joins
+them into groups and picks each group's representative (the largest image, ties to the smallest key);
 a second Ray Data pass marks the others `duplicate_exact` (same bytes as their representative) or
 `duplicate_near`. With `against` set, the pHashes of earlier runs' shards (their json `scores.phash`,
 or the image hashed again when a shard lacks it) form a `HammingIndex`, and every sample within the
@@ -13,6 +16,7 @@ images removed are logged.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -28,40 +32,85 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import DedupConfig
-from components.data.dedup_core import (HammingIndex, LSHStats, choose_representatives, content_hash,
-                                        find_duplicate_groups, phash64)
+from components.data.dedup_core import (HammingIndex, LSHStats, choose_representatives, connected_roots,
+                                        content_hash, distinct, near_pairs, phash64)
 from components.data.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
 DUPLICATE_LABELS = ("exact_duplicate", "near_duplicate")
+THUMB_SIDE = 8
 
 
 def add_hashes(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: `content_sha256` and `phash` (uint64) columns, one decode per image."""
-    digests, phashes = [], []
+    """Ray Data UDF: `content_sha256`, `phash` (uint64) and `thumbnail` (8x8 RGB) columns, one decode each."""
+    digests, phashes, thumbnails = [], [], []
     for data in batch.column("image").to_pylist():
         digests.append(content_hash(data))
         with Image.open(io.BytesIO(data)) as image:
+            image.load()
             phashes.append(phash64(image))
+            thumbnails.append(thumbnail(image))
     return batch.append_column("content_sha256", pa.array(digests, pa.string())).append_column(
-        "phash", pa.array(phashes, pa.uint64()))
+        "phash", pa.array(phashes, pa.uint64())).append_column("thumbnail", pa.array(thumbnails, pa.binary()))
+
+
+def thumbnail(image: Image.Image) -> bytes:
+    """The second signal: an 8x8 RGB box-filtered thumbnail (192 bytes)."""
+    return image.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
 
 
 def mark_duplicates(batch: pa.Table, reasons: dict[str, str]) -> pa.Table:
     drop = [reasons.get(key) for key in batch.column("key").to_pylist()]
-    return batch.drop_columns(["content_sha256"]).append_column("drop_reason", pa.array(drop, pa.string()))
+    return batch.drop_columns(["content_sha256", "thumbnail"]).append_column("drop_reason", pa.array(drop, pa.string()))
 
 
-def plan_drops(rows: pa.Table, threshold: int, max_bucket: int) -> tuple[dict[str, str], list[dict[str, Any]],
-                                                                          LSHStats]:
-    """Group the hashes, keep one per group; returns key -> reason, the dropped list, index stats."""
+def candidate_pairs(hashes: np.ndarray, threshold: int, max_bucket: int, stats: LSHStats) -> np.ndarray:
+    """Row pairs whose pHashes are within the threshold: the LSH index's pairs of distinct hashes,
+    expanded to their rows, plus the rows that share one hash (each with at most max_bucket others)."""
+    unique, inverse = distinct(hashes)
+    hash_pairs, found = near_pairs(unique, threshold, max_bucket=max_bucket)
+    for field in dataclasses.fields(LSHStats):
+        setattr(stats, field.name, getattr(found, field.name))
+    order = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[order], np.arange(unique.size + 1))
+    members = [order[starts[u]:starts[u + 1]] for u in range(unique.size)]
+    pairs = [np.array([(a, b) for a in members[u] for b in members[v]], dtype=np.int64).reshape(-1, 2)
+             for u, v in hash_pairs.tolist()]
+    for rows in members:
+        if rows.size > 1:
+            pairs.append(np.array([(a, b) for i, a in enumerate(rows) for b in rows[i + 1:i + 1 + max_bucket]],
+                                  dtype=np.int64))
+    return np.concatenate(pairs) if pairs else np.empty((0, 2), dtype=np.int64)
+
+
+def verified(pairs: np.ndarray, digests: list[str], sizes: np.ndarray, thumbs: np.ndarray, cfg: DedupConfig
+             ) -> np.ndarray:
+    """The candidate pairs that also agree on aspect ratio and thumbnail (or have identical bytes)."""
+    if not pairs.size:
+        return pairs
+    a, b = pairs[:, 0], pairs[:, 1]
+    same_bytes = np.array([digests[i] == digests[j] for i, j in pairs.tolist()])
+    if not cfg.verify:
+        return pairs
+    aspect = np.log(sizes[:, 0] / sizes[:, 1])
+    close_aspect = np.abs(aspect[a] - aspect[b]) <= cfg.max_aspect_change
+    close_thumb = np.abs(thumbs[a].astype(np.int16) - thumbs[b].astype(np.int16)).max(axis=1) <= cfg.max_thumbnail_diff
+    return pairs[same_bytes | (close_aspect & close_thumb)]
+
+
+def plan_drops(rows: pa.Table, cfg: DedupConfig) -> tuple[dict[str, str], list[dict[str, Any]], LSHStats]:
+    """Group verified near pairs, keep one per group; returns key -> reason, the dropped list, index stats."""
     keys = rows.column("key").to_pylist()
     digests = rows.column("content_sha256").to_pylist()
     hashes = rows.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
-    areas = (rows.column("width").to_numpy(zero_copy_only=False).astype(np.int64)
-             * rows.column("height").to_numpy(zero_copy_only=False).astype(np.int64))
+    sizes = np.stack([rows.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("width", "height")],
+                     axis=1) if rows.num_rows else np.empty((0, 2))
+    thumbs = np.frombuffer(b"".join(rows.column("thumbnail").to_pylist()), dtype=np.uint8).reshape(rows.num_rows, -1)
     stats = LSHStats()
-    groups = find_duplicate_groups(keys, hashes, threshold, max_bucket=max_bucket, stats=stats)
-    keepers = choose_representatives(groups, keys, [(int(a),) for a in areas])
+    candidates = candidate_pairs(hashes, cfg.phash_threshold, cfg.max_bucket, stats)
+    pairs = verified(candidates, digests, sizes, thumbs, cfg)
+    stats.verified_pairs = int(len(pairs))
+    groups = groups_of(len(keys), pairs, keys)
+    keepers = choose_representatives(groups, keys, [(int(w * h),) for w, h in sizes])
     reasons: dict[str, str] = {}
     dropped: list[dict[str, Any]] = []
     for index, keep in sorted(keepers.items()):
@@ -146,28 +195,41 @@ def drop_seen_before(rows: pa.Table, earlier: np.ndarray, cfg: DedupConfig, reas
     return int(matched.sum())
 
 
-def label_metrics(meta: list[str], keys: list[str], reasons: dict[str, str]) -> dict[str, float]:
-    """Recall on labelled duplicates and the share of the other (distinct) labelled images removed."""
-    labelled = dup_total = dup_dropped = distinct_total = distinct_dropped = 0
+def groups_of(n: int, pairs: np.ndarray, keys: list[str]) -> list[list[int]]:
+    """Connected components (size >= 2) of the pair graph, members and groups ordered by key."""
+    labels = connected_roots(n, pairs)
+    by_root: dict[int, list[int]] = {}
+    for index, root in enumerate(labels.tolist()):
+        by_root.setdefault(root, []).append(index)
+    groups = [sorted(g, key=lambda i: keys[i]) for g in by_root.values() if len(g) > 1]
+    return sorted(groups, key=lambda g: keys[g[0]])
+
+
+def label_metrics(meta: list[str], keys: list[str], kept_for: dict[str, str]) -> dict[str, float]:
+    """Scored against the crawl's labels, where each duplicate names the original it copies (same source
+    shard): `duplicate_recall` is the share of labelled duplicates that ended up grouped with their
+    original (either one may be the one kept: an enlarged copy is rightly kept over a smaller original);
+    `distinct_removed_rate` is the share of distinct labelled images dropped for an image that is not
+    a copy of them. `kept_for` maps each dropped key to the key kept in its place."""
+    root: dict[str, str] = {}
     for key, text in zip(keys, meta):
         synthetic = json.loads(text).get("synthetic")
-        if synthetic is None:
-            continue
-        labelled += 1
-        if synthetic.get("noise") in DUPLICATE_LABELS:
-            dup_total += 1
-            dup_dropped += key in reasons
-        else:
-            distinct_total += 1
-            distinct_dropped += key in reasons
-    if not labelled:
+        if synthetic is not None:
+            original = synthetic.get("duplicate_of") if synthetic.get("noise") in DUPLICATE_LABELS else None
+            root[key] = f"{key.rsplit('-', 1)[0]}-{original}" if original and "-" in key else original or key
+    if not root:
         return {}
-    return {"labelled_rows": float(labelled), "duplicate_recall": dup_dropped / max(1, dup_total),
-            "distinct_removed_rate": distinct_dropped / max(1, distinct_total),
-            "labelled_duplicates": float(dup_total)}
+    final = {key: kept_for.get(key, key) for key in root}
+    duplicates = [k for k in root if root[k] != k]
+    caught = sum(1 for k in duplicates if root[k] in final and final[k] == final[root[k]])
+    distinct = [k for k in root if root[k] == k]
+    wrongly = sum(1 for k in distinct if k in kept_for and root.get(kept_for[k], kept_for[k]) != k)
+    return {"labelled_rows": float(len(root)), "labelled_duplicates": float(len(duplicates)),
+            "duplicate_recall": caught / max(1, len(duplicates)),
+            "distinct_removed_rate": wrongly / max(1, len(distinct))}
 
 
-@component(name="dedup", version="2", config="data.dedup", inputs=("samples",), outputs=("samples",),
+@component(name="dedup", version="3", config="data.dedup", inputs=("samples",), outputs=("samples",),
            external_fingerprint=against_fingerprint, key_exclude=("against",))
 def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     import ray.data
@@ -183,14 +245,15 @@ def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     dropped: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     if hashed_files:
-        rows = read_columns(hashed_dir, ["key", "content_sha256", "phash", "width", "height", "meta"])
-        reasons, dropped, index_stats = plan_drops(rows, cfg.phash_threshold, cfg.max_bucket)
+        rows = read_columns(hashed_dir, ["key", "content_sha256", "phash", "thumbnail", "width", "height", "meta"])
+        reasons, dropped, index_stats = plan_drops(rows, cfg)
         if cfg.against:
             earlier = earlier_hashes(cfg)
             seen = drop_seen_before(rows, earlier, cfg, reasons, dropped)
             metrics |= {"earlier_hashes": float(earlier.size), "dropped_seen_before": float(seen)}
         metrics |= {f"lsh.{k}": float(v) for k, v in vars(index_stats).items()}
-        metrics |= label_metrics(rows.column("meta").to_pylist(), rows.column("key").to_pylist(), reasons)
+        metrics |= label_metrics(rows.column("meta").to_pylist(), rows.column("key").to_pylist(),
+                                 {d["key"]: d["duplicate_of"] for d in dropped})
         ray.data.read_parquet([str(f) for f in hashed_files]).map_batches(
             mark_duplicates, fn_kwargs={"reasons": reasons}, batch_format="pyarrow", batch_size=None,
         ).write_parquet(str(data_dir(table)))
