@@ -1,6 +1,6 @@
 """Wall time of the tiny pipeline: cold, fully cached, and after one knob change, in one command.
 
-    .venv/bin/python benchmarks/pipeline_times.py [--profile tiny] [--set key=value ...]
+    .venv/bin/python benchmarks/pipeline_times.py [--profile tiny] [--set key=value ...] [--keep DIR]
 
 Prints a table and records it in benchmarks/results/pipeline_times.json. Each run is the real entry
 point in a subprocess against a fresh run root, so start-up costs (Ray, MLflow) are included.
@@ -40,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--keep", metavar="DIR", help="use (and keep) this empty run root instead of a temporary one")
     args = parser.parse_args()
     base = ["--profile", args.profile, *[x for o in args.overrides for x in ("--set", o)]]
     scenarios = [
@@ -49,8 +50,11 @@ def main() -> None:
     ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="seedvl-bench-") as tmp:
+        root = Path(args.keep or tmp)
+        if root.exists() and any(root.iterdir()):
+            sys.exit(f"--keep {root}: must be empty (a cold run needs an empty cache)")
         for name, scenario_args in scenarios:
-            seconds, steps = timed_run(Path(tmp), scenario_args)
+            seconds, steps = timed_run(root, scenario_args)
             ran = [n for n, s in steps.items() if s["status"] == "ran"]
             rows.append({"scenario": name, "wall_s": round(seconds, 1), "steps_ran": ran,
                          "step_s": {n: round(s["duration_s"], 1) for n, s in steps.items() if s["status"] == "ran"}})
