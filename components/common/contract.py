@@ -134,6 +134,7 @@ def hash_material(material: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+@functools.lru_cache(maxsize=None)
 def code_hash(module: str) -> str:
     """Hash of a module's syntax tree and those of the `components.*` modules it imports."""
     digest = hashlib.sha256()
@@ -175,7 +176,8 @@ def is_schema_module(module: str) -> bool:
     return module == "components.schema" or module.rsplit(".", 1)[-1] == "config"
 
 
-def _imported_project_modules(module: str) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _imported_project_modules(module: str) -> tuple[str, ...]:
     tree = ast.parse(_module_file(module).read_text())
     found: list[str] = []
     for node in ast.walk(tree):
@@ -187,7 +189,7 @@ def _imported_project_modules(module: str) -> list[str]:
                 candidate = f"{node.module}.{alias.name}"
                 if importlib.util.find_spec(node.module) and _is_module(candidate):
                     found.append(candidate)
-    return found
+    return tuple(found)
 
 
 def _is_project(module: str) -> bool:
