@@ -1,0 +1,506 @@
+"""CPU path images/s per core (decode, basic filters, pHash, shard write), each as a ratio to a bare
+decode-only loop over the same image bytes in the same run.
+
+    .venv/bin/python benchmarks/cpu_path.py [--images 2000] [--seed 0] [--rounds 2] [--draft-sizes 64,128]
+
+Inputs: `--images` samples from the synthetic crawl's own generator (`generate_shard`: `clean_size`,
+`random_scene`, `render`, `encode`; 85 % JPEG q90 / 15 % PNG, 200-512 px sides), with the crawl's
+mismatched-caption and duplicate noise but none of the kinds that fail decoding or get dropped, so
+every row does the same work on every image. They are kept in memory as encoded bytes, and also
+written once as img2dataset-style tars (250 samples each) for the pipeline rows.
+
+Rows, all in this one process on one core, timed on the same bytes:
+  decode only           `Image.open(BytesIO(b)).load()`
+  + basic filters       + caption decode and `drop_reason` (DataComp defaults)
+  + hashes              + what dedup's `add_hashes` computes per image (`content_hash`, `phash64`,
+                        `thumbnail`), on that one decode
+  + shard write         + `to_shard_rows` and `write_tar` of 1,000-sample shards in a temp dir: the
+                        full path with one decode
+  full path, draft N    the same, its one decode drafted to >= N x N (`Image.draft`, JPEG only; the
+                        real size is read first; libjpeg still reads the whole entropy-coded stream)
+  pipeline UDFs         the steps' own batch functions in order, 256 rows a batch: ingest `read_files`
+                        (tar read, validating decode), `apply_basic_filters`, dedup `add_hashes` (a second
+                        decode), `mark_duplicates`, `to_shard_rows`, `write_fragments`, `write_shard`; no
+                        Ray, no parquet between the steps, no CLIP filter (benchmarks/clip_throughput.py)
+                        and no rebalancing
+  pipeline, draft N     the same with the real `add_hashes` reading a drafted decode (its module's
+                        `Image.open` wrapped here; the pipeline code is unchanged)
+N is the first of `--draft-sizes`. Each row runs `--rounds` times, interleaved with the others; the
+best round counts. images/s per core is images per CPU second of this process (robust to a busy
+machine; wall images/s is shown too).
+
+Then: where the one-decode path's time goes (CPU microseconds per image of each piece, per format, on
+the first 500 images); each draft size's dedup inputs and decisions against the pipeline's, on the
+same ingested and filtered rows (identical pHashes, mean and max Hamming distance, thumbnail
+difference, and dedup's own `plan_drops` and `label_metrics` on both: rows dropped, rows whose verdict
+changes, recall on the labelled duplicates, distinct images removed); and whether a drafted decode
+rejects the same corrupt JPEGs (the crawl's `corrupt` applied to every JPEG) as ingest's full decode
+(`inspect_image`). Anchors: img2dataset ~1,350 images/s per machine; imagededup pHash with decode ~64 images/s per core.
+Goal: the full path at >= 0.7 of decode-only. Prints the tables and records them in
+benchmarks/results/cpu_path.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from results_file import record
+
+import numpy as np
+import PIL
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image
+
+import components.data.dedup as dedup_step
+from components.data.basic_filters import apply_basic_filters, drop_reason
+from components.data.config import BasicFiltersConfig, DedupConfig, IngestConfig, NoiseRates, ShardsConfig, \
+    SyntheticCrawlConfig
+from components.data.dedup import add_hashes, label_metrics, mark_duplicates, plan_drops, thumbnail
+from components.data.dedup_core import content_hash, phash64
+from components.data.ingest import inspect_image, read_files
+from components.data.shard_writer import to_shard_rows, write_fragments, write_shard, write_tar
+from components.data.sources import ReadTask
+from components.data.synthetic_crawl import CrawlSample, corrupt, generate_shard, write_img2dataset_shard
+from components.data.table import KEPT_SCHEMA
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results" / "cpu_path.json"
+CRAWL_SHARD = 250  # samples per input tar, as the tiny profile's crawl (1000 samples / 4 shards)
+BATCH_ROWS = 256  # Ray Data batch size of the steps (Resources.batch_size)
+GOAL = 0.7
+BREAKDOWN_IMAGES = 500
+DRAFT_MODE = "RGB"  # dedup's thumbnail is RGB; "L" is cheaper where only the pHash is wanted
+HASHED_SCHEMA = KEPT_SCHEMA.append(pa.field("phash", pa.uint64()))  # kept rows as dedup leaves them
+# Only noise that leaves every image decodable and kept: the rows then do equal work per image.
+NOISE = NoiseRates(mismatched_caption=0.10, exact_duplicate=0.03, near_duplicate=0.05, tiny_image=0.0,
+                   extreme_aspect=0.0, corrupt_image=0.0, empty_caption=0.0, non_utf8_caption=0.0)
+
+
+@dataclass
+class Item:
+    """One input sample as the per-image rows see it."""
+
+    key: str
+    data: bytes
+    ext: str
+    caption: bytes
+    meta: str  # the sample's img2dataset json, as ingest stores it
+
+
+@dataclass
+class Inputs:
+    items: list[Item]
+    tasks: pa.Table  # one ingest read task per tar, as ingest's `read_files` receives them
+    out: Path  # where shard rows write their tars
+
+
+def make_samples(n: int, seed: int) -> list[CrawlSample]:
+    cfg = SyntheticCrawlConfig(num_samples=n, noise=NOISE)
+    samples: list[CrawlSample] = []
+    for shard in range(math.ceil(n / CRAWL_SHARD)):
+        samples += generate_shard(cfg, shard, min(CRAWL_SHARD, n - shard * CRAWL_SHARD), seed)
+    return samples
+
+
+def write_crawl_tars(samples: list[CrawlSample], folder: Path) -> pa.Table:
+    folder.mkdir(parents=True)
+    for shard in range(math.ceil(len(samples) / CRAWL_SHARD)):
+        write_img2dataset_shard(folder, shard, samples[shard * CRAWL_SHARD:(shard + 1) * CRAWL_SHARD])
+    tasks = [ReadTask("webdataset", "crawl", (str(path),)).to_row() for path in sorted(folder.glob("*.tar"))]
+    return pa.Table.from_pylist(tasks)
+
+
+def as_item(sample: CrawlSample) -> Item:
+    meta = {"key": sample.key, "status": "success", "synthetic": sample.label()}
+    return Item(sample.key, sample.image, sample.ext, sample.caption, json.dumps(meta, sort_keys=True))
+
+
+# --- the per-image rows: each adds one piece of work to the one before ---------------------------
+
+def decode(item: Item, draft: int | None = None) -> tuple[Image.Image, int, int]:
+    """The decoded image and its real size (read before any draft shrinks it)."""
+    image = Image.open(io.BytesIO(item.data))
+    width, height = image.size
+    if draft:
+        image.draft(DRAFT_MODE, (draft, draft))
+    image.load()
+    return image, width, height
+
+
+def with_filters(item: Item, cfg: BasicFiltersConfig, draft: int | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    image, width, height = decode(item, draft)
+    caption = item.caption.decode("utf-8").strip()
+    row = {"key": item.key, "image": item.data, "image_ext": item.ext, "caption": caption, "width": width,
+           "height": height, "source": "crawl", "meta": item.meta,
+           "drop_reason": drop_reason(width, height, caption, cfg)}
+    return image, row
+
+
+def with_hashes(item: Item, cfg: BasicFiltersConfig, draft: int | None = None) -> dict[str, Any]:
+    image, row = with_filters(item, cfg, draft)
+    return row | {"content_sha256": content_hash(item.data), "phash": phash64(image), "thumbnail": thumbnail(image)}
+
+
+def run_decode(inputs: Inputs) -> None:
+    for item in inputs.items:
+        decode(item)
+
+
+def run_filters(inputs: Inputs) -> None:
+    cfg = BasicFiltersConfig()
+    for item in inputs.items:
+        with_filters(item, cfg)
+
+
+def run_hashes(inputs: Inputs) -> None:
+    cfg = BasicFiltersConfig()
+    for item in inputs.items:
+        with_hashes(item, cfg)
+
+
+def run_full_path(inputs: Inputs, draft: int | None = None) -> None:
+    """One decode per image (drafted when `draft`), then filters, hashes, and 1,000-sample shards."""
+    cfg, per_shard = BasicFiltersConfig(), ShardsConfig().samples_per_shard
+    rows: list[dict[str, Any]] = []
+    shards = 0
+    for item in inputs.items:
+        row = with_hashes(item, cfg, draft)
+        if row.pop("drop_reason") is None:
+            del row["content_sha256"], row["thumbnail"]  # as mark_duplicates; the pHash rides along as a score
+            rows.append(row)
+        if len(rows) == per_shard:
+            write_rows(inputs.out / f"path-{shards:06d}.tar", rows)
+            rows, shards = [], shards + 1
+    if rows:
+        write_rows(inputs.out / f"path-{shards:06d}.tar", rows)
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> int:
+    """Kept caption rows into one tar, through the shard writer's own row builder."""
+    table = pa.Table.from_pylist(rows, schema=HASHED_SCHEMA)
+    return write_tar(path, to_shard_rows(table, {"caption": 1}).to_pylist())
+
+
+# --- the pipeline's own batch UDFs, in step order -------------------------------------------------
+
+def kept(batch: pa.Table) -> pa.Table:
+    """What `read_kept` hands the next step: rows without a drop reason, without the column."""
+    return batch.filter(pc.is_null(batch.column("drop_reason"))).drop_columns(["drop_reason"])
+
+
+def in_batches(table: pa.Table, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
+    parts = [fn(table.slice(start, BATCH_ROWS)) for start in range(0, table.num_rows, BATCH_ROWS)]
+    return pa.concat_tables(parts) if parts else table
+
+
+class DraftingImage:
+    """Stands in for the `PIL.Image` module inside dedup: `open` drafts the decode, the rest is PIL's."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def open(self, fp: Any) -> Image.Image:
+        image = Image.open(fp)
+        image.draft(DRAFT_MODE, (self.size, self.size))
+        return image
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(Image, name)
+
+
+@contextmanager
+def drafted_dedup(size: int | None) -> Iterator[None]:
+    """Inside: dedup's `add_hashes` decodes drafted to >= size x size (None: unchanged)."""
+    if size is None:
+        yield
+        return
+    with mock.patch.object(dedup_step, "Image", DraftingImage(size)):
+        yield
+
+
+def ingest_and_filter(tasks: pa.Table) -> pa.Table:
+    """ingest's `read_files` per tar, then `apply_basic_filters`: the rows dedup reads."""
+    max_pixels, cfg = IngestConfig().max_image_pixels, BasicFiltersConfig()
+    ingested = pa.concat_tables([b for task in tasks.to_batches(1) for b in
+                                 read_files(pa.Table.from_batches([task]), max_pixels)])
+    return kept(in_batches(kept(ingested), lambda b: apply_basic_filters(b, cfg)))
+
+
+def run_pipeline(inputs: Inputs, draft: int | None = None) -> None:
+    filtered = ingest_and_filter(inputs.tasks)
+    with drafted_dedup(draft):
+        deduped = kept(in_batches(filtered, lambda b: mark_duplicates(add_hashes(b), {})))
+    num_shards = {"caption": max(1, math.ceil(deduped.num_rows / ShardsConfig().samples_per_shard))}
+    with tempfile.TemporaryDirectory(dir=inputs.out) as fragments:
+        groups = in_batches(deduped, lambda b: write_fragments(to_shard_rows(b, num_shards), fragments))
+        for group in groups.group_by(["task", "shard"]).aggregate([]).to_batches(1):
+            write_shard(pa.Table.from_batches([group]), fragments, str(inputs.out), "shard")
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+def timed(fn: Callable[[Inputs], None], inputs: Inputs) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one call."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    fn(inputs)
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def throughput_rows(inputs: Inputs, rows: dict[str, Callable[[Inputs], None]], rounds: int) -> list[dict[str, Any]]:
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            cpu, wall = timed(fn, inputs)
+            previous = best.get(name, (math.inf, math.inf))
+            best[name] = (min(previous[0], cpu), min(previous[1], wall))
+    n = len(inputs.items)
+    base = n / best["decode only"][0]
+    out = []
+    for name, (cpu, wall) in best.items():
+        out.append({"row": name, "images_per_s_per_core": round(n / cpu, 1), "wall_images_per_s": round(n / wall, 1),
+                    "us_per_image": round(cpu / n * 1e6, 1), "ratio_vs_decode": round(n / cpu / base, 3)})
+    return out
+
+
+class Laps:
+    """Adds the CPU seconds of this thread since the previous lap to `spent[name]`."""
+
+    def __init__(self, spent: dict[str, float]) -> None:
+        self.spent = spent
+        self.last = time.thread_time()
+
+    def __call__(self, name: str) -> None:
+        now = time.thread_time()
+        self.spent[name] = self.spent.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def drafted_pieces(size: int) -> tuple[str, ...]:
+    return (f"draft('{DRAFT_MODE}', {size}) decode", "pHash + thumbnail of it", f"draft('L', {size}) decode")
+
+
+def breakdown(items: list[Item], size: int) -> dict[str, dict[str, float]]:
+    """Microseconds per image of each piece of the one-decode path (and of drafted decodes), for all
+    images and per format; the shard write is timed for all rows at once, so only under `all`."""
+    cfg = BasicFiltersConfig()
+    spent: dict[str, dict[str, float]] = {"all": {}, "jpg": {}, "png": {}}
+    drafted_rgb, drafted_hashes, drafted_l = drafted_pieces(size)
+    rows: list[dict[str, Any]] = []
+    for item in items:
+        lap = Laps(spent[item.ext])
+        image, width, height = decode(item)
+        lap("decode")
+        caption = item.caption.decode("utf-8").strip()
+        drop_reason(width, height, caption, cfg)
+        lap("caption + drop_reason")
+        content_hash(item.data)
+        lap("content sha256")
+        gray = image.convert("L")
+        lap("pHash: convert L")
+        small = gray.resize((32, 32), Image.LANCZOS)  # what imagehash.phash does, in two steps
+        lap("pHash: resize to 32x32 (Lanczos)")
+        phash = phash64(small)  # its own convert and resize are no-ops on a 32x32 L image
+        lap("pHash: DCT, median, bits")
+        thumbnail(image)
+        lap("thumbnail (RGB, 8x8 box)")
+        rows.append({"key": item.key, "image": item.data, "image_ext": item.ext, "caption": caption,
+                     "width": width, "height": height, "source": "crawl", "meta": item.meta, "phash": phash})
+        lap("(row dict)")
+        drafted, _, _ = decode(item, size)
+        lap(drafted_rgb)
+        phash64(drafted)
+        thumbnail(drafted)
+        lap(drafted_hashes)
+        grey = Image.open(io.BytesIO(item.data))
+        grey.draft("L", (size, size))
+        grey.load()
+        lap(drafted_l)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.thread_time()
+        write_rows(Path(folder) / "b.tar", rows)
+        write_seconds = time.thread_time() - started
+    counts = {"jpg": sum(item.ext == "jpg" for item in items), "png": sum(item.ext == "png" for item in items)}
+    for fmt in counts:
+        spent[fmt].pop("(row dict)", None)
+        for name, seconds in spent[fmt].items():
+            spent["all"][name] = spent["all"].get(name, 0.0) + seconds
+    spent["all"]["shard write (to_shard_rows, write_tar)"] = write_seconds
+    counts["all"] = len(items)
+    return {fmt: {name: round(seconds / max(1, counts[fmt]) * 1e6, 1) for name, seconds in pieces.items()}
+            for fmt, pieces in spent.items()}
+
+
+# --- does a drafted decode change what dedup decides? -----------------------------------------------
+
+def hashed(filtered: pa.Table, draft: int | None) -> pa.Table:
+    with drafted_dedup(draft):
+        return in_batches(filtered, add_hashes)
+
+
+def dedup_outcome(rows: pa.Table, cfg: DedupConfig) -> tuple[dict[str, str], dict[str, float]]:
+    """Dedup's verdicts (key -> drop reason) on hashed rows, and its label metrics, as the step computes them."""
+    reasons, dropped, _ = plan_drops(rows, cfg)
+    kept_for = {d["key"]: d["duplicate_of"] for d in dropped}
+    return reasons, label_metrics(rows.column("meta").to_pylist(), rows.column("key").to_pylist(), kept_for)
+
+
+def label_scores(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in metrics.items() if k in ("duplicate_recall", "distinct_removed_rate")}
+
+
+def thumbnails(rows: pa.Table) -> np.ndarray:
+    return np.frombuffer(b"".join(rows.column("thumbnail").to_pylist()), dtype=np.uint8).reshape(rows.num_rows, -1)
+
+
+def draft_agreement(tasks: pa.Table, sizes: list[int]) -> list[dict[str, Any]]:
+    """Each draft size's pHashes, thumbnails and dedup verdicts against the pipeline's, same rows."""
+    cfg = DedupConfig()
+    filtered = ingest_and_filter(tasks)
+    reference = hashed(filtered, None)
+    ref_reasons, ref_metrics = dedup_outcome(reference, cfg)
+    ref_hashes = reference.column("phash").to_numpy().astype(np.uint64)
+    is_jpeg = np.array([ext == "jpg" for ext in reference.column("image_ext").to_pylist()])
+    out = [{"draft": "none (pipeline)", "rows": reference.num_rows, "dropped": len(ref_reasons),
+            **label_scores(ref_metrics)}]
+    for size in sizes:
+        rows = hashed(filtered, size)
+        distance = np.bitwise_count(rows.column("phash").to_numpy().astype(np.uint64) ^ ref_hashes)
+        thumb_diff = np.abs(thumbnails(rows).astype(np.int16) - thumbnails(reference).astype(np.int16)).max(axis=1)
+        reasons, metrics = dedup_outcome(rows, cfg)
+        changed = sum(reasons.get(k) != ref_reasons.get(k) for k in set(reasons) | set(ref_reasons))
+        out.append({"draft": f"{DRAFT_MODE} {size}x{size}", "rows": rows.num_rows, "dropped": len(reasons),
+                    **label_scores(metrics), "verdicts_changed": changed,
+                    "phash_identical": round(float((distance == 0).mean()), 4),
+                    "phash_identical_jpeg": round(float((distance[is_jpeg] == 0).mean()), 4),
+                    "phash_mean_hamming": round(float(distance.mean()), 3), "phash_max_hamming": int(distance.max()),
+                    "thumbnail_mean_max_diff": round(float(thumb_diff.mean()), 2),
+                    "thumbnail_max_diff": int(thumb_diff.max())})
+    return out
+
+
+def drafted_fails(data: bytes, size: int) -> bool:
+    """Whether one drafted decode rejects the bytes (the exceptions ingest's `inspect_image` catches)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft(DRAFT_MODE, (size, size))
+            image.load()
+    except (OSError, ValueError, SyntaxError, EOFError):  # UnidentifiedImageError is an OSError
+        return True
+    return False
+
+
+def draft_validation(items: list[Item], sizes: list[int], seed: int) -> list[dict[str, Any]]:
+    """Does a drafted decode reject the same corrupt JPEGs (the crawl's `corrupt`) as ingest's full one?"""
+    rng = random.Random(seed)
+    jpegs = [item.data for item in items if item.ext == "jpg"]
+    broken = [corrupt(rng, data) for data in jpegs]
+    max_pixels = IngestConfig().max_image_pixels
+    full = [inspect_image(data, max_pixels).get("drop_reason") == "image_corrupt" for data in broken]
+    out = []
+    for size in sizes:
+        drafted = [drafted_fails(data, size) for data in broken]
+        out.append({"draft": size, "corrupt_jpegs": len(broken), "rejected_full_decode": sum(full),
+                    "rejected_draft_decode": sum(drafted), "disagree": sum(a != b for a, b in zip(full, drafted)),
+                    "intact_rejected_by_draft": sum(drafted_fails(data, size) for data in jpegs)})
+    return out
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+def print_throughput(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'row':<40} {'img/s/core':>10} {'wall img/s':>10} {'us/img':>8} {'vs decode':>9}")
+    for r in rows:
+        print(f"{r['row']:<40} {r['images_per_s_per_core']:>10.1f} {r['wall_images_per_s']:>10.1f} "
+              f"{r['us_per_image']:>8.1f} {r['ratio_vs_decode']:>9.3f}")
+    full = next(r for r in rows if r["row"] == "+ shard write (full path, one decode)")
+    verdict = "met" if full["ratio_vs_decode"] >= GOAL else "not met"
+    print(f"goal: full path >= {GOAL} of decode-only: {verdict} ({full['ratio_vs_decode']:.3f})")
+
+
+def print_breakdown(spent: dict[str, dict[str, float]], size: int) -> None:
+    drafted = drafted_pieces(size)
+    path = {k: v for k, v in spent["all"].items() if k not in drafted}
+    total = sum(path.values())
+    print(f"\nwhere the one-decode path's time goes (CPU us per image; {total:.0f} in all)")
+    print(f"  {'piece':<40} {'all':>8} {'share':>6} {'jpg':>8} {'png':>8}")
+    for name, us in path.items():
+        print(f"  {name:<40} {us:>8.1f} {us / total:6.1%} {spent['jpg'].get(name, 0):>8.1f} "
+              f"{spent['png'].get(name, 0):>8.1f}")
+    print("  dedup's second decode, drafted instead (PNG: no draft, full size):")
+    for name in drafted:
+        print(f"  {name:<40} {spent['all'][name]:>8.1f} {'':>6} {spent['jpg'][name]:>8.1f} {spent['png'][name]:>8.1f}")
+
+
+def print_agreement(agreement: list[dict[str, Any]], validation: list[dict[str, Any]]) -> None:
+    print(f"\ndedup on a drafted decode vs the pipeline's (same {agreement[0]['rows']} rows, DedupConfig defaults)")
+    print(f"{'draft':<16} {'dropped':>7} {'changed':>7} {'dup recall':>10} {'distinct rm':>11} {'pHash ident':>11} "
+          f"{'jpeg ident':>10} {'mean ham':>8} {'max':>4} {'thumb diff':>10}")
+    for a in agreement:
+        thumb = f"{a['thumbnail_mean_max_diff']:.2f}/{a['thumbnail_max_diff']}" if "thumbnail_max_diff" in a else "-"
+        print(f"{a['draft']:<16} {a['dropped']:>7} {a.get('verdicts_changed', 0):>7} "
+              f"{a.get('duplicate_recall', float('nan')):>10.4f} {a.get('distinct_removed_rate', float('nan')):>11.4f} "
+              f"{a.get('phash_identical', 1.0):>11.4f} {a.get('phash_identical_jpeg', 1.0):>10.4f} "
+              f"{a.get('phash_mean_hamming', 0.0):>8.3f} {a.get('phash_max_hamming', 0):>4} {thumb:>10}")
+    print("(thumb diff: mean over images of the largest per-cell difference / the largest anywhere, 0-255)")
+    print("\ncorrupt JPEGs (the crawl's truncate/garbage/header corruption of each JPEG), rejected by:")
+    for v in validation:
+        print(f"  draft {v['draft']}: full decode {v['rejected_full_decode']}/{v['corrupt_jpegs']}, drafted decode "
+              f"{v['rejected_draft_decode']}/{v['corrupt_jpegs']}, disagreements {v['disagree']}; intact JPEGs "
+              f"rejected by the drafted decode: {v['intact_rejected_by_draft']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="timed passes per row, interleaved; the best counts")
+    parser.add_argument("--draft-sizes", default="64,128",
+                        help="comma-separated N of Image.draft(mode, (N, N)); the first also gets throughput rows")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.draft_sizes.split(",") if s] or [64]
+    size = sizes[0]
+    samples = make_samples(args.images, args.seed)
+    items = [as_item(s) for s in samples]
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "out"
+        out.mkdir()
+        inputs = Inputs(items, write_crawl_tars(samples, Path(folder) / "crawl"), out)
+        rows_to_run: dict[str, Callable[[Inputs], None]] = {
+            "decode only": run_decode,
+            "+ basic filters": run_filters,
+            "+ hashes (sha256, pHash, thumbnail)": run_hashes,
+            "+ shard write (full path, one decode)": run_full_path,
+            f"full path, one draft {size} decode": lambda i: run_full_path(i, size),
+            "pipeline UDFs (two decodes)": run_pipeline,
+            f"pipeline UDFs, dedup decode draft {size}": lambda i: run_pipeline(i, size),
+        }
+        run_pipeline(Inputs(items[:CRAWL_SHARD], inputs.tasks.slice(0, 1), out))  # warm-up: imports, caches
+        rows = throughput_rows(inputs, rows_to_run, args.rounds)
+        agreement = draft_agreement(inputs.tasks, sizes)
+    spent = breakdown(items[:BREAKDOWN_IMAGES], size)
+    validation = draft_validation(items, sizes, args.seed)
+    print_throughput(rows)
+    print_breakdown(spent, size)
+    print_agreement(agreement, validation)
+    jpeg = sum(item.ext == "jpg" for item in items)
+    record(RESULTS, {"images": args.images, "seed": args.seed, "rounds": args.rounds, "jpeg": jpeg,
+                     "png": len(items) - jpeg, "draft_mode": DRAFT_MODE, "pillow": PIL.__version__,
+                     "goal_ratio": GOAL, "breakdown_us_per_image": spent, "draft_agreement": agreement,
+                     "draft_validation": validation}, rows)
+
+
+if __name__ == "__main__":
+    main()
