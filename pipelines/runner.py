@@ -122,11 +122,13 @@ class PipelineRunner:
             forced_from = forced_from or step.name == self.selection.from_step
             if not step.enabled(self.config):
                 outcomes.append(StepOutcome(step.name, "", "skipped", 0.0, "", {}))
+                if step.name == self.selection.until:
+                    break
                 continue
             inputs, input_keys = self._resolve_inputs(step, keys, entries)
             config = select(self.config, step.component.config_path)
-            material = step.component.key_material(config, input_keys)
-            key = step.component.cache_key(config, input_keys)
+            material = step.component.key_material(config, input_keys, self.config.run.seed)
+            key = step.component.cache_key(config, input_keys, self.config.run.seed)
             must_run = forced_from or step.name in self.selection.force
             manifest = None if must_run else self.cache.lookup(step.name, key)
             if manifest is None and self.selection.only and step.name not in self.selection.only:

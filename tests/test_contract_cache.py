@@ -140,3 +140,9 @@ def test_manifest_round_trips(tmp_path: Path) -> None:
     path.write_text(_manifest("k").to_json())
     assert Manifest.from_file(path) == _manifest("k")
     assert json.loads(path.read_text())["cache_key"] == "k"
+
+
+def test_run_seed_enters_the_key() -> None:
+    cfg = BasicFiltersConfig()
+    assert basic_filters.cache_key(cfg, {"samples": "k1"}, seed=0) != basic_filters.cache_key(cfg, {"samples": "k1"},
+                                                                                              seed=1)

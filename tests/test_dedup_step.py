@@ -103,7 +103,7 @@ def test_dedup_against_earlier_shards(tmp_path, local_ray) -> None:
     table = read_columns(data_dir(tmp_path / "dedup2" / "samples"), ["key", "drop_reason"]).to_pylist()
     reasons = {row["key"]: row["drop_reason"] for row in table}
     assert reasons == {"new-a": "duplicate_earlier_shard", "new-c": "duplicate_earlier_shard", "new-d": None}
-    assert result.metrics["earlier_hashes"] == 3 and result.metrics["dropped_seen_before"] == 2
+    assert result.metrics["earlier_images"] == 3 and result.metrics["dropped_seen_before"] == 2
     assert against_fingerprint(cfg)["against"][0][0].endswith(".tar")
 
     import pytest

@@ -38,7 +38,7 @@ def _rows(videos: Path) -> dict[str, dict]:
 
 def test_real_files_sampled_or_dropped_with_reason(videos: Path) -> None:
     rows = _rows(videos)
-    pancake = rows["decord-pancake"]
+    pancake = rows["decord-pancake_mkv"]
     assert pancake["drop_reason"] is None
     notes = json.loads(pancake["annotations"])
     # 310 frames at ~29.97 fps is ~10.3 s: 1 fps gives 10 < 16 frames, so 16 frames at 640 tokens each
@@ -48,7 +48,7 @@ def test_real_files_sampled_or_dropped_with_reason(videos: Path) -> None:
     with Image.open(io.BytesIO(pancake["images"][0])) as frame:
         assert frame.size == (pancake["width"], pancake["height"])
     assert notes["frame_prefixes"][0] == "[0.3 second]" and notes["timestamps"][-1] < 10.4
-    corrupt = rows["decord-corrupted"]
+    corrupt = rows["decord-corrupted_mp4"]
     assert corrupt["drop_reason"].startswith("video_") and corrupt["images"] == []
     stats = read_stats(videos / "samples")
     assert stats["in"] == 2 * 3 + 2 and stats["kept"] == 7 and stats["dropped"] == {corrupt["drop_reason"]: 1}
@@ -85,3 +85,29 @@ def test_video_shards_hold_frames_in_order(videos: Path, tmp_path: Path) -> None
     assert frames == sorted(frames) and frames[0] == f"{key}.frame0000.jpg"
     keys = read_columns(data_dir(videos / "samples"), ["key"]).column(0).to_pylist()
     assert key in keys
+
+
+def test_sources_whose_files_share_a_key_fail_before_work(tmp_path: Path) -> None:
+    from components.data.video_samples import check_unique_keys, video_fingerprint
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "clip.mp4").write_bytes(b"x")
+    same = VideoConfig(sources=[VideoSourceConfig(str(tmp_path / "a"), name="s"),
+                                VideoSourceConfig(str(tmp_path / "b"), name="s")])
+    with pytest.raises(ValueError, match="both map to sample key 's-clip_mp4'"):
+        check_unique_keys(same)
+    captioned = VideoConfig(sources=[VideoSourceConfig(str(tmp_path / "a"), name="s", caption="a dog")])
+    from components.data.video_samples import video_samples as step
+
+    other = VideoConfig(sources=[VideoSourceConfig(str(tmp_path / "a"), name="s", caption="a cat")])
+    assert step.cache_key(captioned, {}) != step.cache_key(other, {})  # captions are in the key, paths are not
+    (tmp_path / "a" / "clip.txt").write_text("a bird")
+    assert len(video_fingerprint(captioned)["files"]) == 2  # the sidecar caption is fingerprinted
+
+
+def test_bad_video_config_fails_at_load() -> None:
+    with pytest.raises(ValueError, match="min_frames"):
+        VideoConfig(min_frames=0)
+    with pytest.raises(ValueError, match="budgets"):
+        VideoConfig(budgets=[0])

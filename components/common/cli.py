@@ -47,8 +47,8 @@ def component_main(comp: Component[Any], argv: list[str] | None = None) -> int:
         return 2
     stage_config = select(config, comp.config_path)
     input_keys = {name: upstream_key(path) for name, path in inputs.items()}
-    material = comp.key_material(stage_config, input_keys)
-    key = comp.cache_key(stage_config, input_keys)
+    material = comp.key_material(stage_config, input_keys, config.run.seed)
+    key = comp.cache_key(stage_config, input_keys, config.run.seed)
     tracker: Tracker = NullTracker() if args.no_track else MlflowTracker(
         config.tracking_uri, config.mlflow.experiment, config.artifact_location)
     run_id = tracker.start(f"{comp.name}-standalone", {"component": comp.name, "cache_key": key, "kind": "component",

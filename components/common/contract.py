@@ -1,8 +1,8 @@
 """The component contract: a stage declares its name, version, config slice and named inputs and
 outputs, and its cache key is a hash of exactly those things plus its code.
 
-Cache key = sha256 of (name, version, code hash, config slice without `resources`, the cache keys
-of its inputs, fingerprints of external files). Output paths and resources never enter it. The code
+Cache key = sha256 of (name, version, run seed, code hash, config slice without `resources`, the cache
+keys of its inputs, fingerprints of external files). Output paths and resources never enter it. The code
 hash covers the component's module and every `components.*` module it imports, transitively, read
 as a syntax tree so comments and formatting do not count. Config-schema modules (`*.config`,
 `components.schema`) are left out of the code hash: what they produce, the config values, is in the
@@ -75,10 +75,11 @@ class Component(Generic[ConfigT]):
     def code_hash(self) -> str:
         return code_hash(self.module)
 
-    def key_material(self, config: ConfigT, input_keys: dict[str, str]) -> dict[str, Any]:
+    def key_material(self, config: ConfigT, input_keys: dict[str, str], seed: int = 0) -> dict[str, Any]:
         material: dict[str, Any] = {
             "component": self.name,
             "version": self.version,
+            "seed": seed,  # run.seed: every stage may draw from it
             "code": self.code_hash(),
             "config": strip_excluded(to_dict(config), KEY_EXCLUDED_FIELDS | set(self.key_exclude)),
             "inputs": dict(sorted(input_keys.items())),
@@ -87,8 +88,8 @@ class Component(Generic[ConfigT]):
             material["external"] = self.external_fingerprint(config)
         return material
 
-    def cache_key(self, config: ConfigT, input_keys: dict[str, str]) -> str:
-        return hash_material(self.key_material(config, input_keys))
+    def cache_key(self, config: ConfigT, input_keys: dict[str, str], seed: int = 0) -> str:
+        return hash_material(self.key_material(config, input_keys, seed))
 
 
 def component(

@@ -195,8 +195,8 @@ class OcrConfig:
         if unknown or not self.kinds or min(self.kinds.values()) < 0 or sum(self.kinds.values()) <= 0:
             raise ValueError(f"kinds must weight scene_text / document / table / chart (>= 0, some > 0), "
                              f"got {self.kinds}")
-        if not 64 <= self.min_side <= self.max_side:
-            raise ValueError(f"need 64 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        if not 160 <= self.min_side <= self.max_side:  # the renderer needs at least 160 x 80
+            raise ValueError(f"need 160 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
         if self.num_samples < 0 or self.max_aspect < 1 or not 0 <= self.max_rotation_deg <= 90:
             raise ValueError("num_samples must be >= 0, max_aspect >= 1, max_rotation_deg in [0, 90]")
 
@@ -223,6 +223,9 @@ class GroundingConfig:
             raise ValueError(f"layouts must weight sparse / crowded / occluded (>= 0, some > 0), got {self.layouts}")
         if not 48 <= self.min_side <= self.max_side:
             raise ValueError(f"need 48 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        limit = 0.9 if self.layouts.get("occluded", 0) > 0 else 1.0  # occluded scenes must hide something
+        if not 0 < self.min_visible_fraction <= limit:
+            raise ValueError(f"min_visible_fraction must be in (0, {limit}], got {self.min_visible_fraction}")
         if self.num_samples < 0 or self.max_questions < 1 or self.max_aspect < 1:
             raise ValueError("num_samples must be >= 0, max_questions >= 1, max_aspect >= 1")
 
@@ -267,8 +270,15 @@ class VideoConfig:
             raise ValueError(f"sample_fps must be in (0, 5] (the paper's range), got {self.sample_fps}")
         if not self.clip_fps or min(self.clip_fps) <= 0:
             raise ValueError("clip_fps must list positive frame rates")
-        if not self.budgets or sorted(self.budgets, reverse=True) != list(self.budgets):
-            raise ValueError(f"budgets must be tokens per frame in decreasing order, got {self.budgets}")
+        if not self.budgets or sorted(self.budgets, reverse=True) != list(self.budgets) or min(self.budgets) < 1:
+            raise ValueError(f"budgets must be positive tokens per frame in decreasing order, got {self.budgets}")
+        if self.min_frames < 1 or self.max_tokens < self.budgets[-1]:
+            raise ValueError(f"need min_frames >= 1 and max_tokens >= the smallest budget ({self.budgets[-1]}), "
+                             f"got {self.min_frames}, {self.max_tokens}")
+        if self.clip_width < 64 or self.clip_height < 48 or not 1 <= self.frame_quality <= 95:
+            raise ValueError("need clip_width >= 64, clip_height >= 48 and frame_quality in [1, 95]")
+        if self.decode_timeout_s <= 0 or not 1 <= self.max_objects <= 4:
+            raise ValueError("need decode_timeout_s > 0 and max_objects in [1, 4]")
 
 
 @dataclasses.dataclass

@@ -7,9 +7,9 @@ pass a second signal (identical bytes, or aspect ratios within `max_aspect_chang
 thumbnails within `max_thumbnail_diff` at every cell: pHash alone confuses simple flat scenes), joins
 them into groups and picks each group's representative (the largest image, ties to the smallest key);
 a second Ray Data pass marks the others `duplicate_exact` (same bytes as their representative) or
-`duplicate_near`. With `against` set, the pHashes of earlier runs' shards (their json `scores.phash`,
-or the image hashed again when a shard lacks it) form a `HammingIndex`, and every sample within the
-threshold of one is dropped as `duplicate_earlier_shard`, whatever its group. `duplicates.parquet` lists every dropped key with the key it duplicates. Where
+`duplicate_near`. With `against` set, the images of earlier runs' caption shards are hashed the same way,
+and every sample that forms a verified pair with one of them (the same two signals) is dropped as
+`duplicate_earlier_shard`, whatever its group. `duplicates.parquet` lists every dropped key with the key it duplicates. Where
 samples carry synthetic noise labels, recall on the labelled duplicates and the share of distinct
 images removed are logged.
 """
@@ -32,7 +32,7 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import DedupConfig
-from components.data.dedup_core import (HammingIndex, LSHStats, choose_representatives, connected_roots,
+from components.data.dedup_core import (LSHStats, choose_representatives, connected_roots,
                                         content_hash, distinct, near_pairs, phash64)
 from components.data.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
@@ -102,9 +102,7 @@ def plan_drops(rows: pa.Table, cfg: DedupConfig) -> tuple[dict[str, str], list[d
     keys = rows.column("key").to_pylist()
     digests = rows.column("content_sha256").to_pylist()
     hashes = rows.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
-    sizes = np.stack([rows.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("width", "height")],
-                     axis=1) if rows.num_rows else np.empty((0, 2))
-    thumbs = np.frombuffer(b"".join(rows.column("thumbnail").to_pylist()), dtype=np.uint8).reshape(rows.num_rows, -1)
+    sizes, thumbs = signal_sizes(rows), signal_thumbs(rows)
     stats = LSHStats()
     candidates = candidate_pairs(hashes, cfg.phash_threshold, cfg.max_bucket, stats)
     pairs = verified(candidates, digests, sizes, thumbs, cfg)
@@ -122,13 +120,14 @@ def plan_drops(rows: pa.Table, cfg: DedupConfig) -> tuple[dict[str, str], list[d
 
 
 def earlier_shard_files(paths: list[str]) -> list[Path]:
-    """Every `.tar` under the given shard folders (or the files themselves), sorted; a missing path is an error."""
+    """The caption shards of earlier write_shards folders (`<folder>/caption/*.tar`; any other folder:
+    every `.tar` under it; a file: itself), sorted; a missing path is an error."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files += sorted(path.rglob("*.tar"))
+            files += sorted((path / "caption").glob("*.tar") if (path / "caption").is_dir() else path.rglob("*.tar"))
         else:
             raise FileNotFoundError(f"data.dedup.against: {path} does not exist (give earlier write_shards folders)")
     return sorted(set(files))
@@ -139,60 +138,72 @@ def against_fingerprint(cfg: DedupConfig) -> dict[str, Any]:
     return {"against": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in earlier_shard_files(cfg.against)]}
 
 
-def shard_hashes(path: Path) -> Iterator[int]:
-    """The pHash of every sample in one shard: the stored score, else the image hashed again."""
-    images: dict[str, bytes] = {}
-    stored: dict[str, int | None] = {}
+def shard_images(path: Path) -> Iterator[bytes]:
+    """The image of every sample in one shard (video frames and other members skipped)."""
     with tarfile.open(path) as tar:
         for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = Path(member.name).name.partition(".")
-            data = tar.extractfile(member).read()  # type: ignore[union-attr]
-            if ext == "json":
-                stored[key] = json.loads(data).get("scores", {}).get("phash")
-            elif ext in ("jpg", "jpeg", "png", "webp", "frame0000.jpg"):
-                images[key] = data
-    for key in sorted(set(images) | set(stored)):
-        if stored.get(key) is not None:
-            yield int(stored[key])  # type: ignore[arg-type]
-        elif key in images:
-            with Image.open(io.BytesIO(images[key])) as image:
-                yield phash64(image)
+            suffix = Path(member.name).name.partition(".")[2]
+            if member.isfile() and suffix in ("jpg", "jpeg", "png", "webp"):
+                yield tar.extractfile(member).read()  # type: ignore[union-attr]
 
 
-def read_shard_hashes(batch: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data UDF: shard paths in, their samples' pHashes out."""
-    hashes = [h for path in batch["path"] for h in shard_hashes(Path(path))]
-    return {"phash": np.array(hashes, dtype=np.uint64)}
+def read_shard_signals(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: shard paths in, the same signals `add_hashes` computes for each of their images out."""
+    images = [data for path in batch.column("path").to_pylist() for data in shard_images(Path(path))]
+    sizes = []
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            sizes.append(image.size)
+    table = pa.table({"image": pa.array(images, pa.binary()), "width": [w for w, _ in sizes],
+                      "height": [h for _, h in sizes]})
+    return add_hashes(table).drop_columns(["image"])
 
 
-def earlier_hashes(cfg: DedupConfig) -> np.ndarray:
+def earlier_signals(cfg: DedupConfig) -> pa.Table:
     import ray.data
 
     files = earlier_shard_files(cfg.against)
     if not files:
-        return np.empty(0, dtype=np.uint64)
-    rows = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=len(files)).map_batches(
-        read_shard_hashes, batch_size=1, **cfg.resources.map_kwargs()).take_all()
-    return np.array([r["phash"] for r in rows], dtype=np.uint64)
+        return pa.table({})
+    import ray
+
+    blocks = ray.data.from_items([{"path": str(f)} for f in files], override_num_blocks=len(files)).map_batches(
+        read_shard_signals, batch_size=1, batch_format="pyarrow", **cfg.resources.map_kwargs()).to_arrow_refs()
+    tables = [t for t in ray.get(blocks) if t.num_rows]
+    return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def drop_seen_before(rows: pa.Table, earlier: np.ndarray, cfg: DedupConfig, reasons: dict[str, str],
+def drop_seen_before(rows: pa.Table, earlier: pa.Table, cfg: DedupConfig, reasons: dict[str, str],
                      dropped: list[dict[str, Any]]) -> int:
-    """Mark rows within the threshold of an earlier shard's hash; returns how many were marked."""
-    if not earlier.size:
+    """Mark rows that are verified duplicates of an earlier shard's image (the same two signals as within
+    the run); returns how many were marked."""
+    if not earlier.num_rows or not rows.num_rows:
         return 0
-    hashes = rows.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
-    matched = HammingIndex(earlier, cfg.phash_threshold, max_bucket=cfg.max_bucket).query(hashes)
+    columns = ["content_sha256", "phash", "thumbnail", "width", "height"]
+    both = pa.concat_tables([rows.select(columns).cast(earlier.select(columns).schema), earlier.select(columns)])
+    hashes = both.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
+    candidates = candidate_pairs(hashes, cfg.phash_threshold, cfg.max_bucket, LSHStats())
+    pairs = verified(candidates, both.column("content_sha256").to_pylist(), signal_sizes(both), signal_thumbs(both), cfg)
+    current = rows.num_rows
+    seen = {int(min(a, b)) for a, b in pairs.tolist() if min(a, b) < current <= max(a, b)}
     keys = rows.column("key").to_pylist()
-    for index in np.flatnonzero(matched).tolist():
-        if keys[index] in reasons:
-            dropped[:] = [d for d in dropped if d["key"] != keys[index]]
-        reasons[keys[index]] = "duplicate_earlier_shard"
-        dropped.append({"key": keys[index], "duplicate_of": "earlier shards", "reason": "duplicate_earlier_shard",
+    marked = {keys[i] for i in seen}
+    dropped[:] = [d for d in dropped if d["key"] not in marked]
+    for key in sorted(marked):
+        reasons[key] = "duplicate_earlier_shard"
+        dropped.append({"key": key, "duplicate_of": "earlier shards", "reason": "duplicate_earlier_shard",
                         "distance": -1})
-    return int(matched.sum())
+    return len(marked)
+
+
+def signal_sizes(rows: pa.Table) -> np.ndarray:
+    return np.stack([rows.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("width", "height")],
+                    axis=1).reshape(-1, 2)
+
+
+def signal_thumbs(rows: pa.Table) -> np.ndarray:
+    return np.frombuffer(b"".join(rows.column("thumbnail").to_pylist()), dtype=np.uint8).reshape(
+        -1, THUMB_SIDE * THUMB_SIDE * 3)
 
 
 def groups_of(n: int, pairs: np.ndarray, keys: list[str]) -> list[list[int]]:
@@ -229,7 +240,7 @@ def label_metrics(meta: list[str], keys: list[str], kept_for: dict[str, str]) ->
             "distinct_removed_rate": wrongly / max(1, len(distinct))}
 
 
-@component(name="dedup", version="3", config="data.dedup", inputs=("samples",), outputs=("samples",),
+@component(name="dedup", version="4", config="data.dedup", inputs=("samples",), outputs=("samples",),
            external_fingerprint=against_fingerprint, key_exclude=("against",))
 def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     import ray.data
@@ -248,9 +259,9 @@ def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
         rows = read_columns(hashed_dir, ["key", "content_sha256", "phash", "thumbnail", "width", "height", "meta"])
         reasons, dropped, index_stats = plan_drops(rows, cfg)
         if cfg.against:
-            earlier = earlier_hashes(cfg)
+            earlier = earlier_signals(cfg)
             seen = drop_seen_before(rows, earlier, cfg, reasons, dropped)
-            metrics |= {"earlier_hashes": float(earlier.size), "dropped_seen_before": float(seen)}
+            metrics |= {"earlier_images": float(earlier.num_rows), "dropped_seen_before": float(seen)}
         metrics |= {f"lsh.{k}": float(v) for k, v in vars(index_stats).items()}
         metrics |= label_metrics(rows.column("meta").to_pylist(), rows.column("key").to_pylist(),
                                  {d["key"]: d["duplicate_of"] for d in dropped})

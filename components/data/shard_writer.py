@@ -84,7 +84,9 @@ def to_shard_rows(batch: pa.Table, num_shards: dict[str, int]) -> pa.Table:
 
 def write_tar(path: Path, rows: list[dict[str, Any]]) -> int:
     """Write one shard atomically (temp name, then rename); returns its size in bytes."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    import uuid
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique: two attempts never interleave
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for row in sorted(rows, key=lambda r: r["key"]):
             key, ext, media = row["key"], row["image_ext"], row["media"]
@@ -137,7 +139,10 @@ def write_shard(batch: pa.Table, fragments: str, folder: str, prefix: str) -> pa
         rows: dict[str, dict[str, Any]] = {}
         for fragment in sorted((Path(fragments) / task / f"{index:06d}").glob("*.parquet")):
             for row in pq.read_table(fragment).to_pylist():
-                rows.setdefault(row["key"], row)
+                kept = rows.setdefault(row["key"], row)
+                if kept != row:  # a retried task's copy is identical; anything else is a key collision
+                    raise ValueError(f"two different samples share the key {row['key']!r} in {task}; "
+                                     "keys must be unique across all inputs")
         out.append(json.dumps(write_group(list(rows.values()), task, index, Path(folder), prefix)))
     return pa.table({"stats": out})
 

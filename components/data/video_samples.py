@@ -44,9 +44,27 @@ def source_files(source: VideoSourceConfig) -> list[Path]:
 
 
 def video_fingerprint(cfg: VideoConfig) -> dict[str, Any]:
-    """Real files enter the cache key by name, size and mtime."""
-    return {"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                      for source in cfg.sources for f in source_files(source)]}
+    """Real files and their `.txt` captions enter the cache key by name, size and mtime (the source's
+    `path` is left out of the key: these stand in for it; its `name` and `caption` stay in)."""
+    files = [f for source in cfg.sources for v in source_files(source) for f in (v, v.with_suffix(".txt"))
+             if f.is_file()]
+    return {"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+
+
+def file_key(source: VideoSourceConfig, path: Path) -> str:
+    return f"{safe_key(source.name or Path(source.path).stem)}-{safe_key(path.name)}"
+
+
+def check_unique_keys(cfg: VideoConfig) -> None:
+    """Two files that would get one key (same source name and file name) fail the step before any work."""
+    seen: dict[str, Path] = {}
+    for source in cfg.sources:
+        for path in source_files(source):
+            key = file_key(source, path)
+            if key in seen:
+                raise ValueError(f"data.video.sources: {seen[key]} and {path} both map to sample key {key!r}; "
+                                 "give the sources different `name`s")
+            seen[key] = path
 
 
 def safe_key(text: str) -> str:
@@ -88,6 +106,8 @@ def _sample_into(sender: Any, path: str, fps: float, min_frames: int, budgets: t
         sender.send(("ok", sample_video(path, fps, min_frames, budgets, max_tokens, timeout_s)))
     except VideoDecodeError as error:
         sender.send(("error", error.reason, str(error).removeprefix(f"{error.reason}: ")))
+    except Exception as error:  # anything else is still this file's failure, named as such
+        sender.send(("error", "video_sample_failed", f"{path}: {error!r}"))
     finally:
         sender.close()
 
@@ -139,7 +159,7 @@ def grounding_turns(clip: SyntheticClip) -> list[tuple[str, str]]:
 
 def file_rows(path: Path, source: VideoSourceConfig, cfg: VideoConfig) -> list[dict[str, Any]]:
     """One caption sample for a real file, or a dropped row with the reason it cannot be used."""
-    key = f"{safe_key(source.name or Path(source.path).stem)}-{safe_key(path.stem)}"
+    key = file_key(source, path)
     sidecar = path.with_suffix(".txt")
     caption = source.caption or (sidecar.read_text().strip() if sidecar.is_file() else "")
     meta: dict[str, Any] = {"file": str(path)}
@@ -169,7 +189,7 @@ def make_rows(batch: pa.Table, cfg: VideoConfig, seed: int, clips_dir: str) -> p
 
 
 @component(name="video_samples", version="1", config="data.video", outputs=("samples", "clips"),
-           external_fingerprint=video_fingerprint, key_exclude=("sources",))
+           external_fingerprint=video_fingerprint, key_exclude=("path",))
 def video_samples(ctx: StageContext[VideoConfig]) -> StageResult:
     import ray.data
 
@@ -181,6 +201,7 @@ def video_samples(ctx: StageContext[VideoConfig]) -> StageResult:
               for f in source_files(source)]
     if not items:
         raise ValueError("data.video has nothing to do: set synthetic_clips > 0 or add sources")
+    check_unique_keys(cfg)
     ray.data.from_items([{"item": json.dumps(i)} for i in items], override_num_blocks=len(items)).map_batches(
         make_rows, fn_kwargs={"cfg": cfg, "seed": ctx.seed, "clips_dir": str(clips_dir)}, batch_size=1,
         batch_format="pyarrow", **cfg.resources.map_kwargs(),
