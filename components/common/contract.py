@@ -121,6 +121,11 @@ def component(
     return wrap
 
 
+def file_stats(files: list[Path]) -> list[tuple[str, int, int]]:
+    """External files as key material by path, size and mtime (for files written once, atomically)."""
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def strip_excluded(tree: Any, excluded: frozenset[str] | set[str] = KEY_EXCLUDED_FIELDS) -> Any:
     """Drop fields such as `resources` (where and how wide a stage runs) from a config tree, at any depth."""
     if isinstance(tree, dict):

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from components.common.contract import StageContext, StageResult, component
+from components.common.contract import StageContext, StageResult, component, file_stats
 from components.data.config import DedupConfig
 from components.data.dedup_core import (LSHStats, choose_representatives, connected_roots,
                                         content_hash, distinct, near_pairs, phash64)
@@ -85,12 +85,10 @@ def candidate_pairs(hashes: np.ndarray, threshold: int, max_bucket: int, stats: 
 def verified(pairs: np.ndarray, digests: list[str], sizes: np.ndarray, thumbs: np.ndarray, cfg: DedupConfig
              ) -> np.ndarray:
     """The candidate pairs that also agree on aspect ratio and thumbnail (or have identical bytes)."""
-    if not pairs.size:
+    if not pairs.size or not cfg.verify:
         return pairs
     a, b = pairs[:, 0], pairs[:, 1]
     same_bytes = np.array([digests[i] == digests[j] for i, j in pairs.tolist()])
-    if not cfg.verify:
-        return pairs
     aspect = np.log(sizes[:, 0] / sizes[:, 1])
     close_aspect = np.abs(aspect[a] - aspect[b]) <= cfg.max_aspect_change
     close_thumb = np.abs(thumbs[a].astype(np.int16) - thumbs[b].astype(np.int16)).max(axis=1) <= cfg.max_thumbnail_diff
@@ -135,7 +133,7 @@ def earlier_shard_files(paths: list[str]) -> list[Path]:
 
 def against_fingerprint(cfg: DedupConfig) -> dict[str, Any]:
     """Earlier shards enter the cache key by name, size and mtime (shards are written once, atomically)."""
-    return {"against": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in earlier_shard_files(cfg.against)]}
+    return {"against": file_stats(earlier_shard_files(cfg.against))}
 
 
 def shard_images(path: Path) -> Iterator[bytes]:

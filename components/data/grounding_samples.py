@@ -19,7 +19,8 @@ from components.common.coords import format_box, format_point
 from components.data.config import GroundingConfig
 from components.data.grounding_synthesis import GroundingSample, render_grounding_sample
 from components.data.table import drop_metrics, plot_counts
-from components.data.tasks import encode_image, rows_to_task_table, sample_rng, sample_size, synthesize, task_row
+from components.data.synthetic_crawl import native_size
+from components.data.tasks import encode_image, rows_to_task_table, sample_rng, synthesize, task_row
 
 STAGE = "grounding_samples"
 
@@ -41,7 +42,7 @@ def counting_turns(sample: GroundingSample, limit: int) -> list[tuple[str, str]]
 
 def scene_rows(index: int, cfg: GroundingConfig, seed: int) -> list[dict[str, Any]]:
     rng = sample_rng(seed, STAGE, index)
-    width, height = sample_size(rng, cfg.min_side, cfg.max_side, cfg.max_aspect)
+    width, height = native_size(rng, cfg.min_side, cfg.max_side, cfg.max_aspect)
     layout = rng.choices(list(cfg.layouts), weights=list(cfg.layouts.values()))[0]
     sample = render_grounding_sample(rng, width, height, layout, cfg.min_visible_fraction)
     key = f"synthground-{index:06d}"

@@ -19,7 +19,8 @@ from components.common.coords import normalise_box
 from components.data.config import OcrConfig
 from components.data.ocr_synthesis import available_fonts, render_ocr_sample
 from components.data.table import drop_metrics, plot_counts
-from components.data.tasks import encode_image, rows_to_task_table, sample_rng, sample_size, synthesize, task_row
+from components.data.synthetic_crawl import native_size
+from components.data.tasks import encode_image, rows_to_task_table, sample_rng, synthesize, task_row
 
 STAGE = "ocr_samples"
 TRANSCRIBE = "Read all the text in the image."
@@ -32,7 +33,7 @@ def ocr_fingerprint(cfg: OcrConfig) -> dict[str, Any]:
 def sample_row(index: int, cfg: OcrConfig, fonts: list[str], seed: int) -> dict[str, Any]:
     rng = sample_rng(seed, STAGE, index)
     kind = rng.choices(list(cfg.kinds), weights=list(cfg.kinds.values()))[0]
-    width, height = sample_size(rng, cfg.min_side, cfg.max_side, cfg.max_aspect)
+    width, height = native_size(rng, cfg.min_side, cfg.max_side, cfg.max_aspect)
     sample = render_ocr_sample(rng, kind, width, height, fonts, cfg.max_rotation_deg)
     lines = [{"text": line.text, "box": list(normalise_box(line.box, width, height))} for line in sample.lines]
     turns = [(TRANSCRIBE, sample.text)] + [(qa["question"], qa["answer"]) for qa in sample.qa[:cfg.max_questions]]

@@ -110,11 +110,18 @@ def encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def native_size(rng: random.Random, min_side: int, max_side: int, max_aspect: float,
+                landscape_share: float = 0.5) -> tuple[int, int]:
+    """A varied native resolution: shorter side >= min_side, longer side <= max_side, aspect up to
+    max_aspect, landscape with probability landscape_share."""
+    aspect = rng.uniform(1.0, max(1.0, min(max_aspect, max_side / min_side)))
+    short = rng.randint(min_side, max(min_side, int(max_side / aspect)))
+    long = max(short, min(max_side, round(short * aspect)))
+    return (long, short) if rng.random() < landscape_share else (short, long)
+
+
 def clean_size(rng: random.Random, cfg: SyntheticCrawlConfig) -> tuple[int, int]:
-    aspect = rng.uniform(1.0, max(1.0, min(cfg.max_clean_aspect, cfg.max_side / cfg.min_side)))
-    short = rng.randint(cfg.min_side, max(cfg.min_side, int(cfg.max_side / aspect)))
-    long = max(short, min(cfg.max_side, round(short * aspect)))
-    return (long, short) if rng.random() < 0.6 else (short, long)
+    return native_size(rng, cfg.min_side, cfg.max_side, cfg.max_clean_aspect, landscape_share=0.6)
 
 
 def pick_noise(rng: random.Random, cfg: SyntheticCrawlConfig) -> str | None:

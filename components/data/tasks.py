@@ -108,10 +108,3 @@ def synthesize(ctx: Any, stage: str, num_samples: int, render_rows: Callable[...
 def sample_rng(seed: int, stage: str, index: int) -> random.Random:
     return random.Random(f"{seed}-{stage}-{index}")
 
-
-def sample_size(rng: random.Random, min_side: int, max_side: int, max_aspect: float) -> tuple[int, int]:
-    """A native-resolution size: shorter side in [min_side, max_side], aspect up to max_aspect, either way."""
-    aspect = rng.uniform(1.0, max_aspect)
-    short = rng.randint(min_side, max(min_side, int(max_side / aspect)))
-    long = max(short, min(max_side, round(short * aspect)))
-    return (long, short) if rng.random() < 0.5 else (short, long)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from components.common.contract import StageContext, StageResult, component
+from components.common.contract import StageContext, StageResult, component, file_stats
 from components.data.avi_writer import write_bytes_atomic
 from components.data.config import VideoConfig, VideoSourceConfig
 from components.data.table import data_dir, drop_metrics, plot_counts, write_stats
@@ -48,7 +48,7 @@ def video_fingerprint(cfg: VideoConfig) -> dict[str, Any]:
     `path` is left out of the key: these stand in for it; its `name` and `caption` stay in)."""
     files = [f for source in cfg.sources for v in source_files(source) for f in (v, v.with_suffix(".txt"))
              if f.is_file()]
-    return {"files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    return {"files": file_stats(files)}
 
 
 def file_key(source: VideoSourceConfig, path: Path) -> str:
