@@ -8,6 +8,7 @@ from pathlib import Path
 
 from components.common.config import ConfigError, LayeredDict, build, parse_override, read_yaml
 from components.data.config import DataConfig
+from components.vit.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -41,6 +42,7 @@ class PipelineConfig:
     ray: RaySettings = dataclasses.field(default_factory=RaySettings)
     mlflow: MlflowSettings = dataclasses.field(default_factory=MlflowSettings)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     @property
     def root(self) -> Path:
@@ -105,6 +107,20 @@ def check_cross_fields(config: PipelineConfig, layered: LayeredDict) -> None:
     if clip.enabled and clip.mode == "calibrated" and not config.data.clip_scorer.enabled:
         raise ConfigError("'data.clip_filter.mode' = 'calibrated' needs data.clip_scorer.enabled=true "
                           "(use mode threshold or fraction with your own weights)")
+
+
+    vit = config.train.vit_pretrain
+    if vit.enabled:
+        for key, value in (("teacher.weights", vit.teacher.weights), ("text.weights", vit.text.weights)):
+            if value == "scorer" and not config.data.clip_scorer.enabled:
+                raise ConfigError(f"{layered.source_of('train.vit_pretrain.' + key)}: 'train.vit_pretrain.{key}' is "
+                                  "'scorer' but data.clip_scorer is disabled: give a local open_clip checkpoint "
+                                  "path, or set data.clip_scorer.enabled=true")
+        if vit.mim.enabled and not vit.teacher.weights:
+            raise ConfigError(f"{layered.source_of('train.vit_pretrain.teacher.weights')}: "
+                              "'train.vit_pretrain.teacher.weights' is empty, so MIM would distil a random "
+                              "teacher: give a local open_clip checkpoint for teacher.architecture, use "
+                              "'scorer', or set train.vit_pretrain.mim.enabled=false")
 
 
 def _shown(path: Path) -> Path:

@@ -1,6 +1,7 @@
 """The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters ->
 (CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance, plus OCR synthesis,
-grounding/counting synthesis and video samples -> WebDataset shards by task type.
+grounding/counting synthesis and video samples -> WebDataset shards by task type -> Seed-ViT
+pretraining (MIM, SigLIP, video; Ray Train + DeepSpeed) -> its retrieval evaluation.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
     ray job submit --working-dir . -- python pipelines/full.py --profile full
@@ -32,6 +33,8 @@ from components.data.rebalance import rebalance  # noqa: E402
 from components.data.shard_writer import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
 from components.data.video_samples import video_samples  # noqa: E402
+from components.vit.vit_eval import vit_eval  # noqa: E402
+from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
 from components.schema import PipelineConfig, available, load_config  # noqa: E402
 from pipelines.runner import PipelineError, PipelineRunner, Selection, Step  # noqa: E402
 
@@ -53,6 +56,10 @@ STEPS = [
          and (config.data.video.synthetic_clips > 0 or bool(config.data.video.sources))),
     Step(write_shards, inputs={"samples": [("rebalance", "samples"), *CURATED], "ocr": ("ocr_samples", "samples"),
                                "grounding": ("grounding_samples", "samples"), "video": ("video_samples", "samples")}),
+    Step(vit_pretrain, inputs={"shards": ("write_shards", "shards"), "scorer": ("clip_scorer", "scorer")},
+         enabled=lambda config: config.train.vit_pretrain.enabled),
+    Step(vit_eval, inputs={"shards": ("write_shards", "shards"), "vit": ("vit_pretrain", "vit")},
+         enabled=lambda config: config.train.vit_pretrain.enabled and config.train.vit_eval.enabled),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 

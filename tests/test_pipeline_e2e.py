@@ -24,12 +24,14 @@ pytestmark = pytest.mark.e2e
 SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthetic_crawl.num_shards=2",
          "--set", "data.clip_scorer.train_samples=300", "--set", "data.clip_scorer.eval_samples=100",
          "--set", "data.clip_scorer.max_steps=20", "--set", "data.ocr.num_samples=16",
-         "--set", "data.grounding.num_samples=16", "--set", "data.video.synthetic_clips=1"]
+         "--set", "data.grounding.num_samples=16", "--set", "data.video.synthetic_clips=1",
+         "--set", "train.vit_pretrain.mim.steps=3", "--set", "train.vit_pretrain.siglip.steps=3",
+         "--set", "train.vit_pretrain.video.steps=2", "--set", "train.vit_pretrain.checkpoint_every=2"]
 ALL_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "rebalance",
-             "ocr_samples", "grounding_samples", "video_samples", "write_shards")
+             "ocr_samples", "grounding_samples", "video_samples", "write_shards", "vit_pretrain", "vit_eval")
 
 
-def expect(ran: set[str], upto: str = "write_shards") -> dict[str, str]:
+def expect(ran: set[str], upto: str = "vit_eval") -> dict[str, str]:
     steps = ALL_STEPS[: ALL_STEPS.index(upto) + 1]
     return {name: "ran" if name in ran else "cached" for name in steps}
 
@@ -85,7 +87,7 @@ def test_killed_rerun_cached_and_knob_change(tmp_path: Path) -> None:
     assert not list((root / "cache" / "write_shards").glob("[!.]*")), "a killed stage must publish nothing"
 
     run_pipeline(root)  # rerun after the kill
-    assert statuses(root) == expect({"write_shards"})
+    assert statuses(root) == expect({"write_shards", "vit_pretrain", "vit_eval"})
     assert staging_leftovers(root) == []
     first = last_summary(root)
     stats = json.loads((Path(first["write_shards"]["output_dir"]) / "shards" / "stats.json").read_text())
@@ -101,7 +103,8 @@ def test_killed_rerun_cached_and_knob_change(tmp_path: Path) -> None:
     print(f"fully cached rerun: {cached_seconds:.1f}s")
 
     run_pipeline(root, "--set", "data.basic_filters.min_short_side=150")
-    assert statuses(root) == expect({"basic_filters", "clip_filter", "dedup", "rebalance", "write_shards"})
+    assert statuses(root) == expect({"basic_filters", "clip_filter", "dedup", "rebalance", "write_shards",
+                                     "vit_pretrain", "vit_eval"})
     changed = last_summary(root)
     assert changed["ingest"]["cache_key"] == first["ingest"]["cache_key"]
     assert changed["write_shards"]["cache_key"] != first["write_shards"]["cache_key"]
@@ -151,6 +154,11 @@ def check_mlflow(root: Path) -> None:
     assert set(by_name) == set(ALL_STEPS)
     assert {"mismatch_precision", "mismatch_recall", "threshold"} <= set(by_name["clip_filter"].data.metrics)
     assert {"duplicate_recall", "distinct_removed_rate"} <= set(by_name["dedup"].data.metrics)
+    assert {"mim_loss_last", "siglip_loss_last", "video_loss_last", "siglip_tokens_per_s"} <= set(
+        by_name["vit_pretrain"].data.metrics)
+    assert {"initial_i2t_r1", "siglip_i2t_r5", "chance_i2t_r1"} <= set(by_name["vit_eval"].data.metrics)
+    history = mlflow.MlflowClient().get_metric_history(by_name["vit_pretrain"].info.run_id, "siglip/loss")
+    assert len(history) == 3  # one point per step
     filters = by_name["basic_filters"]
     assert filters.data.tags["cache_hit"] == "true" and filters.data.tags["component"] == "basic_filters"
     assert {"cache_key", "git_commit", "profile", "output_dir"} <= set(filters.data.tags)

@@ -1,0 +1,206 @@
+"""Streaming training samples out of the data stage's WebDataset shards: per-worker sharding, a stable
+train / held-out split, resumable positions, and bad samples dropped and counted by reason.
+
+Each worker reads its own shards (shard i goes to worker i mod world_size; with fewer shards than
+workers every worker reads all of them and keeps every world_size-th sample). Caption pairs whose key
+hash falls in `holdout_fraction` are held out (for retrieval evaluation); other tasks are not split.
+Shard order is reshuffled each epoch from the seed, so a stream is a pure function of (seed, rank,
+world size) and resuming means skipping the raw samples already consumed, without decoding them. A truncated shard
+ends that shard (counted once as `truncated_shard`); a sample whose image does not decode is dropped as
+`corrupt_image`, one without caption text as `caption_missing`, one without media as `missing_image`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclasses.dataclass
+class RawSample:
+    """One sample's tar members, undecoded."""
+
+    key: str
+    members: dict[str, bytes]  # extension -> bytes ("jpg", "txt", "json", "frame0000.jpg", ...)
+
+    def info(self) -> dict[str, Any]:
+        return json.loads(self.members["json"]) if "json" in self.members else {}
+
+    def base_key(self) -> str:
+        """The key of the original sample (rebalancing copies `<key>_r1` share their original's split)."""
+        try:
+            return self.info().get("repeat_of") or self.key
+        except (ValueError, UnicodeDecodeError):
+            return self.key
+
+
+@dataclasses.dataclass
+class Sample:
+    """A decoded sample: one image (or the frames of a clip) and its caption."""
+
+    key: str
+    task: str
+    images: list[Image.Image]
+    caption: str
+
+
+class DropCounter(collections.Counter[str]):
+    """Dropped samples by reason; kept samples under `kept`."""
+
+    def as_metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}{reason}": float(count) for reason, count in sorted(self.items())}
+
+
+def is_held_out(base_key: str, fraction: float) -> bool:
+    """A stable split by key hash: the same pairs are held out in every run, phase and worker."""
+    digest = int.from_bytes(hashlib.sha1(base_key.encode()).digest()[:8], "big")
+    return digest / 2**64 < fraction
+
+
+def read_shard(path: Path, counter: DropCounter) -> Iterator[RawSample]:
+    """Members grouped by key (members of a sample are consecutive, as the shard writer writes them)."""
+    current: RawSample | None = None
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                handle = tar.extractfile(member)
+                payload = handle.read() if handle is not None else b""
+                if current is not None and key != current.key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(key=key, members={})
+                current.members[ext] = payload
+    except (tarfile.TarError, EOFError, OSError) as error:  # a truncated or corrupt shard ends here
+        log.warning("shard %s is unreadable past a point (%s); the rest of it is skipped", path, error)
+        counter["truncated_shard"] += 1
+        if current is not None:
+            counter["truncated_sample"] += 1
+        return
+    if current is not None:
+        yield current
+
+
+class ShardStream:
+    """An endless stream of raw samples for one worker; `position` counts raw samples consumed."""
+
+    def __init__(self, shards: list[Path], rank: int, world_size: int, seed: int, held_out: bool,
+                 holdout_fraction: float, counter: DropCounter) -> None:
+        if not shards:
+            raise ValueError("no shards to read")
+        self.shards, self.rank, self.world_size, self.seed = sorted(shards), rank, world_size, seed
+        self.held_out, self.holdout_fraction, self.counter = held_out, holdout_fraction, counter
+        self.position = 0
+
+    def epoch(self, epoch: int) -> Iterator[RawSample]:
+        """One pass over this worker's part of the data, in this epoch's shard order."""
+        order = list(self.shards)
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        by_shard = len(order) >= self.world_size
+        mine = order[self.rank::self.world_size] if by_shard else order
+        index = 0
+        for shard in mine:
+            splittable = shard.parent.name == "caption"  # only caption pairs are held out, for retrieval
+            for raw in read_shard(shard, self.counter):
+                if not by_shard:
+                    index += 1
+                    if (index - 1) % self.world_size != self.rank:
+                        continue
+                held = splittable and is_held_out(raw.base_key(), self.holdout_fraction)
+                if held == self.held_out:
+                    yield raw
+
+    def __iter__(self) -> Iterator[RawSample]:
+        epoch, empty_epochs = 0, 0
+        while True:
+            produced = False
+            for raw in self.epoch(epoch):
+                produced = True
+                self.position += 1
+                yield raw
+            epoch += 1
+            empty_epochs = 0 if produced else empty_epochs + 1
+            if empty_epochs >= 2:
+                raise RuntimeError(f"worker {self.rank} has no readable samples in {len(self.shards)} shard(s)")
+
+    def skip(self, count: int) -> Iterator[RawSample]:
+        """The stream after `count` raw samples (resuming); skipped samples are not decoded or counted."""
+        stream, muted = iter(self), self.counter.copy()
+        for _ in range(count):
+            next(stream)
+        self.counter.clear()
+        self.counter.update(muted)
+        return stream
+
+
+def decode(raw: RawSample, counter: DropCounter) -> Sample | None:
+    """Decode one raw sample, or count why it is dropped and return None."""
+    try:
+        info = raw.info()
+    except (ValueError, UnicodeDecodeError):
+        counter["bad_json"] += 1
+        return None
+    caption = raw.members.get("txt", b"").decode("utf-8", errors="replace").strip() or str(info.get("caption") or "")
+    if not caption.strip():
+        counter["caption_missing"] += 1
+        return None
+    frames = sorted(ext for ext in raw.members if ext.startswith("frame"))
+    names = frames or [ext for ext in IMAGE_EXTS if ext in raw.members][:1]
+    if not names:
+        counter["missing_image"] += 1
+        return None
+    images = []
+    for name in names:
+        try:
+            with Image.open(io.BytesIO(raw.members[name])) as image:
+                image.load()
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            counter["corrupt_image"] += 1
+            return None
+    counter["kept"] += 1
+    return Sample(key=raw.key, task=str(info.get("task") or "caption"), images=images, caption=caption)
+
+
+def decoded(stream: Iterator[RawSample], counter: DropCounter) -> Iterator[Sample]:
+    """The decodable samples of a raw stream, in order."""
+    for raw in stream:
+        sample = decode(raw, counter)
+        if sample is not None:
+            yield sample
+
+
+def task_shards(shards_dir: Path, tasks: tuple[str, ...]) -> list[Path]:
+    """The shard files of `tasks` in a write_shards output folder."""
+    return sorted(p for task in tasks for p in (Path(shards_dir) / task).glob("*.tar"))
+
+
+def held_out_pairs(shards_dir: Path, holdout_fraction: float, max_pairs: int) -> list[Sample]:
+    """The held-out caption pairs (originals only, never rebalancing copies), decoded, in key order."""
+    counter = DropCounter()
+    pairs: list[Sample] = []
+    for shard in task_shards(shards_dir, ("caption",)):
+        for raw in read_shard(shard, counter):
+            if raw.base_key() != raw.key or not is_held_out(raw.key, holdout_fraction):
+                continue
+            sample = decode(raw, counter)
+            if sample is not None:
+                pairs.append(sample)
+    return sorted(pairs, key=lambda s: s.key)[:max_pairs]
