@@ -93,7 +93,7 @@ class TextTowerConfig:
 
     architecture: str = "ViT-L-14"
     weights: str = ""
-    context_length: int = 0  # 0: the architecture's own
+    freeze: bool = False  # keep the loaded text tower fixed (only its projection trains), as LiT locks a tower
 
 
 @dataclasses.dataclass

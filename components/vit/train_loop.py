@@ -89,8 +89,9 @@ class PhaseRunner:
 
         self.name, self.cfg, self.phase = name, cfg, getattr(cfg, name)
         self.teacher, self.rank, self.world_size = teacher, rank, world_size
+        prefixes = tuple(p for p in TRAINABLE[name] if not (cfg.text.freeze and p == "text."))
         for param_name, param in model.named_parameters():
-            param.requires_grad_(param_name.startswith(TRAINABLE[name]))
+            param.requires_grad_(param_name.startswith(prefixes))
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.phase.learning_rate, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.phase))
