@@ -28,6 +28,8 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_EMPTY_EPOCHS = 10  # epochs in a row without a raw sample before a stream gives up
+MAX_CONSECUTIVE_DROPS = 1000  # samples in a row that fail to decode before a stream gives up
 
 
 @dataclasses.dataclass
@@ -38,7 +40,11 @@ class RawSample:
     members: dict[str, bytes]  # extension -> bytes ("jpg", "txt", "json", "frame0000.jpg", ...)
 
     def info(self) -> dict[str, Any]:
-        return json.loads(self.members["json"]) if "json" in self.members else {}
+        """The `<key>.json` member; ValueError when it is not a JSON object."""
+        info = json.loads(self.members["json"]) if "json" in self.members else {}
+        if not isinstance(info, dict):
+            raise ValueError(f"{self.key}.json is not a JSON object")
+        return info
 
     def base_key(self) -> str:
         """The key of the original sample (rebalancing copies `<key>_r1` share their original's split)."""
@@ -72,30 +78,46 @@ def is_held_out(base_key: str, fraction: float) -> bool:
 
 
 def read_shard(path: Path, counter: DropCounter) -> Iterator[RawSample]:
-    """Members grouped by key (members of a sample are consecutive, as the shard writer writes them)."""
+    """Members grouped by key (members of a sample are consecutive, as the shard writer writes them).
+
+    A shard cut short ends early: the samples before the cut are yielded, the one it cut into is
+    counted as `truncated_sample`, and the shard once as `truncated_shard`. A cut inside a member's
+    header reads to tarfile as a normal end, so the shard's size is also checked against where its
+    last member ends plus the two zero blocks that close every tar."""
     current: RawSample | None = None
+    data_end = 0
     try:
         with tarfile.open(path, "r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 key, _, ext = member.name.rpartition("/")[2].partition(".")
-                handle = tar.extractfile(member)
-                payload = handle.read() if handle is not None else b""
                 if current is not None and key != current.key:
-                    yield current
+                    yield current  # complete: the next sample's first member has begun
                     current = None
                 if current is None:
                     current = RawSample(key=key, members={})
-                current.members[ext] = payload
+                handle = tar.extractfile(member)
+                current.members[ext] = handle.read() if handle is not None else b""
+                if len(current.members[ext]) != member.size:
+                    raise EOFError(f"member {member.name} is cut short")
+                data_end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
     except (tarfile.TarError, EOFError, OSError) as error:  # a truncated or corrupt shard ends here
         log.warning("shard %s is unreadable past a point (%s); the rest of it is skipped", path, error)
-        counter["truncated_shard"] += 1
-        if current is not None:
-            counter["truncated_sample"] += 1
+        _count_truncation(counter, current)
+        return
+    if current is not None and path.stat().st_size < data_end + 2 * tarfile.BLOCKSIZE:
+        log.warning("shard %s ends without the closing tar blocks: its last sample may be partial, skipped", path)
+        _count_truncation(counter, current)
         return
     if current is not None:
         yield current
+
+
+def _count_truncation(counter: DropCounter, partial: RawSample | None) -> None:
+    counter["truncated_shard"] += 1
+    if partial is not None:
+        counter["truncated_sample"] += 1
 
 
 class ShardStream:
@@ -128,6 +150,8 @@ class ShardStream:
                     yield raw
 
     def __iter__(self) -> Iterator[RawSample]:
+        """Epoch after epoch; fails after MAX_EMPTY_EPOCHS epochs in a row without a sample (unreadable
+        or held-out data), since one unlucky deal of bad shards must not stop a worker."""
         epoch, empty_epochs = 0, 0
         while True:
             produced = False
@@ -137,7 +161,7 @@ class ShardStream:
                 yield raw
             epoch += 1
             empty_epochs = 0 if produced else empty_epochs + 1
-            if empty_epochs >= 2:
+            if empty_epochs >= MAX_EMPTY_EPOCHS:
                 raise RuntimeError(f"worker {self.rank} has no readable samples in {len(self.shards)} shard(s)")
 
     def skip(self, count: int) -> Iterator[RawSample]:
@@ -180,11 +204,18 @@ def decode(raw: RawSample, counter: DropCounter) -> Sample | None:
 
 
 def decoded(stream: Iterator[RawSample], counter: DropCounter) -> Iterator[Sample]:
-    """The decodable samples of a raw stream, in order."""
+    """The decodable samples of a raw stream, in order; fails when MAX_CONSECUTIVE_DROPS in a row do not
+    decode (the data is unusable, and an endless stream would otherwise spin forever)."""
+    failures = 0
     for raw in stream:
         sample = decode(raw, counter)
-        if sample is not None:
-            yield sample
+        if sample is None:
+            failures += 1
+            if failures >= MAX_CONSECUTIVE_DROPS:
+                raise RuntimeError(f"{failures} samples in a row could not be used: {dict(counter)}")
+            continue
+        failures = 0
+        yield sample
 
 
 def task_shards(shards_dir: Path, tasks: tuple[str, ...]) -> list[Path]:
