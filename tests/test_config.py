@@ -85,5 +85,12 @@ def test_cross_section_rules_fail_at_load() -> None:
         load_config("tiny", overrides=["data.clip_scorer.enabled=false", "data.clip_filter.mode=threshold"])
     with pytest.raises(ConfigError, match="calibrated' needs data.clip_scorer.enabled=true"):
         load_config("tiny", overrides=["data.clip_scorer.enabled=false", "data.clip_filter.weights=/w.pt"])
-    config, _ = load_config("tiny", overrides=["data.clip_filter.enabled=false", "data.clip_scorer.enabled=false"])
+    with pytest.raises(ConfigError, match=r"'train.vit_pretrain.teacher.weights' is 'scorer' but data.clip_scorer"):
+        load_config("tiny", overrides=["data.clip_filter.enabled=false", "data.clip_scorer.enabled=false"])
+    with pytest.raises(ConfigError, match=r"teacher.weights' is empty, so MIM would distil a random teacher"):
+        load_config("tiny", overrides=["train.vit_pretrain.teacher.weights="])
+    config, _ = load_config("tiny", overrides=["data.clip_filter.enabled=false", "data.clip_scorer.enabled=false",
+                                               "train.vit_pretrain.enabled=false"])
     assert not config.data.clip_filter.enabled
+    with pytest.raises(ConfigError, match="head width"):
+        load_config("tiny", overrides=["train.vit_pretrain.vit.width=36", "train.vit_pretrain.vit.num_heads=6"])
