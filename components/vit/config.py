@@ -34,7 +34,8 @@ class SeedViTConfig:
         if self.width % self.num_heads:
             raise ValueError(f"vit.width ({self.width}) must be divisible by vit.num_heads ({self.num_heads})")
         if (self.width // self.num_heads) % 4:
-            raise ValueError(f"the head width ({self.width // self.num_heads}) must be divisible by 4 for the "
+            raise ValueError(f"the head width vit.width / vit.num_heads ({self.width // self.num_heads}) must be "
+                             "divisible by 4 for the "
                              "2D rotary embedding (half for rows, half for columns, in cos/sin pairs)")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"vit.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")

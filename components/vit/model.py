@@ -114,27 +114,31 @@ def _flash_varlen():  # -> callable | None
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     backend: str) -> torch.Tensor:
-    """Block-diagonal attention over a packed sequence. q, k, v: (num_patches, heads, head_dim)."""
+                     backend: str, max_len: int | None = None) -> torch.Tensor:
+    """Block-diagonal attention over a packed sequence. q, k, v: (num_patches, heads, head_dim).
+    `max_len` (the longest image) saves the varlen kernel a device sync when the caller knows it."""
     if backend == "auto":
-        backend = "varlen" if q.is_cuda and _flash_varlen() is not None else "sdpa_segments"
+        half = q.dtype in (torch.float16, torch.bfloat16)  # flash kernels take half precision only
+        backend = "varlen" if q.is_cuda and half and _flash_varlen() is not None else "sdpa_segments"
     if backend == "varlen":
         kernel = _flash_varlen()
         if kernel is None or not q.is_cuda:
             raise RuntimeError("vit.attention=varlen needs a CUDA device and flash_attn or torch>=2.10's varlen_attn")
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if max_len is None:
+            max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         return kernel(q, k, v, cu, cu, max_len, max_len)
     if backend == "sdpa_mask":
         segment = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=q.device),
                                           (cu_seqlens[1:] - cu_seqlens[:-1]).to(q.device))
         mask = segment[:, None] == segment[None, :]  # (n, n) block-diagonal
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-        return out.transpose(0, 1)
+        # 4-D inputs (a batch axis of 1): SDPA's fused kernels take only those, 3-D falls back to plain math
+        qs, ks, vs = (t.transpose(0, 1)[None] for t in (q, k, v))
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)[0].transpose(0, 1)
     outputs = []
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, head_dim)
-        outputs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1))
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, len, head_dim)
+        outputs.append(F.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1))
     return torch.cat(outputs)
 
 
@@ -145,12 +149,13 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(config.width, 3 * config.width)
         self.proj = nn.Linear(config.width, config.width)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                max_len: int | None = None) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (n, heads, head_dim)
         cos, sin = cos[:, None, :], sin[:, None, :]  # (n, 1, head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = packed_attention(q, k, v, cu_seqlens, self.backend)
+        out = packed_attention(q, k, v, cu_seqlens, self.backend, max_len)
         return self.proj(out.reshape(n, -1))
 
     def forward_padded(self, x: torch.Tensor, key_padding: torch.Tensor, cos: torch.Tensor,
@@ -183,8 +188,9 @@ class VisionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(config.width, eps=config.norm_eps)
         self.mlp = VisionMLP(config.width, int(config.width * config.mlp_ratio))
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                max_len: int | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin, max_len)
         return x + self.mlp(self.norm2(x))
 
     def forward_padded(self, x: torch.Tensor, key_padding: torch.Tensor, cos: torch.Tensor,
@@ -222,8 +228,9 @@ class SeedViT(nn.Module):
             x = torch.where(mask[:, None], self.mask_token.to(x.dtype), x)
         cu_seqlens = cu_seqlens_from_grid(grid_hw).to(x.device)
         cos, sin = self.rotary(patch_positions(grid_hw, self.config.merge_size).to(x.device))
+        max_len = int((grid_hw[:, 0] * grid_hw[:, 1]).max())  # once per forward, not once per block
         for block in self.blocks:
-            x = block(x, cu_seqlens, cos, sin)
+            x = block(x, cu_seqlens, cos, sin, max_len)
         hidden = self.norm(x)
         group = self.config.merge_size ** 2
         return ViTOutput(hidden_states=hidden, pooled=self.pool(hidden), cu_seqlens=cu_seqlens,

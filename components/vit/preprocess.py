@@ -18,20 +18,26 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 def native_size(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """(height, width) rounded to multiples of `factor`, aspect ratio kept as far as rounding allows,
-    scaled down or up so the pixel count lies within [min_pixels, max_pixels]. Every side is at least
-    one `factor`, so a 1-pixel-wide strip still gives one 2x2 cell."""
+    scaled down or up so the pixel count lies within [min_pixels, max_pixels] (the cap wins when both
+    cannot hold). Every side is at least one `factor`, so a 1-pixel-wide strip still gives one 2x2 cell;
+    when a side is held at that floor, the other takes what the cap leaves."""
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
+    if h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
     if h * w > max_pixels:
         scale = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / scale / factor) * factor)
         w = max(factor, math.floor(width / scale / factor) * factor)
-    elif h * w < min_pixels:
-        scale = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * scale / factor) * factor
-        w = math.ceil(width * scale / factor) * factor
+        if h * w > max_pixels:  # one side sits at the one-cell floor: fit the other under the cap
+            if h == factor:
+                w = max(factor, max_pixels // h // factor * factor)
+            else:
+                h = max(factor, max_pixels // w // factor * factor)
     return h, w
 
 
