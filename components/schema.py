@@ -116,6 +116,10 @@ def check_cross_fields(config: PipelineConfig, layered: LayeredDict) -> None:
                 raise ConfigError(f"{layered.source_of('train.vit_pretrain.' + key)}: 'train.vit_pretrain.{key}' is "
                                   "'scorer' but data.clip_scorer is disabled: give a local open_clip checkpoint "
                                   "path, or set data.clip_scorer.enabled=true")
+        if vit.text.freeze and not vit.text.weights:
+            raise ConfigError(f"{layered.source_of('train.vit_pretrain.text.freeze')}: 'train.vit_pretrain.text.freeze' "
+                              "is true but text.weights is empty, which would lock a random text tower: give "
+                              "text.weights (a checkpoint path or 'scorer') or set text.freeze=false")
         if vit.mim.enabled and not vit.teacher.weights:
             raise ConfigError(f"{layered.source_of('train.vit_pretrain.teacher.weights')}: "
                               "'train.vit_pretrain.teacher.weights' is empty, so MIM would distil a random "

@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     selection = Selection(only=tuple(args.only), from_step=args.from_step, force=tuple(args.force),
                           until=args.until)
+    missing = missing_model_files(config, selection)
+    if missing:
+        print(f"config error: {missing}", file=sys.stderr)
+        return 2
     try:
         outcomes = PipelineRunner(STEPS, config, layered, selection).run(["pipelines/full.py", *(argv or sys.argv[1:])])
     except PipelineError as error:
@@ -104,6 +108,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_summary(config, outcomes)
     return 0
+
+
+def missing_model_files(config: PipelineConfig, selection: Selection) -> str:
+    """Local model files that enabled, selected steps will load and that do not exist, named with their
+    keys; checked before anything runs so a typo does not surface after hours of curation."""
+    names = STEP_NAMES[:STEP_NAMES.index(selection.until) + 1] if selection.until else STEP_NAMES
+    if selection.only:
+        names = list(selection.only)
+    wanted: list[tuple[str, str]] = []
+    if "clip_filter" in names and config.data.clip_filter.enabled:
+        wanted.append(("data.clip_filter.weights", config.data.clip_filter.weights))
+    vit = config.train.vit_pretrain
+    if "vit_pretrain" in names and vit.enabled:
+        if vit.mim.enabled:
+            wanted.append(("train.vit_pretrain.teacher.weights", vit.teacher.weights))
+        wanted.append(("train.vit_pretrain.text.weights", vit.text.weights))
+    absent = [f"'{key}' = {path}" for key, path in wanted if path and path != "scorer" and not Path(path).is_file()]
+    if not absent:
+        return ""
+    return (f"{', '.join(absent)}: no such file (weights are never downloaded): put the checkpoint there, "
+            "or point the key at a local file")
 
 
 def print_summary(config: PipelineConfig, outcomes: list) -> None:

@@ -92,5 +92,7 @@ def test_cross_section_rules_fail_at_load() -> None:
     config, _ = load_config("tiny", overrides=["data.clip_filter.enabled=false", "data.clip_scorer.enabled=false",
                                                "train.vit_pretrain.enabled=false"])
     assert not config.data.clip_filter.enabled
+    with pytest.raises(ConfigError, match="text.freeze' is true but text.weights is empty"):
+        load_config("tiny", overrides=["train.vit_pretrain.text.weights="])
     with pytest.raises(ConfigError, match="head width"):
         load_config("tiny", overrides=["train.vit_pretrain.vit.width=36", "train.vit_pretrain.vit.num_heads=6"])

@@ -34,31 +34,36 @@ def resolve_weights(weights: str, scorer_dir: str | None) -> str:
 
 
 class Teacher:
-    """A frozen open_clip image tower that returns per-patch features on its own token grid."""
+    """A frozen open_clip image tower whose last block's spatial feature map is the MIM target. Any
+    tower with `forward_intermediates` works: open_clip's ViTs, timm towers (EVA02, ...) and ResNets."""
 
-    def __init__(self, config: TeacherConfig, scorer_dir: str | None) -> None:
+    def __init__(self, config: TeacherConfig, scorer_dir: str | None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         from components.data.clip_model import load_clip
 
         bundle = load_clip(config.architecture, resolve_weights(config.weights, scorer_dir))
         self.visual, self.preprocess = bundle.model.visual, bundle.preprocess
-        self.visual.output_tokens = True
-        self.visual.eval().requires_grad_(False)
-        with torch.no_grad():
-            _, tokens = self.visual(torch.zeros(1, 3, *self._image_size()))
-        self.grid = int(round(tokens.shape[1] ** 0.5))
-        self.dim = int(tokens.shape[-1])
-
-    def _image_size(self) -> tuple[int, int]:
+        if not hasattr(self.visual, "forward_intermediates"):
+            raise ValueError(f"teacher {config.architecture!r}: its image tower has no forward_intermediates, "
+                             "so no patch features can be taken from it; choose an open_clip ViT or timm tower")
+        self.visual.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype
         size = self.visual.image_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        self.dim = int(self._feature_maps(torch.zeros(1, 3, height, width)).shape[1])
+
+    @torch.no_grad()
+    def _feature_maps(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(batch, 3, H, W) -> (batch, dim, grid_h, grid_w) from the last block."""
+        out = self.visual.forward_intermediates(pixels.to(self.device, self.dtype), indices=1,
+                                                intermediates_only=True, output_fmt="NCHW")
+        return out["image_intermediates"][-1].float()
 
     @torch.no_grad()
     def patch_targets(self, images: list[Image.Image], grid_hw: torch.Tensor, merge_size: int) -> torch.Tensor:
         """(num_patches, teacher_dim) targets in Seed-ViT's packed patch order."""
-        _, tokens = self.visual(torch.stack([self.preprocess(image) for image in images]))
-        side = self.grid
-        maps = tokens.float().transpose(1, 2).reshape(len(images), self.dim, side, side)
-        positions = patch_positions(grid_hw, merge_size)
+        maps = self._feature_maps(torch.stack([self.preprocess(image) for image in images]))
+        positions = patch_positions(grid_hw, merge_size).to(maps.device)
         targets, start = [], 0
         for index, (h, w) in enumerate(grid_hw.tolist()):
             resized = F.interpolate(maps[index:index + 1], size=(h, w), mode="bilinear", align_corners=False)[0]
@@ -120,7 +125,8 @@ class PretrainModel(nn.Module):
         """(items, embed_dim) normalised; frames_per_item groups consecutive images into one clip."""
         features = pooled_image_features(self.vit(pixel_values, grid_hw))
         if frames_per_item is not None:
-            owner = torch.repeat_interleave(torch.arange(len(frames_per_item)), frames_per_item)
+            frames_per_item = frames_per_item.to(features.device)
+            owner = torch.repeat_interleave(torch.arange(len(frames_per_item), device=features.device), frames_per_item)
             sums = features.new_zeros(len(frames_per_item), features.shape[-1]).index_add_(0, owner, features)
             features = sums / frames_per_item[:, None].to(features.dtype)
         return F.normalize(self.image_proj(features), dim=-1)
@@ -136,18 +142,22 @@ class PretrainModel(nn.Module):
         return {"mim_loss": (1.0 - cosine).mean()}
 
     def siglip_loss(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor, tokens: torch.Tensor,
-                    frames_per_item: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                    positives: torch.Tensor, frames_per_item: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         image = self.encode_images(pixel_values, grid_hw, frames_per_item)
         text = self.encode_text(tokens)
-        return {"siglip_loss": siglip_loss(image, text, tokens, self.logit_scale, self.logit_bias)}
+        return {"siglip_loss": siglip_loss(image, text, positives, self.logit_scale, self.logit_bias)}
 
 
-def siglip_loss(image: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor, logit_scale: torch.Tensor,
+def same_caption(captions: list[str]) -> torch.Tensor:
+    """(n, n) bool: pairs whose caption strings are identical (the positives of the sigmoid loss)."""
+    return torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.bool)
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor) -> torch.Tensor:
     """The sigmoid loss over all image-text pairs of the batch (mean over images of the sum over texts)."""
     logits = logit_scale.exp() * image.float() @ text.float().T + logit_bias
-    same_text = (tokens[:, None, :] == tokens[None, :, :]).all(-1)
-    labels = same_text.float() * 2 - 1  # +1 for pairs with the same caption, -1 otherwise
+    labels = positives.to(logits.device).float() * 2 - 1  # +1 for pairs with the same caption, -1 otherwise
     return -F.logsigmoid(labels * logits).sum() / image.shape[0]
 
 

@@ -224,14 +224,21 @@ def task_shards(shards_dir: Path, tasks: tuple[str, ...]) -> list[Path]:
 
 
 def held_out_pairs(shards_dir: Path, holdout_fraction: float, max_pairs: int) -> list[Sample]:
-    """The held-out caption pairs (originals only, never rebalancing copies), decoded, in key order."""
+    """The first `max_pairs` decodable held-out caption pairs by key (originals only, never rebalancing
+    copies). Keys are listed first, so only the chosen images are decoded and kept; another pass
+    replaces any that fail to decode."""
+    shards = task_shards(shards_dir, ("caption",))
     counter = DropCounter()
-    pairs: list[Sample] = []
-    for shard in task_shards(shards_dir, ("caption",)):
-        for raw in read_shard(shard, counter):
-            if raw.base_key() != raw.key or not is_held_out(raw.key, holdout_fraction):
-                continue
-            sample = decode(raw, counter)
-            if sample is not None:
-                pairs.append(sample)
-    return sorted(pairs, key=lambda s: s.key)[:max_pairs]
+    keys = sorted(raw.key for shard in shards for raw in read_shard(shard, counter)
+                  if raw.base_key() == raw.key and is_held_out(raw.key, holdout_fraction))
+    pairs: dict[str, Sample] = {}
+    start = 0
+    while len(pairs) < max_pairs and start < len(keys):
+        chosen = set(keys[start:start + max_pairs - len(pairs)])
+        start += len(chosen)
+        for shard in shards:
+            for raw in read_shard(shard, counter):
+                sample = decode(raw, counter) if raw.key in chosen else None
+                if sample is not None:
+                    pairs[sample.key] = sample
+    return [pairs[key] for key in sorted(pairs)]

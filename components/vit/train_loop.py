@@ -10,6 +10,7 @@ position, so a resumed run sees the batches an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -106,10 +107,11 @@ class PhaseRunner:
         self.stream = ShardStream(shards, rank, world_size, phase_seed, held_out=False,
                                   holdout_fraction=cfg.holdout_fraction, counter=self.counter)
         self.samples = decoded(self.stream.skip(state.position), self.counter)
-        self.generator = torch.Generator().manual_seed(phase_seed * 7919 + rank * 104729 + state.step)
+        self.phase_seed = phase_seed
 
-    def step(self) -> dict[str, float]:
-        from components.vit.pretrain_model import random_patch_mask
+    def step(self, step: int) -> dict[str, float]:
+        """Train on one batch; `step` (this phase's, from 0) seeds the masks, so a resumed run draws the same."""
+        from components.vit.pretrain_model import random_patch_mask, same_caption
 
         started = time.perf_counter()
         batch = next_batch(self.samples, self.phase.images_per_batch)
@@ -123,24 +125,29 @@ class PhaseRunner:
         packed = pack([image_to_patches(image, vit_cfg) for image in images])
         device = self.engine.device
         if self.name == "mim":
-            mask = random_patch_mask(packed.grid_hw, self.phase.mask_ratio, self.generator)
+            generator = torch.Generator().manual_seed(self.phase_seed * 7919 + self.rank * 104729 + step)
+            mask = random_patch_mask(packed.grid_hw, self.phase.mask_ratio, generator)
             targets = self.teacher.patch_targets(images, packed.grid_hw, vit_cfg.merge_size)
             terms = self.engine("mim", pixel_values=packed.pixel_values.to(device), grid_hw=packed.grid_hw,
                                 mask=mask.to(device), targets=targets.to(device))
         else:
-            tokens = self.engine.module.text.tokenize([sample.caption for sample in batch])
+            captions = [sample.caption for sample in batch]
+            tokens = self.engine.module.text.tokenize(captions)
             terms = self.engine("siglip", pixel_values=packed.pixel_values.to(device), grid_hw=packed.grid_hw,
-                                tokens=tokens.to(device), frames_per_item=frames_per_item)
+                                tokens=tokens.to(device), positives=same_caption(captions),
+                                frames_per_item=frames_per_item)
         loss = sum(terms.values())
         self.engine.backward(loss)
         self.engine.step()
         elapsed = time.perf_counter() - started
-        totals = torch.tensor([len(images), packed.num_patches, float(loss.detach())], dtype=torch.float64)
+        # on the engine's device: NCCL reduces only CUDA tensors
+        totals = torch.tensor([len(images), packed.num_patches, *(float(t.detach()) for t in terms.values())],
+                              dtype=torch.float64, device=device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
-        images_total, patches_total, loss_sum = totals.tolist()
-        metrics = {f"{key}": float(value.detach()) for key, value in terms.items()}
-        metrics |= {"loss": loss_sum / self.world_size, "lr": self.engine.get_lr()[0], "step_seconds": elapsed,
+        images_total, patches_total, *term_sums = totals.tolist()
+        metrics = {key: value / self.world_size for key, value in zip(terms, term_sums)}  # means over workers
+        metrics |= {"loss": sum(term_sums) / self.world_size, "lr": self.engine.get_lr()[0], "step_seconds": elapsed,
                     "images_per_s": images_total / elapsed, "tokens_per_s": patches_total / elapsed}
         if self.name != "mim":
             module = self.engine.module
@@ -165,17 +172,18 @@ def save_checkpoint(runner: PhaseRunner, state: TrainState, metrics: dict[str, f
                          checkpoint_dir_name=f"checkpoint_{state.global_step:07d}")
 
 
-def restore(rank: int) -> tuple[TrainState, str | None]:
-    """The state of the latest checkpoint Ray Train hands back after a restart, or a fresh one."""
+def restore(rank: int) -> tuple[TrainState, Any]:
+    """The state of the latest checkpoint Ray Train hands back after a restart (and that checkpoint),
+    or a fresh state."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState(), None
-    folder = checkpoint.to_directory()  # a local copy, kept while DeepSpeed loads from it
-    state = TrainState(**json.loads((Path(folder) / f"state_rank{rank}.json").read_text()))
+    with checkpoint.as_directory() as folder:
+        state = TrainState(**json.loads((Path(folder) / f"state_rank{rank}.json").read_text()))
     log.info("resuming from %s at phase %d step %d", checkpoint.path, state.phase_index, state.step)
-    return state, folder
+    return state, checkpoint
 
 
 def export(model: torch.nn.Module, folder: Path, cfg: VitPretrainConfig, teacher_dim: int,
@@ -214,6 +222,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "seedvl" / "torch_extensions"))
     import ray.train
+    import ray.train.torch
 
     from components.vit.pretrain_model import PretrainModel, Teacher
 
@@ -225,13 +234,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
     torch.manual_seed(seed)
     phases = cfg.phases()
-    teacher = Teacher(cfg.teacher, scorer_dir) if "mim" in phases else None
+    device = ray.train.torch.get_device()
+    teacher_dtype = torch.bfloat16 if cfg.deepspeed.bf16 and device.type == "cuda" else torch.float32
+    teacher = Teacher(cfg.teacher, scorer_dir, device, teacher_dtype) if "mim" in phases else None
     teacher_dim = teacher.dim if teacher is not None else 1
     model = PretrainModel(cfg, teacher_dim, scorer_dir)
     state, resume_from = restore(rank)
     if rank == 0 and resume_from is None:
         export(model, out_dir / "initial", cfg, teacher_dim, {"phase": "initial", "steps": 0})
     log_path = out_dir / "train_log.jsonl"
+    if rank == 0:  # one start record per worker-group start: the driver counts restarts from them
+        with log_path.open("a") as handle:
+            handle.write(json.dumps({"event": "start", "phase_index": state.phase_index, "step": state.step}) + "\n")
     for phase_index, name in enumerate(phases):
         if phase_index < state.phase_index:
             continue
@@ -239,12 +253,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = TrainState(phase_index=phase_index, global_step=state.global_step)
         runner = PhaseRunner(name, cfg, model, teacher, shards_dir, seed, rank, world_size, state)
         if resume_from is not None:
-            runner.engine.load_checkpoint(resume_from, tag=CHECKPOINT_TAG)
+            with resume_from.as_directory() as folder:  # no copy when the storage is a local or shared path
+                runner.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
             resume_from = None
         started = time.perf_counter()
         while state.step < runner.phase.steps:
             maybe_fail(cfg, state.global_step, rank, world_size, out_dir)
-            metrics = runner.step()
+            metrics = runner.step(state.step)
             state.step += 1
             state.global_step += 1
             metrics |= {"phase_step": state.step, "global_step": state.global_step}
@@ -264,6 +279,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        {"phase": name, "steps": state.step, "seconds": time.perf_counter() - started,
                         "samples": dict(samples)})
         torch.distributed.barrier()
+        runner.engine.destroy()  # drops the phase optimizer's gradient hooks and states before the next phase
+        del runner
+        gc.collect()
         state = TrainState(phase_index=phase_index + 1, global_step=state.global_step)
 
 

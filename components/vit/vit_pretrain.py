@@ -12,34 +12,56 @@ as `<phase>/<metric>`.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from components.common.contract import StageContext, StageResult, component
+from components.common.contract import StageContext, StageResult, component, file_stats
 from components.vit.config import VitPretrainConfig
 
+log = logging.getLogger(__name__)
 SUMMED = ("images_per_s", "tokens_per_s", "step_seconds", "mfu")
 
 
 def read_train_log(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The log's records, the last one kept for each (phase, step) after a restart; and the restarts."""
-    records: dict[tuple[str, int], dict[str, Any]] = {}
-    restarts, last_step = 0, 0
+    """The log's step records, the last one kept for each (phase, step) after a restart, plus the
+    phase-end records; and the number of restarts (worker-group starts after the first). A line cut
+    short by a killed worker is skipped."""
     if not path.exists():
-        return [], 0
+        raise FileNotFoundError(f"{path} is missing: the training workers must write into the step's output "
+                                "folder, so run.root has to be storage every Ray node sees")
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    starts = 0
     for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("phase_end"):
-            records[(record["phase"], -1)] = record
+        try:
+            record = json.loads(line)
+        except ValueError:
+            log.warning("skipping a cut-short line in %s", path)
             continue
-        step = int(record["global_step"])
-        if step <= last_step:
-            restarts += 1
-        last_step = step
-        records[(record["phase"], step)] = record
+        if record.get("event") == "start":
+            starts += 1
+        elif record.get("phase_end"):
+            records[(record["phase"], -1)] = record
+        else:
+            records[(record["phase"], int(record["global_step"]))] = record
     ordered = sorted(records.values(), key=lambda r: (r["global_step"], bool(r.get("phase_end"))))
-    return ordered, restarts
+    return ordered, max(0, starts - 1)
+
+
+def weight_files(cfg: VitPretrainConfig) -> list[Path]:
+    """The local checkpoint files the teacher and the text tower load (`scorer` comes as an input)."""
+    return [Path(w) for w in (cfg.teacher.weights, cfg.text.weights) if w and w != "scorer"]
+
+
+def weights_fingerprint(cfg: VitPretrainConfig) -> dict[str, Any]:
+    """Weight files enter the cache key by path, size and mtime; a missing one fails before any work."""
+    missing = [str(f) for f in weight_files(cfg) if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"train.vit_pretrain: weights file(s) {missing} do not exist (weights are never "
+                                "downloaded): put the open_clip checkpoints there or change teacher.weights / "
+                                "text.weights")
+    return {"weights": file_stats(weight_files(cfg))}
 
 
 def phase_summary(records: list[dict[str, Any]], phase: str) -> dict[str, float]:
@@ -63,7 +85,7 @@ def phase_summary(records: list[dict[str, Any]], phase: str) -> dict[str, float]
 
 
 @component(name="vit_pretrain", version="1", config="train.vit_pretrain", inputs=("shards", "scorer"),
-           optional_inputs=("scorer",), outputs=("vit",))
+           optional_inputs=("scorer",), outputs=("vit",), external_fingerprint=weights_fingerprint)
 def vit_pretrain(ctx: StageContext[VitPretrainConfig]) -> StageResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -71,6 +93,7 @@ def vit_pretrain(ctx: StageContext[VitPretrainConfig]) -> StageResult:
     from components.vit.train_loop import train_loop_per_worker
 
     cfg = ctx.config
+    weights_fingerprint(cfg)  # fails early, with the fix, when a weights file is missing
     if not cfg.phases():
         raise ValueError("train.vit_pretrain has no enabled phase: enable one of mim, siglip, video, "
                          "or disable the step with train.vit_pretrain.enabled=false")
