@@ -1,0 +1,74 @@
+"""Visual-token redistribution: a partition of the step's images, inside each group, deterministic,
+within the list-scheduling bound, and never worse than the count-balanced baseline on skewed mixes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from components.vlm.token_balance import (greedy_assign, imbalance, loads, redistribute,
+                                          round_robin_assign)
+
+
+def skewed_costs(rng: random.Random, count: int) -> list[float]:
+    """Mostly small images, a few very large ones (documents, high-resolution photos)."""
+    return [rng.choice([64, 100, 256, 400]) if rng.random() < 0.9 else rng.choice([2000, 4096, 8000])
+            for _ in range(count)]
+
+
+def test_greedy_hand_example() -> None:
+    # largest first: 7 -> w0, 5 -> w1, 4 -> w1 (5 < 7), 3 -> w0 (7 < 9), 1 -> w1 (9 < 10)
+    assert greedy_assign([3, 7, 1, 5, 4], 2) == [0, 0, 1, 1, 1]
+    assert loads_of([3, 7, 1, 5, 4], [0, 0, 1, 1, 1], 2) == [10, 10]
+
+
+def loads_of(costs: list[float], owner: list[int], workers: int) -> list[float]:
+    totals = [0.0] * workers
+    for cost, worker in zip(costs, owner):
+        totals[worker] += cost
+    return totals
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_greedy_within_list_scheduling_bound_and_beats_round_robin(seed: int) -> None:
+    rng = random.Random(seed)
+    workers = rng.randint(2, 16)
+    costs = skewed_costs(rng, rng.randint(workers, 8 * workers))
+    greedy = loads_of(costs, greedy_assign(costs, workers), workers)
+    baseline = loads_of(costs, round_robin_assign(costs, workers), workers)
+    assert sum(greedy) == pytest.approx(sum(costs))
+    assert max(greedy) <= sum(costs) / workers + max(costs) + 1e-9  # max <= mean + largest item
+    assert max(greedy) <= max(baseline)
+    assert max(greedy) >= max(max(costs), sum(costs) / workers) - 1e-9  # no schedule beats this
+
+
+def test_redistribution_is_a_partition_inside_groups() -> None:
+    rng = random.Random(0)
+    per_worker = [skewed_costs(rng, rng.randint(0, 6)) for _ in range(10)]
+    assignment = redistribute(per_worker, group_size=4)  # groups 0-3, 4-7, 8-9
+    seen = sorted((ref.worker, ref.index) for images in assignment for ref in images)
+    assert seen == sorted((w, i) for w, costs in enumerate(per_worker) for i in range(len(costs)))
+    for worker, images in enumerate(assignment):
+        assert all(ref.worker // 4 == worker // 4 for ref in images)  # never across groups
+        assert all(ref.cost == per_worker[ref.worker][ref.index] for ref in images)
+    assert redistribute(per_worker, group_size=4) == assignment  # deterministic
+
+
+def test_group_of_one_moves_nothing_and_bigger_groups_balance_better() -> None:
+    rng = random.Random(1)
+    per_worker = [skewed_costs(rng, 8) for _ in range(32)]
+    alone = redistribute(per_worker, group_size=1)
+    assert all(ref.worker == worker for worker, images in enumerate(alone) for ref in images)
+    ratios = [imbalance(loads(redistribute(per_worker, group_size=g))) for g in (1, 4, 32)]
+    assert ratios[0] > ratios[1] > ratios[2] >= 1.0
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="num_workers"):
+        greedy_assign([1.0], 0)
+    with pytest.raises(ValueError, match="costs"):
+        greedy_assign([-1.0], 2)
+    with pytest.raises(ValueError, match="group_size"):
+        redistribute([[1.0]], 0)
+    assert imbalance([0.0, 0.0]) == 1.0
