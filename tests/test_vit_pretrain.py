@@ -138,3 +138,21 @@ def test_exports_load_without_training_stack_and_retrieval_runs(inputs: dict[str
     results = run_eval(str(inputs["shards"]), str(plain), max_pairs=50, threads=1)
     assert results["pairs"] >= 5 and set(results) >= {"chance", "initial", "mim", "siglip", "video"}
     assert 0.0 <= results["siglip"]["i2t_r1"] <= results["siglip"]["i2t_r5"] <= 1.0
+
+
+def test_zero3_trains_the_same_weights_as_zero2(local_ray: None, inputs: dict[str, Path],
+                                               tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    plain = next(tmp_path_factory.getbasetemp().rglob("plain/vit"), None)
+    if plain is None:
+        pytest.skip("needs the ZeRO-2 training run of the first test")
+    config = dataclasses.replace(small_config(), deepspeed=DeepSpeedSettings(zero_stage=3))
+    metrics = run_step(inputs, tmp_path / "zero3", config)  # parameters partitioned, gathered for export
+    assert metrics["restarts"] == 0 and metrics["video_steps"] == 2
+    zero2 = load_file(str(plain / "video" / "vit.safetensors"))
+    zero3 = load_file(str(tmp_path / "zero3" / "vit" / "video" / "vit.safetensors"))
+    for name, tensor in zero2.items():
+        assert torch.allclose(tensor, zero3[name], atol=1e-4, rtol=1e-3), name
