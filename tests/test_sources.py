@@ -14,7 +14,8 @@ from PIL import Image
 
 from components.data.config import SourceConfig
 from components.data.ingest import validate
-from components.data.sources import plan_reads, read_task, split_member_name
+from components.common.webdataset_tar import split_member_name
+from components.data.sources import plan_reads, read_task
 
 MAX_PIXELS = 178_956_970
 

@@ -82,11 +82,11 @@ def test_read_shard_groups_members_by_key(tmp_path: Path) -> None:
     assert counter == DropCounter()
 
 
-def test_read_shard_uses_the_file_name_not_folders(tmp_path: Path) -> None:
+def test_read_shard_keys_follow_webdatasets_rule_as_ingest_does(tmp_path: Path) -> None:
     shard = write_members(tmp_path / "s.tar", [("some/dir/k0.jpg", jpeg()), ("some/dir/k0.txt", b"x"),
                                                ("other/k1.jpg", jpeg()), ("other/k1.txt", b"y")])
     raws = list(read_shard(shard, DropCounter()))
-    assert keys_of(raws) == ["k0", "k1"]
+    assert keys_of(raws) == ["some/dir/k0", "other/k1"]  # the path up to the file name's first dot
     assert [raw.members["txt"] for raw in raws] == [b"x", b"y"]
 
 

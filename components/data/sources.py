@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from components.common.webdataset_tar import TarCut, iter_samples
 from components.data.config import SourceConfig
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -107,38 +107,17 @@ def read_task(task: ReadTask) -> Iterator[RawRecord]:
         raise ValueError(f"unknown read task kind {task.kind!r}")
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the path up to the first dot of the file name."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else "")
-
-
 def read_tar(path: Path, source: str) -> Iterator[RawRecord]:
     """Group consecutive members by key. A truncated or unreadable archive yields what it holds and
     one `read_error` record for the part that was lost."""
     shard = _stem(path)
-    group: dict[str, bytes] = {}
-    current: str | None = None
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if current is not None and key != current:
-                    yield _record_from_members(source, shard, current, group)
-                    group = {}
-                current = key
-                handle = tar.extractfile(member)
-                group[ext] = handle.read() if handle else b""
-    except (tarfile.TarError, OSError, EOFError) as error:
-        lost = current or "archive"
-        yield RawRecord(safe_key(source, shard, lost), source, meta={"file": str(path), "error": str(error)},
-                        read_error="tar_truncated" if current else "tar_unreadable")
-        return
-    if current is not None:
-        yield _record_from_members(source, shard, current, group)
+        for key, members in iter_samples(path):
+            yield _record_from_members(source, shard, key, members)
+    except TarCut as cut:
+        lost = cut.partial_key or "archive"
+        yield RawRecord(safe_key(source, shard, lost), source, meta={"file": str(path), "error": str(cut)},
+                        read_error="tar_truncated" if cut.partial_key else "tar_unreadable")
 
 
 def _record_from_members(source: str, shard: str, key: str, members: dict[str, bytes]) -> RawRecord:

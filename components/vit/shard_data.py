@@ -19,12 +19,13 @@ import io
 import json
 import logging
 import random
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from components.common.webdataset_tar import TarCut, iter_samples
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -78,46 +79,16 @@ def is_held_out(base_key: str, fraction: float) -> bool:
 
 
 def read_shard(path: Path, counter: DropCounter) -> Iterator[RawSample]:
-    """Members grouped by key (members of a sample are consecutive, as the shard writer writes them).
-
-    A shard cut short ends early: the samples before the cut are yielded, the one it cut into is
-    counted as `truncated_sample`, and the shard once as `truncated_shard`. A cut inside a member's
-    header reads to tarfile as a normal end, so the shard's size is also checked against where its
-    last member ends plus the two zero blocks that close every tar."""
-    current: RawSample | None = None
-    data_end = 0
+    """The shard's samples. A shard cut short ends early: the samples before the cut are yielded, the
+    one it cut into is counted as `truncated_sample`, and the shard once as `truncated_shard`."""
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if current is not None and key != current.key:
-                    yield current  # complete: the next sample's first member has begun
-                    current = None
-                if current is None:
-                    current = RawSample(key=key, members={})
-                handle = tar.extractfile(member)
-                current.members[ext] = handle.read() if handle is not None else b""
-                if len(current.members[ext]) != member.size:
-                    raise EOFError(f"member {member.name} is cut short")
-                data_end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    except (tarfile.TarError, EOFError, OSError) as error:  # a truncated or corrupt shard ends here
-        log.warning("shard %s is unreadable past a point (%s); the rest of it is skipped", path, error)
-        _count_truncation(counter, current)
-        return
-    if current is not None and path.stat().st_size < data_end + 2 * tarfile.BLOCKSIZE:
-        log.warning("shard %s ends without the closing tar blocks: its last sample may be partial, skipped", path)
-        _count_truncation(counter, current)
-        return
-    if current is not None:
-        yield current
-
-
-def _count_truncation(counter: DropCounter, partial: RawSample | None) -> None:
-    counter["truncated_shard"] += 1
-    if partial is not None:
-        counter["truncated_sample"] += 1
+        for key, members in iter_samples(path):
+            yield RawSample(key=key, members=members)
+    except TarCut as cut:
+        log.warning("shard %s is unreadable past a point (%s); the rest of it is skipped", path, cut)
+        counter["truncated_shard"] += 1
+        if cut.partial_key is not None:
+            counter["truncated_sample"] += 1
 
 
 class ShardStream:
