@@ -18,4 +18,5 @@ def record(path: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> 
                           "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"\nrecorded in {path.relative_to(REPO)}")
+    shown = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path  # e.g. a GPU machine's $OUT
+    print(f"\nrecorded in {shown}")

@@ -27,14 +27,12 @@ attention kernel with per-image SDPA on a small batch. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
+from results_file import record
 from vit_packing import Batch, budget_batch, packed_backend, synchronize, timed_step
 
 import torch
@@ -105,15 +103,6 @@ def run_mode(model: SeedViT, batches: list[Batch], mode: str, warmup: int, devic
             "peak_memory_gib": round(peak_memory, 2) if peak_memory is not None else None}
 
 
-def write_results(path: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """The same layout as results_file.record, to any path (the GPU machine writes outside the repo)."""
-    payload = settings | {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                          "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"\nwritten to {path}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default=None, help="comma-separated patch budgets per step "
@@ -173,7 +162,7 @@ def main() -> None:
         print(f"{r['token_budget']:>7} {r['mode']:>6} {r['images_per_step']:>8.1f} {r['patches_per_step']:>7} "
               f"{r['padding_waste_pct']:>7.1f} {r['step_ms']:>8.1f} {r['images_per_s']:>7.1f} "
               f"{r['patches_per_s']:>10,} {r['tflops']:>8.2f} {r['mfu_pct']:>6.2f} {memory}  {r['attention']}")
-    write_results(args.out, {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": dtype,
+    record(args.out, {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": dtype,
                              "tiny": args.tiny, "width": config.width, "depth": config.depth,
                              "heads": config.num_heads, "parameters": count_parameters(model),
                              "max_pixels": config.max_pixels, "short_side": list(short_side), "steps": steps,

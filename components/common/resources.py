@@ -23,6 +23,10 @@ class Resources:
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"resources.concurrency must be >= 1 or null, got {self.concurrency}")
 
+    def task_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `ray.remote` of a stage that runs as one Ray task."""
+        return {"num_cpus": self.num_cpus, **({"runtime_env": self.runtime_env} if self.runtime_env else {})}
+
     def map_kwargs(self, actors: bool = False) -> dict[str, Any]:
         """Keyword arguments for `Dataset.map_batches`: CPUs per task or actor, and the pool as `compute`
         (a task pool capped at `concurrency`, or an actor pool of that size for callable classes)."""

@@ -114,8 +114,7 @@ def clip_scorer(ctx: StageContext[ClipScorerConfig]) -> StageResult:
     import ray
 
     cfg = ctx.config
-    task = ray.remote(num_cpus=cfg.resources.num_cpus, **({"runtime_env": cfg.resources.runtime_env}
-                                                           if cfg.resources.runtime_env else {}))(train_scorer)
+    task = ray.remote(**cfg.resources.task_kwargs())(train_scorer)
     summary = ray.get(task.remote(cfg, str(ctx.outputs["scorer"]), ctx.seed))
     metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
     return StageResult(metrics=metrics, artifacts=["scorer/scorer.json"])

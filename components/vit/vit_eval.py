@@ -95,8 +95,7 @@ def vit_eval(ctx: StageContext[VitEvalConfig]) -> StageResult:
     import ray
 
     cfg = ctx.config
-    task = ray.remote(num_cpus=cfg.resources.num_cpus, **({"runtime_env": cfg.resources.runtime_env}
-                                                           if cfg.resources.runtime_env else {}))(run_eval)
+    task = ray.remote(**cfg.resources.task_kwargs())(run_eval)
     results = ray.get(task.remote(str(ctx.inputs["shards"]), str(ctx.inputs["vit"]), cfg.max_pairs,
                                   max(1, int(cfg.resources.num_cpus))))
     folder = ctx.outputs["eval"]
