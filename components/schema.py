@@ -8,10 +8,18 @@ from pathlib import Path
 
 from components.common.config import ConfigError, LayeredDict, build, parse_override, read_yaml
 from components.data.config import DataConfig
-from components.vit.config import TrainConfig
+from components.vit.config import VitEvalConfig, VitPretrainConfig
+from components.vlm.config import VlmConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    vit_pretrain: VitPretrainConfig = dataclasses.field(default_factory=VitPretrainConfig)
+    vit_eval: VitEvalConfig = dataclasses.field(default_factory=VitEvalConfig)
+    vlm: VlmConfig = dataclasses.field(default_factory=VlmConfig)
 
 
 @dataclasses.dataclass
@@ -93,6 +101,7 @@ def load_config(
         layered.merge(parse_override(override), f"--set {override}")
     config = build(PipelineConfig, layered)
     check_cross_fields(config, layered)
+    check_vlm(config, layered)
     return config, layered
 
 
@@ -125,6 +134,15 @@ def check_cross_fields(config: PipelineConfig, layered: LayeredDict) -> None:
                               "'train.vit_pretrain.teacher.weights' is empty, so MIM would distil a random "
                               "teacher: give a local open_clip checkpoint for teacher.architecture, use "
                               "'scorer', or set train.vit_pretrain.mim.enabled=false")
+
+
+def check_vlm(config: PipelineConfig, layered: LayeredDict) -> None:
+    vlm = config.train.vlm
+    stages = [name for name in ("stage0", "stage1", "stage2") if getattr(vlm, name).enabled]
+    if stages and not vlm.llm.pretrained_path and not vlm.llm_pretrain.enabled:
+        raise ConfigError(f"{layered.source_of('train.vlm.llm_pretrain.enabled')}: train.vlm.{stages[0]} needs an LLM "
+                          "but 'train.vlm.llm.pretrained_path' is empty and train.vlm.llm_pretrain is disabled: give a "
+                          "local Hugging Face MoE folder in train.vlm.llm.pretrained_path, or enable llm_pretrain")
 
 
 def _shown(path: Path) -> Path:

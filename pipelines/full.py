@@ -35,9 +35,15 @@ from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
 from components.data.video_samples import video_samples  # noqa: E402
 from components.vit.vit_eval import vit_eval  # noqa: E402
 from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
+from components.vlm.stages import llm_pretrain, vlm_stage0, vlm_stage1, vlm_stage2  # noqa: E402
 from components.schema import PipelineConfig, available, load_config  # noqa: E402
 from pipelines.runner import PipelineError, PipelineRunner, Selection, Step  # noqa: E402
 
+def vlm_stage_enabled(config: PipelineConfig, stage: str) -> bool:
+    return config.train.vit_pretrain.enabled and getattr(config.train.vlm, stage).enabled
+
+
+VLM_INPUTS: dict = {"shards": ("write_shards", "shards"), "vit": ("vit_pretrain", "vit"), "llm": ("llm_pretrain", "llm")}
 CURATED = [("dedup", "samples"), ("clip_filter", "samples"), ("basic_filters", "samples")]  # the first enabled
 STEPS = [
     Step(synthetic_crawl, enabled=lambda config: config.data.synthetic_crawl.enabled),
@@ -60,6 +66,13 @@ STEPS = [
          enabled=lambda config: config.train.vit_pretrain.enabled),
     Step(vit_eval, inputs={"shards": ("write_shards", "shards"), "vit": ("vit_pretrain", "vit")},
          enabled=lambda config: config.train.vit_pretrain.enabled and config.train.vit_eval.enabled),
+    Step(llm_pretrain, inputs={"shards": ("write_shards", "shards")},
+         enabled=lambda config: config.train.vlm.llm_pretrain.enabled and not config.train.vlm.llm.pretrained_path),
+    Step(vlm_stage0, inputs=VLM_INPUTS, enabled=lambda config: vlm_stage_enabled(config, "stage0")),
+    Step(vlm_stage1, inputs={**VLM_INPUTS, "previous": ("vlm_stage0", "vlm")},
+         enabled=lambda config: vlm_stage_enabled(config, "stage1")),
+    Step(vlm_stage2, inputs={**VLM_INPUTS, "previous": [("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
+         enabled=lambda config: vlm_stage_enabled(config, "stage2")),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -124,6 +137,9 @@ def missing_model_files(config: PipelineConfig, selection: Selection) -> str:
         if vit.mim.enabled:
             wanted.append(("train.vit_pretrain.teacher.weights", vit.teacher.weights))
         wanted.append(("train.vit_pretrain.text.weights", vit.text.weights))
+    llm_path = config.train.vlm.llm.pretrained_path
+    if llm_path and any(name.startswith("vlm_stage") for name in names):
+        wanted.append(("train.vlm.llm.pretrained_path", str(Path(llm_path).expanduser() / "config.json")))
     absent = [f"'{key}' = {path}" for key, path in wanted if path and path != "scorer" and not Path(path).is_file()]
     if not absent:
         return ""

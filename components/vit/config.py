@@ -146,9 +146,3 @@ class VitEvalConfig:
     enabled: bool = True
     max_pairs: int = 500
     resources: Resources = dataclasses.field(default_factory=Resources)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    vit_pretrain: VitPretrainConfig = dataclasses.field(default_factory=VitPretrainConfig)
-    vit_eval: VitEvalConfig = dataclasses.field(default_factory=VitEvalConfig)

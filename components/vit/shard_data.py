@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,11 @@ def is_held_out(base_key: str, fraction: float) -> bool:
     return digest / 2**64 < fraction
 
 
+def caption_split_key(raw: RawSample, task: str) -> str | None:
+    """The ViT's split: caption pairs by their original's key; other tasks are not split (None)."""
+    return raw.base_key() if task == "caption" else None
+
+
 def read_shard(path: Path, counter: DropCounter) -> Iterator[RawSample]:
     """The shard's samples. A shard cut short ends early: the samples before the cut are yielded, the
     one it cut into is counted as `truncated_sample`, and the shard once as `truncated_shard`."""
@@ -95,11 +100,13 @@ class ShardStream:
     """An endless stream of raw samples for one worker; `position` counts raw samples consumed."""
 
     def __init__(self, shards: list[Path], rank: int, world_size: int, seed: int, held_out: bool,
-                 holdout_fraction: float, counter: DropCounter) -> None:
+                 holdout_fraction: float, counter: DropCounter,
+                 split_key: Callable[[RawSample, str], str | None] = caption_split_key) -> None:
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.rank, self.world_size, self.seed = sorted(shards), rank, world_size, seed
         self.held_out, self.holdout_fraction, self.counter = held_out, holdout_fraction, counter
+        self.split_key = split_key  # (sample, task folder) -> the key its split hashes, or None: never held out
         self.position = 0
 
     def epoch(self, epoch: int) -> Iterator[RawSample]:
@@ -110,13 +117,14 @@ class ShardStream:
         mine = order[self.rank::self.world_size] if by_shard else order
         index = 0
         for shard in mine:
-            splittable = shard.parent.name == "caption"  # only caption pairs are held out, for retrieval
+            task = shard.parent.name
             for raw in read_shard(shard, self.counter):
                 if not by_shard:
                     index += 1
                     if (index - 1) % self.world_size != self.rank:
                         continue
-                held = splittable and is_held_out(raw.base_key(), self.holdout_fraction)
+                split_on = self.split_key(raw, task)
+                held = split_on is not None and is_held_out(split_on, self.holdout_fraction)
                 if held == self.held_out:
                     yield raw
 

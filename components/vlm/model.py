@@ -1,0 +1,232 @@
+"""The vision-language model: Seed-ViT -> 2x2 average pooling -> 2-layer MLP adapter -> a Hugging Face
+decoder-only mixture-of-experts LLM, with image features spliced in at the `<|image_pad|>` tokens; the
+LLM built from config or loaded from a pretrained folder; export and load as plain files.
+
+Training sequences are packed (position ids restart at every sample and no attention mask is passed, so
+transformers keeps attention inside each sample); the loss is the next-token cross-entropy on answer
+tokens only (labels -100 elsewhere) plus the router's load-balancing loss times its coefficient.
+An export is `vit.safetensors` + `adapter.safetensors` + `llm/` (Hugging Face `save_pretrained`, with
+the tokenizer) + `config.json`; `load_vlm` reads it back with no DeepSpeed, Ray or pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.common.torchvision_compat import ensure_torchvision_importable
+from components.vit.config import SeedViTConfig
+from components.vit.model import SeedViT
+from components.vlm.config import LlmConfig
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+EXPORT_ARCHITECTURE = "seedvl_vlm"
+
+
+def quiet_transformers() -> None:
+    """transformers' import guard for torchvision, and no progress bars in job logs."""
+    ensure_torchvision_importable()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def build_llm(config: LlmConfig, vocab_size: int, pad_id: int) -> Any:
+    """A randomly initialised MoE causal LM of `config.model_type` with `vocab_size` tokens."""
+    quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {
+        "vocab_size": vocab_size, "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings, "rope_theta": config.rope_theta,
+        "router_aux_loss_coef": config.router_aux_loss_coef, "output_router_logits": True,
+        "tie_word_embeddings": True, "pad_token_id": pad_id, "bos_token_id": None, "eos_token_id": None,
+    }
+    moe = {  # the names each family uses for the expert count, width and top-k
+        "qwen3_moe": {"num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
+                      "moe_intermediate_size": config.moe_intermediate_size, "decoder_sparse_step": 1},
+        "qwen2_moe": {"num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
+                      "moe_intermediate_size": config.moe_intermediate_size, "decoder_sparse_step": 1,
+                      "shared_expert_intermediate_size": config.moe_intermediate_size},
+        "mixtral": {"num_local_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token},
+        "olmoe": {"num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token},
+    }
+    if config.model_type not in moe:
+        raise ValueError(f"train.vlm.llm.model_type={config.model_type!r} cannot be built from config; use one of "
+                         f"{sorted(moe)} or give a pretrained folder in train.vlm.llm.pretrained_path")
+    hf_config = AutoConfig.for_model(config.model_type, **sizes, **moe[config.model_type])
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+
+
+def load_llm(folder: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A pretrained causal LM from a local Hugging Face folder, router logits on (for the balancing loss)."""
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+    model.config.output_router_logits = hasattr(model.config, "router_aux_loss_coef")
+    if not model.config.output_router_logits:
+        log.warning("%s is not a mixture-of-experts model (no router); training it without a balancing loss", folder)
+    return model
+
+
+class MlpAdapter(nn.Module):
+    """The 2-layer MLP from the ViT's width to the LLM's."""
+
+    def __init__(self, vit_width: int, llm_width: int, hidden: int = 0) -> None:
+        super().__init__()
+        hidden = hidden or llm_width
+        self.norm = nn.LayerNorm(vit_width)
+        self.fc1 = nn.Linear(vit_width, hidden)
+        self.fc2 = nn.Linear(hidden, llm_width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(features))))
+
+
+@dataclasses.dataclass
+class VlmLoss:
+    loss: torch.Tensor  # what backpropagates: lm_loss + coefficient * aux_loss
+    lm_loss: torch.Tensor  # mean cross-entropy over answer tokens
+    aux_loss: torch.Tensor  # the router's load-balancing loss (0 for a dense LLM)
+    answer_tokens: int
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, vit: SeedViT, llm: Any, image_pad_id: int, adapter_hidden: int = 0) -> None:
+        super().__init__()
+        self.vit = vit
+        self.llm = llm
+        self.adapter = MlpAdapter(vit.config.width, llm.config.hidden_size, adapter_hidden)
+        self.image_pad_id = image_pad_id
+
+    @property
+    def aux_loss_coef(self) -> float:
+        return float(getattr(self.llm.config, "router_aux_loss_coef", 0.0))
+
+    def image_embeddings(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
+        """(pooled tokens of all images, LLM width): ViT on the packed patches, pooled 2x2, through the adapter."""
+        return self.adapter(self.vit(pixel_values, grid_hw).pooled)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              grid_hw: torch.Tensor | None = None, image_order: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image features written over the `<|image_pad|>` positions, in order.
+        `image_order` (optional) permutes whole images first (the image-use gap's shuffled control)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        slots = input_ids == self.image_pad_id
+        num_slots = int(slots.sum())
+        if pixel_values is None or grid_hw is None or len(grid_hw) == 0:
+            if num_slots:
+                raise ValueError(f"{num_slots} image placeholder tokens but no images")
+            return embeds
+        features = self.image_embeddings(pixel_values, grid_hw)
+        if image_order is not None:
+            counts = (grid_hw[:, 0] * grid_hw[:, 1] // self.vit.config.merge_size ** 2).tolist()
+            pieces = torch.split(features, counts)
+            features = torch.cat([pieces[i] for i in image_order.tolist()])
+        if features.shape[0] != num_slots:
+            raise ValueError(f"{features.shape[0]} image tokens for {num_slots} placeholder tokens")
+        return embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, grid_hw: torch.Tensor | None = None,
+                image_order: torch.Tensor | None = None) -> VlmLoss:
+        """Packed batch [B, T]: next-token loss on the answer tokens, plus the balancing loss."""
+        embeds = self.embed(input_ids, pixel_values, grid_hw, image_order)
+        out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
+        lm_loss, count = answer_loss(out.logits, labels)
+        aux = getattr(out, "aux_loss", None)
+        aux = aux if aux is not None else lm_loss.new_zeros(())
+        return VlmLoss(loss=lm_loss + self.aux_loss_coef * aux, lm_loss=lm_loss, aux_loss=aux, answer_tokens=count)
+
+    @torch.no_grad()
+    def generate(self, input_ids: list[list[int]], pixel_values: torch.Tensor | None, grid_hw: torch.Tensor | None,
+                 max_new_tokens: int, eos_id: int, pad_id: int) -> list[list[int]]:
+        """Greedy decoding with a KV cache for a batch of prompts (left-padded, images in prompt order)."""
+        device = self.adapter.fc1.weight.device
+        longest = max(len(ids) for ids in input_ids)
+        padded = torch.full((len(input_ids), longest), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(padded)
+        for row, ids in enumerate(input_ids):
+            padded[row, longest - len(ids):] = torch.tensor(ids, device=device)
+            mask[row, longest - len(ids):] = 1
+        embeds = self.embed(padded, pixel_values, grid_hw)
+        output = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id,
+                                   output_router_logits=False)
+        return [[t for t in row.tolist()] for row in output]
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy where labels are not -100 (logits at t predict labels at t+1)."""
+    targets = labels[:, 1:]
+    count = int((targets != IGNORE_INDEX).sum())
+    if count == 0:
+        return logits.sum() * 0.0, 0
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / count, count
+
+
+def set_trainable(model: VisionLanguageModel, parts: list[str]) -> dict[str, int]:
+    """Freeze everything but `parts` (of vit, adapter, llm); the parameter count of each part that trains."""
+    counts = {}
+    for part in ("vit", "adapter", "llm"):
+        module = getattr(model, part)
+        train = part in parts
+        for parameter in module.parameters():
+            parameter.requires_grad_(train)
+        counts[part] = sum(p.numel() for p in module.parameters()) if train else 0
+    return counts
+
+
+def export_vlm(model: VisionLanguageModel, tokenizer: Any, folder: Path, summary: dict[str, Any]) -> None:
+    """Write the plain checkpoint atomically (a `.tmp` sibling renamed into place)."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    plain = {k: v.detach().float().contiguous().clone() for k, v in model.vit.state_dict().items()}
+    save_file(plain, str(tmp / "vit.safetensors"))
+    save_file({k: v.detach().float().contiguous().clone() for k, v in model.adapter.state_dict().items()},
+              str(tmp / "adapter.safetensors"))
+    model.llm.save_pretrained(str(tmp / "llm"), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp / "llm"))
+    config = {"architecture": EXPORT_ARCHITECTURE, "vit": dataclasses.asdict(model.vit.config),
+              "adapter": {"vit_width": model.vit.config.width, "llm_width": model.llm.config.hidden_size,
+                          "hidden": model.adapter.fc1.out_features},
+              "image_pad_id": model.image_pad_id, **summary}
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.replace(folder)
+
+
+def load_vlm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+    """An exported VLM in eval mode, with its tokenizer and saved config (safetensors only, no pickles)."""
+    from safetensors.torch import load_file
+
+    from components.vlm.tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    if saved.get("architecture") != EXPORT_ARCHITECTURE:
+        raise ValueError(f"{folder}/config.json is not a VLM export (architecture={saved.get('architecture')!r})")
+    vit = SeedViT(SeedViTConfig(**saved["vit"]))
+    vit.load_state_dict(load_file(str(folder / "vit.safetensors")))
+    llm = load_llm(folder / "llm")
+    model = VisionLanguageModel(vit, llm, int(saved["image_pad_id"]), int(saved["adapter"]["hidden"]))
+    model.adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
+    return model.to(device).eval(), load_tokenizer(folder / "llm"), saved

@@ -1,0 +1,478 @@
+"""Tests of the vision-language model (components/vlm/model.py) on tiny random models: image features
+spliced at the `<|image_pad|>` tokens, the packed answer loss (equal to per-sample losses, images
+included), the router's balancing loss, freezing, the shuffled-image control, greedy decoding with a
+KV cache against a plain loop, export/load as plain files, and building the LLM families."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from components.common.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+from components.vit.config import SeedViTConfig  # noqa: E402
+from components.vit.model import SeedViT  # noqa: E402
+from components.vlm.config import LlmConfig  # noqa: E402
+from components.vlm.conversation import IGNORE_INDEX, EncodedSample, encode_sample, prompt_ids  # noqa: E402
+from components.vlm.data import image_token_count, images_to_vit_input  # noqa: E402
+from components.vlm.model import (  # noqa: E402
+    EXPORT_ARCHITECTURE,
+    VisionLanguageModel,
+    answer_loss,
+    build_llm,
+    export_vlm,
+    load_vlm,
+    set_trainable,
+)
+from components.vlm.packing import Packer, collate  # noqa: E402
+from components.vlm.tokenizer import SpecialIds, train_tokenizer  # noqa: E402
+
+VIT_CONFIG = SeedViTConfig(width=32, depth=2, num_heads=2, min_pixels=3136, max_pixels=12544)
+
+
+def _corpus() -> list[str]:
+    colors, shapes, places = ("red", "blue", "green", "purple"), ("circle", "square", "triangle"), ("white", "black")
+    texts = [f"a {c} {s} on a {p} background" for c in colors for s in shapes for p in places]
+    texts += [f"How many {c} {s}s are there? {n}" for c in colors for s in shapes for n in range(4)]
+    texts += ["Describe the image.", "What is shown in this picture?", "Read all the text in the image.",
+              "<box>[733, 79, 793, 156]</box>", "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"]
+    return texts * 3
+
+
+def llm_config(**overrides: Any) -> LlmConfig:
+    sizes = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+                 moe_intermediate_size=64, num_experts=4, experts_per_token=2, vocab_size=400,
+                 max_position_embeddings=1024)
+    return LlmConfig(**(sizes | overrides))
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return train_tokenizer(_corpus(), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def ids(tok: Any) -> SpecialIds:
+    return SpecialIds.of(tok)
+
+
+def make_model(tok: Any, seed: int = 0, **overrides: Any) -> VisionLanguageModel:
+    torch.manual_seed(seed)
+    special = SpecialIds.of(tok)
+    llm = build_llm(llm_config(**overrides), vocab_size=len(tok), pad_id=special.pad)
+    return VisionLanguageModel(SeedViT(VIT_CONFIG), llm, special.image_pad).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok: Any) -> VisionLanguageModel:
+    """Shared and never modified by a test (tests that train or freeze build their own)."""
+    return make_model(tok)
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def text_ids(tok: Any, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def vision_run(ids: SpecialIds, count: int) -> list[int]:
+    return [ids.vision_start, *[ids.image_pad] * count, ids.vision_end]
+
+
+def two_image_prompt(tok: Any, ids: SpecialIds, counts: list[int]) -> list[int]:
+    return ([ids.im_start, *text_ids(tok, "user\nWhat is in")] + vision_run(ids, counts[0])
+            + text_ids(tok, " and in ") + vision_run(ids, counts[1]) + text_ids(tok, " ?") + [ids.im_end])
+
+
+# ---------------------------------------------------------------------------------------------------
+# embed
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_embed_writes_image_features_at_placeholders_in_order(tok: Any, ids: SpecialIds,
+                                                              model: VisionLanguageModel) -> None:
+    images = [noise_image(56, 56, 1), noise_image(84, 56, 2)]  # 4 and 6 pooled tokens
+    counts = [image_token_count(image, VIT_CONFIG) for image in images]
+    assert counts == [4, 6]
+    input_ids = torch.tensor([two_image_prompt(tok, ids, counts)])
+    packed = images_to_vit_input(images, VIT_CONFIG)
+    with torch.no_grad():
+        embeds = model.embed(input_ids, packed.pixel_values, packed.grid_hw)
+        plain = model.llm.get_input_embeddings()(input_ids)
+        alone = [model.image_embeddings(p.pixel_values, p.grid_hw)
+                 for p in (images_to_vit_input([image], VIT_CONFIG) for image in images)]
+    slots = (input_ids[0] == ids.image_pad).nonzero().flatten()
+    assert len(slots) == sum(counts)
+    others = input_ids[0] != ids.image_pad
+    assert torch.equal(embeds[0, others], plain[0, others])  # every other position: the plain embedding
+    # the first run holds the first image's tokens, the second run the second's (each computed alone)
+    torch.testing.assert_close(embeds[0, slots[:4]], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds[0, slots[4:]], alone[1], atol=1e-5, rtol=1e-5)
+    assert (embeds[0, slots] - plain[0, slots]).abs().max() > 1e-2  # the features did replace the pads
+    assert (alone[0].mean(0) - alone[1].mean(0)).abs().max() > 1e-4  # the two images are distinguishable
+
+
+def test_embed_rejects_placeholder_and_image_token_mismatch(tok: Any, ids: SpecialIds,
+                                                            model: VisionLanguageModel) -> None:
+    images = [noise_image(56, 56, 1), noise_image(84, 56, 2)]
+    packed = images_to_vit_input(images, VIT_CONFIG)
+    for counts in ([4, 5], [4, 7], [6, 4 + 1]):
+        input_ids = torch.tensor([two_image_prompt(tok, ids, counts)])
+        with pytest.raises(ValueError, match="placeholder"):
+            model.embed(input_ids, packed.pixel_values, packed.grid_hw)
+    no_slots = torch.tensor([text_ids(tok, "a red circle")])
+    with pytest.raises(ValueError):
+        model.embed(no_slots, packed.pixel_values, packed.grid_hw)  # images but no placeholders
+
+
+def test_embed_rejects_placeholders_without_images(tok: Any, ids: SpecialIds, model: VisionLanguageModel) -> None:
+    input_ids = torch.tensor([two_image_prompt(tok, ids, [4, 6])])
+    with pytest.raises(ValueError, match="no images"):
+        model.embed(input_ids)
+    with pytest.raises(ValueError, match="no images"):
+        model.embed(input_ids, torch.zeros(0, VIT_CONFIG.patch_dim), torch.zeros(0, 2, dtype=torch.long))
+    text_only = torch.tensor([text_ids(tok, "a red circle on a white background")])
+    with torch.no_grad():
+        assert torch.equal(model.embed(text_only), model.llm.get_input_embeddings()(text_only))
+
+
+def test_image_order_permutes_whole_images(tok: Any, ids: SpecialIds, model: VisionLanguageModel) -> None:
+    first, second = noise_image(84, 56, 3), noise_image(84, 56, 4)  # same size: 6 tokens each
+    input_ids = torch.tensor([two_image_prompt(tok, ids, [6, 6])])
+    given = images_to_vit_input([first, second], VIT_CONFIG)
+    swapped = images_to_vit_input([second, first], VIT_CONFIG)
+    with torch.no_grad():
+        permuted = model.embed(input_ids, given.pixel_values, given.grid_hw, image_order=torch.tensor([1, 0]))
+        reference = model.embed(input_ids, swapped.pixel_values, swapped.grid_hw)
+        unpermuted = model.embed(input_ids, given.pixel_values, given.grid_hw)
+        identity = model.embed(input_ids, given.pixel_values, given.grid_hw, image_order=torch.tensor([0, 1]))
+    torch.testing.assert_close(permuted, reference, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(identity, unpermuted, atol=1e-6, rtol=1e-6)
+    assert (permuted - unpermuted).abs().max() > 1e-3  # control: the order matters
+
+
+# ---------------------------------------------------------------------------------------------------
+# answer_loss and forward
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_answer_loss_is_shifted_and_counts_only_labelled_tokens() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    # position 0's label never counts (nothing predicts it); -100 elsewhere is skipped
+    labels = torch.tensor([[4, 3, IGNORE_INDEX, 7, 2], [IGNORE_INDEX, IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX]])
+    loss, count = answer_loss(logits, labels)
+    pairs = [(0, 0, 3), (0, 2, 7), (0, 3, 2), (1, 1, 9)]  # (row, logits position t, label at t + 1)
+    expected = sum(F.cross_entropy(logits[r, t][None], torch.tensor([y])) for r, t, y in pairs) / len(pairs)
+    assert count == 4
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    unshifted = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert abs(float(loss) - float(unshifted)) > 1e-3  # control: the unshifted loss is another number
+
+
+def test_answer_loss_without_labels_is_zero_and_differentiable() -> None:
+    logits = torch.randn(1, 4, 7, requires_grad=True)
+    for labels in (torch.full((1, 4), IGNORE_INDEX), torch.tensor([[5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])):
+        loss, count = answer_loss(logits, labels)
+        assert count == 0 and loss.item() == 0.0 and loss.dim() == 0
+        loss.backward()  # stays in the graph, so a step with no answer tokens does not crash
+        assert logits.grad is not None and float(logits.grad.abs().sum()) == 0.0
+
+
+def _encoded_pair(tok: Any) -> tuple[list[EncodedSample], list[list[Image.Image]]]:
+    images_a = [noise_image(56, 56, 5), noise_image(84, 56, 6)]
+    images_b = [noise_image(60, 100, 7)]
+    samples = []
+    for key, images, turns in (
+            ("a", images_a, [("<image>\nWhat is left of <image>?", "a red circle")]),
+            ("b", images_b, [("<image>\nDescribe the image.", "a blue square on a white background"),
+                             ("How many squares are there?", "1")])):
+        samples.append(encode_sample(key=key, task="caption", turns=turns, tokenizer=tok, media=images,
+                                     image_token_counts=[image_token_count(i, VIT_CONFIG) for i in images],
+                                     max_tokens=256))
+    return samples, [images_a, images_b]
+
+
+def test_packed_forward_loss_equals_per_sample_losses(tok: Any, ids: SpecialIds, model: VisionLanguageModel) -> None:
+    samples, _ = _encoded_pair(tok)
+    packer = Packer(max_tokens=256, max_images=8, pad_id=ids.pad, buffer_size=4)
+    for sample in samples:
+        assert packer.add(sample) == []
+    [pack] = packer.flush()
+    assert [s.key for s in pack.samples] == ["a", "b"] and pack.num_padding > 0 and pack.num_images == 3
+    batch = collate([pack])
+    packed_images = images_to_vit_input(pack.media, VIT_CONFIG)
+    with torch.no_grad():
+        packed = model(batch["input_ids"], batch["position_ids"], batch["labels"],
+                       packed_images.pixel_values, packed_images.grid_hw)
+        total, tokens = 0.0, 0
+        for sample in samples:
+            alone_images = images_to_vit_input(sample.media, VIT_CONFIG)
+            alone = model(torch.tensor([sample.input_ids]), torch.arange(sample.length)[None],
+                          torch.tensor([sample.labels]), alone_images.pixel_values, alone_images.grid_hw)
+            total += float(alone.lm_loss) * alone.answer_tokens
+            tokens += alone.answer_tokens
+        # control: positions that do not restart let sample b attend to sample a
+        leaky = model(batch["input_ids"], torch.arange(pack.num_tokens)[None], batch["labels"],
+                      packed_images.pixel_values, packed_images.grid_hw)
+    answer_tokens = sum(sum(1 for label in s.labels[1:] if label != IGNORE_INDEX) for s in samples)
+    assert packed.answer_tokens == tokens == answer_tokens > 0
+    assert abs(float(packed.lm_loss) - total / tokens) < 1e-5
+    assert abs(float(leaky.lm_loss) - total / tokens) > 1e-4
+
+
+def test_aux_loss_is_positive_and_added_with_its_coefficient(tok: Any) -> None:
+    model = make_model(tok, router_aux_loss_coef=0.25)
+    assert model.aux_loss_coef == 0.25
+    samples, _ = _encoded_pair(tok)
+    sample = samples[0]
+    images = images_to_vit_input(sample.media, VIT_CONFIG)
+    with torch.no_grad():
+        out = model(torch.tensor([sample.input_ids]), torch.arange(sample.length)[None], torch.tensor([sample.labels]),
+                    images.pixel_values, images.grid_hw)
+    assert out.aux_loss.dim() == 0 and torch.isfinite(out.aux_loss) and float(out.aux_loss) > 0
+    assert torch.isfinite(out.lm_loss) and float(out.lm_loss) > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.25 * out.aux_loss, atol=1e-6, rtol=1e-6)
+    assert abs(float(out.loss - out.lm_loss)) > 1e-3  # the balancing loss does move the total
+
+
+# ---------------------------------------------------------------------------------------------------
+# set_trainable
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_set_trainable_adapter_only_gives_only_adapter_grads(tok: Any) -> None:
+    model = make_model(tok).train()
+    counts = set_trainable(model, ["adapter"])
+    adapter_size = sum(p.numel() for p in model.adapter.parameters())
+    assert counts == {"vit": 0, "adapter": adapter_size, "llm": 0} and adapter_size > 0
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("adapter.") for name in trainable)
+    assert trainable == {f"adapter.{name}" for name, _ in model.adapter.named_parameters()}
+    samples, _ = _encoded_pair(tok)
+    sample = samples[1]
+    images = images_to_vit_input(sample.media, VIT_CONFIG)
+    out = model(torch.tensor([sample.input_ids]), torch.arange(sample.length)[None], torch.tensor([sample.labels]),
+                images.pixel_values, images.grid_hw)
+    out.loss.backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith("adapter."):
+            assert parameter.grad is not None and float(parameter.grad.abs().sum()) > 0, name
+        else:
+            assert parameter.grad is None, name
+    counts = set_trainable(model, ["vit", "adapter", "llm"])
+    assert all(p.requires_grad for p in model.parameters())
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tok: Any) -> VisionLanguageModel:
+    """A model with larger random weights, so greedy decoding does not repeat one token and the top
+    two logits are far apart (no ties that rounding could flip between the cached and plain paths)."""
+    model = make_model(tok, seed=1)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.llm.parameters():
+            if parameter.dim() >= 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model
+
+
+def manual_greedy(model: VisionLanguageModel, prompt: list[int], images: list[Image.Image], steps: int,
+                  eos_id: int | None = None) -> tuple[list[int], float]:
+    """Greedy tokens of one prompt alone, a full forward pass (no cache) per step; and the smallest
+    gap between the top two logits met."""
+    packed = images_to_vit_input(images, VIT_CONFIG)
+    out: list[int] = []
+    smallest_gap = float("inf")
+    with torch.no_grad():
+        prompt_embeds = model.embed(torch.tensor([prompt]), packed.pixel_values if packed else None,
+                                    packed.grid_hw if packed else None)
+        for _ in range(steps):
+            new = model.llm.get_input_embeddings()(torch.tensor([out], dtype=torch.long))
+            logits = model.llm(inputs_embeds=torch.cat([prompt_embeds, new], dim=1), use_cache=False).logits[0, -1]
+            top = logits.topk(2)
+            smallest_gap = min(smallest_gap, float(top.values[0] - top.values[1]))
+            out.append(int(top.indices[0]))
+            if out[-1] == eos_id:
+                break
+    return out, smallest_gap
+
+
+def _generation_prompts(tok: Any) -> tuple[list[list[int]], list[list[Image.Image]]]:
+    images = [[noise_image(56, 56, 8)], [noise_image(84, 56, 9), noise_image(56, 84, 10)]]
+    questions = ["<image>\nWhat is this?", "<image> and <image>\nDescribe the two images in one sentence."]
+    prompts = []
+    for question, pictures in zip(questions, images):
+        prompt, used = prompt_ids(tokenizer=tok, question=question,
+                                  image_token_counts=[image_token_count(p, VIT_CONFIG) for p in pictures])
+        assert len(used) == len(pictures)
+        prompts.append(prompt)
+    assert len(prompts[0]) < len(prompts[1])  # the first prompt is left-padded
+    return prompts, images
+
+
+def test_generate_matches_a_greedy_loop_without_cache(tok: Any, ids: SpecialIds,
+                                                      sharp_model: VisionLanguageModel) -> None:
+    prompts, images = _generation_prompts(tok)
+    steps = 6
+    expected = []
+    for prompt, pictures in zip(prompts, images):
+        tokens, gap = manual_greedy(sharp_model, prompt, pictures, steps)
+        assert gap > 1e-3, "random weights gave a near tie; the comparison would be fragile"
+        expected.append(tokens)
+    assert ids.im_end not in expected[0] + expected[1]  # so nothing stops early here
+    assert len(set(expected[0] + expected[1])) > 2  # not one repeated token
+    all_images = images_to_vit_input(images[0] + images[1], VIT_CONFIG)
+    generated = sharp_model.generate(prompts, all_images.pixel_values, all_images.grid_hw, steps,
+                                     eos_id=ids.im_end, pad_id=ids.pad)
+    assert generated == expected
+    # the same prompts one at a time (no padding) give the same tokens
+    for prompt, pictures, tokens in zip(prompts, images, expected):
+        alone = images_to_vit_input(pictures, VIT_CONFIG)
+        assert sharp_model.generate([prompt], alone.pixel_values, alone.grid_hw, steps,
+                                    eos_id=ids.im_end, pad_id=ids.pad) == [tokens]
+
+
+def test_generate_stops_at_eos(tok: Any, ids: SpecialIds, sharp_model: VisionLanguageModel) -> None:
+    prompts, images = _generation_prompts(tok)
+    steps = 6
+    free = [manual_greedy(sharp_model, prompt, pictures, steps)[0] for prompt, pictures in zip(prompts, images)]
+    # call the first token that the first prompt produces later than at step 0 and not before "eos":
+    # decoding of that prompt must stop right after it
+    stop = next(k for k in range(1, steps) if free[0][k] not in free[0][:k])
+    eos = free[0][stop]
+    assert eos != ids.pad
+    expected = [manual_greedy(sharp_model, prompt, pictures, steps, eos_id=eos)[0]
+                for prompt, pictures in zip(prompts, images)]
+    assert expected[0] == free[0][:stop + 1]
+    all_images = images_to_vit_input(images[0] + images[1], VIT_CONFIG)
+    generated = sharp_model.generate(prompts, all_images.pixel_values, all_images.grid_hw, steps,
+                                     eos_id=eos, pad_id=ids.pad)
+    assert len(generated) == 2
+    for row, tokens in zip(generated, expected):
+        assert row[:len(tokens)] == tokens
+        assert all(t == ids.pad for t in row[len(tokens):])  # a finished row is padded, never continued
+    if eos not in expected[1]:
+        assert generated[1] == expected[1] and len(generated[1]) == steps
+
+
+# ---------------------------------------------------------------------------------------------------
+# export and load
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_path: Path) -> None:
+    model = make_model(tok, seed=3)
+    with torch.no_grad():  # a non-default adapter, so loading it is visible
+        for parameter in model.adapter.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    folder = tmp_path / "export" / "stage1"
+    (folder).mkdir(parents=True)
+    (folder / "stale.txt").write_text("from an earlier export")  # replaced, not merged
+    export_vlm(model, tok, folder, {"stage": "stage1", "step": 7})
+    names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {"vit.safetensors", "adapter.safetensors", "config.json", "llm/config.json"} <= names
+    assert "llm/model.safetensors" in names or "llm/model.safetensors.index.json" in names
+    assert "llm/tokenizer.json" in names and "llm/tokenizer_config.json" in names
+    assert not [n for n in names if n.endswith((".pt", ".bin", ".pkl", ".pth"))]
+    assert "stale.txt" not in names and not (folder.parent / "stage1.tmp").exists()
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["architecture"] == EXPORT_ARCHITECTURE and saved["stage"] == "stage1" and saved["step"] == 7
+    assert saved["image_pad_id"] == ids.image_pad
+
+    loaded, loaded_tok, loaded_config = load_vlm(folder)
+    assert not loaded.training and loaded_config == saved
+    assert loaded.image_pad_id == ids.image_pad and SpecialIds.of(loaded_tok) == ids
+    samples, _ = _encoded_pair(tok)
+    sample = samples[0]
+    assert text_ids(loaded_tok, "a red circle on a white background") == \
+        text_ids(tok, "a red circle on a white background")
+    images = images_to_vit_input(sample.media, VIT_CONFIG)
+    with torch.no_grad():
+        logits = [m.llm(inputs_embeds=m.embed(torch.tensor([sample.input_ids]), images.pixel_values, images.grid_hw),
+                        use_cache=False).logits for m in (model, loaded)]
+        other = make_model(tok, seed=4)
+        control = other.llm(inputs_embeds=other.embed(torch.tensor([sample.input_ids]), images.pixel_values,
+                                                      images.grid_hw), use_cache=False).logits
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-6, rtol=1e-6)
+    assert (control - logits[0]).abs().max() > 1e-3
+
+
+def test_load_vlm_rejects_another_architecture(tok: Any, tmp_path: Path) -> None:
+    folder = tmp_path / "vlm"
+    export_vlm(make_model(tok), tok, folder, {})
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"architecture": "llava"}))
+    with pytest.raises(ValueError, match="architecture"):
+        load_vlm(other)
+    del config["architecture"]
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="architecture"):
+        load_vlm(other)
+
+
+# ---------------------------------------------------------------------------------------------------
+# build_llm
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_build_llm_rejects_an_unknown_model_type(ids: SpecialIds) -> None:
+    with pytest.raises(ValueError, match=r"train\.vlm\.llm\.model_type"):
+        build_llm(llm_config(model_type="llama"), vocab_size=300, pad_id=ids.pad)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+def test_build_llm_families_run_a_vlm_forward(tok: Any, ids: SpecialIds, model_type: str) -> None:
+    torch.manual_seed(0)
+    llm = build_llm(llm_config(model_type=model_type), vocab_size=len(tok), pad_id=ids.pad)
+    assert llm.config.model_type == model_type
+    assert llm.get_input_embeddings().weight.shape == (len(tok), 64)
+    assert llm.config.num_hidden_layers == 2 and llm.config.output_router_logits
+    model = VisionLanguageModel(SeedViT(VIT_CONFIG), llm, ids.image_pad).eval()
+    samples, _ = _encoded_pair(tok)
+    sample = samples[1]
+    images = images_to_vit_input(sample.media, VIT_CONFIG)
+    with torch.no_grad():
+        out = model(torch.tensor([sample.input_ids]), torch.arange(sample.length)[None], torch.tensor([sample.labels]),
+                    images.pixel_values, images.grid_hw)
+    assert torch.isfinite(out.loss) and float(out.lm_loss) > 0 and float(out.aux_loss) > 0
+    assert out.answer_tokens == sum(1 for label in sample.labels[1:] if label != IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe",
+                                        pytest.param("mixtral", marks=pytest.mark.xfail(strict=True, reason=(
+                                            "build_llm passes no expert width for mixtral: its experts are "
+                                            "intermediate_size wide, moe_intermediate_size is ignored"))),
+                                        pytest.param("olmoe", marks=pytest.mark.xfail(strict=True, reason=(
+                                            "build_llm passes no expert width for olmoe: its experts are "
+                                            "intermediate_size wide, moe_intermediate_size is ignored")))])
+def test_build_llm_experts_are_moe_intermediate_size_wide(ids: SpecialIds, model_type: str) -> None:
+    """LlmConfig documents moe_intermediate_size as each expert's MLP width (intermediate_size is the
+    width of dense, non-MoE layers), and build_llm maps "the names each family uses for the expert count,
+    width and top-k"."""
+    llm = build_llm(llm_config(model_type=model_type, num_layers=1, intermediate_size=128, moe_intermediate_size=48),
+                    vocab_size=300, pad_id=ids.pad)
+    expert_widths = {tuple(p.shape)[-1] for name, p in llm.named_parameters()
+                     if "experts" in name and "down_proj" in name}
+    assert expert_widths == {48}
