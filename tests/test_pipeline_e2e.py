@@ -26,7 +26,13 @@ SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthet
          "--set", "data.clip_scorer.max_steps=20", "--set", "data.ocr.num_samples=16",
          "--set", "data.grounding.num_samples=16", "--set", "data.video.synthetic_clips=1",
          "--set", "train.vit_pretrain.mim.steps=3", "--set", "train.vit_pretrain.siglip.steps=3",
-         "--set", "train.vit_pretrain.video.steps=2", "--set", "train.vit_pretrain.checkpoint_every=2"]
+         "--set", "train.vit_pretrain.video.steps=2", "--set", "train.vit_pretrain.checkpoint_every=2",
+         # the VLM steps (tests/test_vlm_pipeline.py covers them; the job-submit test runs them too)
+         "--set", "train.vlm.llm_pretrain.steps=4", "--set", "train.vlm.stage0.steps=2",
+         "--set", "train.vlm.stage1.steps=3", "--set", "train.vlm.stage2.steps=2",
+         "--set", "train.vlm.checkpoint_every=1", "--set", "train.vlm.eval.max_items_per_kind=2",
+         "--set", "train.vlm.eval.max_new_tokens=4", "--set", "train.vlm.eval.batch_size=4",
+         "--set", "train.vlm.eval.gap_batches=1", "--set", "train.vlm.holdout_fraction=0.3"]
 ALL_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "rebalance",
              "ocr_samples", "grounding_samples", "video_samples", "write_shards", "vit_pretrain", "vit_eval")
 
@@ -37,8 +43,10 @@ def expect(ran: set[str], upto: str = "vit_eval") -> dict[str, str]:
 
 
 def run_pipeline(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The pipeline through vit_eval (unless `args` select otherwise): the data and ViT steps."""
     env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
-    done = subprocess.run([sys.executable, "pipelines/full.py", *SMALL, *args], cwd=REPO, env=env,
+    until = [] if {"--until", "--only"} & set(args) else ["--until", "vit_eval"]
+    done = subprocess.run([sys.executable, "pipelines/full.py", *SMALL, *until, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and done.returncode != 0:
         raise AssertionError(f"pipeline failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -198,10 +206,11 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
         submitted = subprocess.run(
             [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
              "python", "pipelines/full.py", *SMALL, "--set", f"run.root={root}"],
-            env=env, capture_output=True, text=True, timeout=900)
+            env=env, capture_output=True, text=True, timeout=1500)
         assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
         assert "succeeded" in submitted.stdout
-        assert set(statuses(root).values()) == {"ran"}
+        ran = statuses(root)
+        assert set(ran.values()) == {"ran"} and {"llm_pretrain", "vlm_stage0", "vlm_stage1", "vlm_stage2"} <= set(ran)
         stats = json.loads((Path(last_summary(root)["write_shards"]["output_dir"]) / "shards" / "stats.json")
                            .read_text())
         assert stats["tasks"]["caption"]["in"] == 240 and stats["kept"] > 0

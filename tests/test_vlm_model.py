@@ -34,7 +34,7 @@ from components.vlm.model import (  # noqa: E402
     load_vlm,
     set_trainable,
 )
-from components.vlm.packing import Packer, collate  # noqa: E402
+from components.vlm.packing import Packer, build_pack, collate  # noqa: E402
 from components.vlm.tokenizer import SpecialIds, train_tokenizer  # noqa: E402
 
 VIT_CONFIG = SeedViTConfig(width=32, depth=2, num_heads=2, min_pixels=3136, max_pixels=12544)
@@ -234,6 +234,34 @@ def test_packed_forward_loss_equals_per_sample_losses(tok: Any, ids: SpecialIds,
     assert abs(float(leaky.lm_loss) - total / tokens) > 1e-4
 
 
+def test_batch_of_packs_with_a_video_equals_per_sample_losses(tok: Any, ids: SpecialIds,
+                                                             model: VisionLanguageModel) -> None:
+    """Two packs in one batch (as the train loop stacks packs_per_step of them), a video among the samples:
+    images of all packs go to the ViT in pack order, and the loss still equals the per-sample one."""
+    samples, _ = _encoded_pair(tok)
+    frames = [noise_image(56, 56, 20 + i) for i in range(3)]
+    clip = encode_sample(key="v", task="video", turns=[("<video>\nDescribe the video.", "a red circle moves left")],
+                         tokenizer=tok, media=frames,
+                         image_token_counts=[image_token_count(f, VIT_CONFIG) for f in frames],
+                         frame_timestamps=[0.5, 1.5, 2.5], max_tokens=256)
+    assert clip.num_images == 3
+    packs = [build_pack([samples[1]], 160, ids.pad), build_pack([clip, samples[0]], 160, ids.pad)]
+    batch = collate(packs)
+    images = images_to_vit_input([image for pack in packs for image in pack.media], VIT_CONFIG)
+    with torch.no_grad():
+        together = model(batch["input_ids"], batch["position_ids"], batch["labels"], images.pixel_values,
+                         images.grid_hw)
+        total, tokens = 0.0, 0
+        for sample in (samples[1], clip, samples[0]):
+            alone_images = images_to_vit_input(sample.media, VIT_CONFIG)
+            alone = model(torch.tensor([sample.input_ids]), torch.arange(sample.length)[None],
+                          torch.tensor([sample.labels]), alone_images.pixel_values, alone_images.grid_hw)
+            total += float(alone.lm_loss) * alone.answer_tokens
+            tokens += alone.answer_tokens
+    assert together.answer_tokens == tokens
+    assert abs(float(together.lm_loss) - total / tokens) < 1e-5
+
+
 def test_aux_loss_is_positive_and_added_with_its_coefficient(tok: Any) -> None:
     model = make_model(tok, router_aux_loss_coef=0.25)
     assert model.aux_loss_coef == 0.25
@@ -381,7 +409,8 @@ def test_generate_stops_at_eos(tok: Any, ids: SpecialIds, sharp_model: VisionLan
 
 
 def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_path: Path) -> None:
-    model = make_model(tok, seed=3)
+    base = make_model(tok, seed=3)
+    model = VisionLanguageModel(base.vit, base.llm, ids.image_pad, adapter_hidden=48).eval()  # a narrower adapter
     with torch.no_grad():  # a non-default adapter, so loading it is visible
         for parameter in model.adapter.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
@@ -402,6 +431,9 @@ def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_p
     loaded, loaded_tok, loaded_config = load_vlm(folder)
     assert not loaded.training and loaded_config == saved
     assert loaded.image_pad_id == ids.image_pad and SpecialIds.of(loaded_tok) == ids
+    assert loaded.adapter.fc1.out_features == 48 and saved["adapter"]["hidden"] == 48
+    assert loaded.aux_loss_coef == model.aux_loss_coef > 0 and loaded.llm.config.output_router_logits
+    assert loaded.vit.config == VIT_CONFIG
     samples, _ = _encoded_pair(tok)
     sample = samples[0]
     assert text_ids(loaded_tok, "a red circle on a white background") == \
@@ -460,13 +492,7 @@ def test_build_llm_families_run_a_vlm_forward(tok: Any, ids: SpecialIds, model_t
     assert out.answer_tokens == sum(1 for label in sample.labels[1:] if label != IGNORE_INDEX)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe",
-                                        pytest.param("mixtral", marks=pytest.mark.xfail(strict=True, reason=(
-                                            "build_llm passes no expert width for mixtral: its experts are "
-                                            "intermediate_size wide, moe_intermediate_size is ignored"))),
-                                        pytest.param("olmoe", marks=pytest.mark.xfail(strict=True, reason=(
-                                            "build_llm passes no expert width for olmoe: its experts are "
-                                            "intermediate_size wide, moe_intermediate_size is ignored")))])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
 def test_build_llm_experts_are_moe_intermediate_size_wide(ids: SpecialIds, model_type: str) -> None:
     """LlmConfig documents moe_intermediate_size as each expert's MLP width (intermediate_size is the
     width of dense, non-MoE layers), and build_llm maps "the names each family uses for the expert count,

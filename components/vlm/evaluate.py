@@ -101,7 +101,7 @@ def answer_items(checkpoint: Path, rows: list[dict[str, Any]], eval_cfg: VlmEval
     dataset = ray.data.from_items(rows).map_batches(
         GreedyAnswerer, fn_constructor_kwargs={"checkpoint": str(checkpoint), "max_new_tokens": eval_cfg.max_new_tokens,
                                                "threads": threads},
-        batch_size=eval_cfg.batch_size, concurrency=1, num_cpus=eval_cfg.resources.num_cpus)
+        batch_size=eval_cfg.batch_size, **eval_cfg.resources.map_kwargs(actors=True))
     return dataset.take_all()
 
 

@@ -59,13 +59,16 @@ def build_llm(config: LlmConfig, vocab_size: int, pad_id: int) -> Any:
         "qwen2_moe": {"num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
                       "moe_intermediate_size": config.moe_intermediate_size, "decoder_sparse_step": 1,
                       "shared_expert_intermediate_size": config.moe_intermediate_size},
-        "mixtral": {"num_local_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token},
-        "olmoe": {"num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token},
+        # these two size every MLP (all of them experts) with intermediate_size
+        "mixtral": {"num_local_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
+                    "intermediate_size": config.moe_intermediate_size},
+        "olmoe": {"num_experts": config.num_experts, "num_experts_per_tok": config.experts_per_token,
+                  "intermediate_size": config.moe_intermediate_size},
     }
     if config.model_type not in moe:
         raise ValueError(f"train.vlm.llm.model_type={config.model_type!r} cannot be built from config; use one of "
                          f"{sorted(moe)} or give a pretrained folder in train.vlm.llm.pretrained_path")
-    hf_config = AutoConfig.for_model(config.model_type, **sizes, **moe[config.model_type])
+    hf_config = AutoConfig.for_model(config.model_type, **{**sizes, **moe[config.model_type]})
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
 
 

@@ -15,7 +15,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,23 +73,23 @@ class PackFeed:
 def make_encoder(tokenizer: Any, cfg: VlmConfig, stage: StageConfig | LlmPretrainConfig, vit_cfg: Any,
                  counter: DropCounter) -> Any:
     """sample -> EncodedSample, or None with the drop counted: text-only (llm_pretrain) or with images."""
-    from components.vlm.conversation import BadSample, EncodedSample, encode_sample, turns_of
-    from components.vlm.data import corpus_texts, image_token_count, select_frames
+    from components.vlm.conversation import BadSample, encode_sample, turns_of
+    from components.vlm.data import image_token_count, select_frames
 
     if isinstance(stage, LlmPretrainConfig):
-        eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-
         def encode_text(sample: Any) -> Any:
-            ids: list[int] = []
-            for text in corpus_texts(sample):
-                ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-            ids = ids[:stage.max_tokens]
-            if len(ids) < 2:
-                counter["no_text"] += 1
+            """The sample's conversation in the chat format with its media placeholders removed, every
+            token trained: the LLM learns the corpus's language and the chat template, as an instruct
+            LLM would know it, so stage 0 only has to align the images."""
+            try:
+                turns = [(strip_media(question), answer) for question, answer in turns_of(sample.info)]
+                encoded = encode_sample(key=sample.key, task=sample.task, turns=turns, tokenizer=tokenizer,
+                                        image_token_counts=[], max_tokens=stage.max_tokens)
+            except BadSample as bad:
+                counter[bad.reason] += 1
                 return None
             counter["kept"] += 1
-            return EncodedSample(key=sample.key, task=sample.task, input_ids=ids, labels=list(ids),
-                                 image_token_counts=[], media=[], num_turns=1, truncated_turns=0)
+            return dataclasses.replace(encoded, labels=list(encoded.input_ids))
         return encode_text
 
     def encode_multimodal(sample: Any) -> Any:
@@ -102,7 +101,7 @@ def make_encoder(tokenizer: Any, cfg: VlmConfig, stage: StageConfig | LlmPretrai
                                     media=images, frame_timestamps=stamps, max_tokens=stage.max_tokens,
                                     system=cfg.system_prompt or None)
         except BadSample as bad:
-            counter[str(bad.reason) if hasattr(bad, "reason") else "bad_sample"] += 1
+            counter[bad.reason] += 1
             return None
         if encoded.num_images > stage.max_images:
             counter["too_many_images"] += 1
@@ -112,6 +111,10 @@ def make_encoder(tokenizer: Any, cfg: VlmConfig, stage: StageConfig | LlmPretrai
             counter["truncated_turns"] += encoded.truncated_turns
         return encoded
     return encode_multimodal
+
+
+def strip_media(question: str) -> str:
+    return question.replace("<image>\n", "").replace("<video>\n", "").replace("<image>", "").replace("<video>", "").strip()
 
 
 def save_checkpoint(engine: Any, state: LoopState, rank: int, metrics: dict[str, float]) -> None:
@@ -303,7 +306,3 @@ def maybe_fail(cfg: VlmConfig, step: int, rank: int, world_size: int, out_dir: P
     marker.write_text(str(step))
     log.warning("fail_at_step=%d: worker %d exits now", step, rank)
     os._exit(1)
-
-
-def iterate(items: Iterator[Any]) -> Iterator[Any]:
-    return items

@@ -1,0 +1,93 @@
+"""The VLM steps end to end through the real entry point: the byte-level BPE and text-only LLM
+pretraining, stages 0, 1 and 2 on Ray Train + DeepSpeed, the evaluation suite after each stage logged to
+that stage's MLflow run, exports that load without the training stack, the skip-stage-0 ablation as an
+experiment overlay, and every stage surviving a worker killed mid-stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_pipeline_e2e import SMALL
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+VLM_STEPS = ("llm_pretrain", "vlm_stage0", "vlm_stage1", "vlm_stage2")
+
+
+def run(root: Path, *args: str) -> dict[str, dict]:
+    env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
+    done = subprocess.run([sys.executable, "pipelines/full.py", *SMALL, "--until", "vlm_stage2", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        raise AssertionError(f"pipeline failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    latest = sorted((root / "pipeline_runs").iterdir())[-1]
+    return {step["name"]: step for step in json.loads((latest / "summary.json").read_text())["steps"]}
+
+
+def test_vlm_stages_eval_export_ablation_and_resume(tmp_path: Path) -> None:
+    from components.vlm.model import load_vlm
+
+    root = tmp_path / "runs"
+    steps = run(root)
+    assert [steps[name]["status"] for name in VLM_STEPS] == ["ran"] * 4
+    for name, count in (("llm_pretrain", 4), ("vlm_stage0", 2), ("vlm_stage1", 3), ("vlm_stage2", 2)):
+        assert steps[name]["metrics"]["steps"] == count and steps[name]["metrics"]["restarts"] == 0
+    stage0, stage1 = steps["vlm_stage0"]["metrics"], steps["vlm_stage1"]["metrics"]
+    # the suite ran after every stage; only the stage that starts from a fresh adapter scores its start too
+    for name in ("vlm_stage0", "vlm_stage1", "vlm_stage2"):
+        metrics = steps[name]["metrics"]
+        assert {"eval/counting_accuracy", "eval/grounding_iou50", "eval/ocr_exact", "eval/caption_f1",
+                "eval/image_use_gap", "eval/n_counting"} <= set(metrics), name
+        assert metrics["eval/n_counting"] >= 1
+    assert "eval_untrained/caption_f1" in stage0 and not any(k.startswith("eval_untrained/") for k in stage1)
+    assert steps["vlm_stage2"]["metrics"]["samples_kept"] > 0
+
+    # stage 0 trains only the adapter; stage 1 everything
+    log0 = (Path(steps["vlm_stage0"]["output_dir"]) / "vlm" / "train_log.jsonl").read_text().splitlines()
+    log1 = (Path(steps["vlm_stage1"]["output_dir"]) / "vlm" / "train_log.jsonl").read_text().splitlines()
+    trainable0, trainable1 = json.loads(log0[0])["trainable"], json.loads(log1[0])["trainable"]
+    assert trainable0["vit"] == trainable0["llm"] == 0 < trainable0["adapter"]
+    assert min(trainable1.values()) > 0
+
+    # the export loads with no Ray or DeepSpeed, holds no pickles, and the tokenizer has the special tokens
+    export = Path(steps["vlm_stage2"]["output_dir"]) / "vlm" / "model"
+    model, tokenizer, saved = load_vlm(export)
+    assert saved["stage"] == "stage2" and tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.image_pad_id
+    assert not list(export.rglob("*.bin")) and not list(export.rglob("*.pt"))
+    assert (export / "llm" / "config.json").is_file() and list((export / "llm").glob("*.safetensors"))
+    examples = (Path(steps["vlm_stage1"]["output_dir"]) / "vlm" / "eval" / "stage1.jsonl").read_text().splitlines()
+    assert examples and {"prediction", "reference", "kind"} <= set(json.loads(examples[0]))
+
+    # ablation: no stage 0, stage 1 starts from a fresh adapter (and scores that start); each stage loses a
+    # worker once mid-stage and resumes from its checkpoint
+    ablation = run(root, "--experiment", "skip_stage0", "--set", "train.vlm.fail_at_step=1")
+    assert ablation["vlm_stage0"]["status"] == "skipped"
+    assert ablation["llm_pretrain"]["status"] == "cached" and ablation["vit_pretrain"]["status"] == "cached"
+    assert ablation["vlm_stage1"]["status"] == ablation["vlm_stage2"]["status"] == "ran"
+    assert ablation["vlm_stage1"]["cache_key"] != steps["vlm_stage1"]["cache_key"]
+    for name, count in (("vlm_stage1", 3), ("vlm_stage2", 2)):
+        assert ablation[name]["metrics"]["restarts"] == 1 and ablation[name]["metrics"]["steps"] == count
+    assert "eval_untrained/counting_accuracy" in ablation["vlm_stage1"]["metrics"]
+
+    check_mlflow(root)
+
+
+def check_mlflow(root: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["seed-vl"], output_format="list")
+    stage1 = [r for r in runs if r.data.tags.get("mlflow.runName") == "vlm_stage1" and r.data.tags["cache_hit"] == "false"]
+    assert len(stage1) == 2
+    for run in stage1:
+        assert {"eval/counting_accuracy", "eval/image_use_gap", "loss_last", "tokens_per_s_mean"} <= set(run.data.metrics)
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "stage1/loss")
+        assert [point.step for point in history] == [1, 2, 3]
+        assert run.data.params["stage1.steps"] == "3"
