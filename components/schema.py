@@ -80,6 +80,22 @@ def layer_path(kind: str, name: str) -> Path:
     return path
 
 
+def profile_chain(path: Path) -> list[tuple[Path, dict]]:
+    """A profile and the profiles it `extends` (a top-level key naming another profile), base first."""
+    chain: list[tuple[Path, dict]] = []
+    while True:
+        values = read_yaml(path)
+        parent = values.pop("extends", None)
+        chain.insert(0, (path, values))
+        if parent is None:
+            return chain
+        if not isinstance(parent, str):
+            raise ConfigError(f"{_shown(path)}: 'extends' must name a profile, got {parent!r}")
+        path = layer_path("profiles", parent)
+        if any(seen == path for seen, _ in chain):
+            raise ConfigError(f"{_shown(path)}: profiles extend each other in a cycle")
+
+
 def load_config(
     profile: str = "tiny",
     experiments: list[str] | None = None,
@@ -90,7 +106,8 @@ def load_config(
     layered.merge(read_yaml(CONFIG_DIR / "base.yaml"), "configs/base.yaml")
     profile_path = layer_path("profiles", profile)
     layered.merge({"profile": profile_path.stem}, str(_shown(profile_path)))
-    layered.merge(read_yaml(profile_path), str(_shown(profile_path)))
+    for path, values in profile_chain(profile_path):
+        layered.merge(values, str(_shown(path)))
     for experiment in experiments or []:
         path = layer_path("experiments", experiment)
         layered.merge(read_yaml(path), str(_shown(path)))
@@ -143,6 +160,11 @@ def check_vlm(config: PipelineConfig, layered: LayeredDict) -> None:
         raise ConfigError(f"{layered.source_of('train.vlm.llm_pretrain.enabled')}: train.vlm.{stages[0]} needs an LLM "
                           "but 'train.vlm.llm.pretrained_path' is empty and train.vlm.llm_pretrain is disabled: give a "
                           "local Hugging Face MoE folder in train.vlm.llm.pretrained_path, or enable llm_pretrain")
+    vit = config.train.vit_pretrain
+    if stages and vit.enabled and vlm.holdout_fraction > vit.holdout_fraction:
+        raise ConfigError(f"{layered.source_of('train.vlm.holdout_fraction')}: 'train.vlm.holdout_fraction' "
+                          f"({vlm.holdout_fraction}) exceeds train.vit_pretrain.holdout_fraction ({vit.holdout_fraction}), "
+                          "so the ViT would pretrain on pictures the VLM evaluation holds out: make it <= the ViT's")
 
 
 def _shown(path: Path) -> Path:

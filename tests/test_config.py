@@ -66,7 +66,7 @@ def test_value_checks_run_at_load() -> None:
 
 
 def test_unknown_profile_and_bad_override_syntax() -> None:
-    with pytest.raises(ConfigError, match=r"no profile named 'tinny'.*\['full', 'tiny'\]"):
+    with pytest.raises(ConfigError, match=r"no profile named 'tinny'.*\['full', 'small', 'tiny'\]"):
         load_config("tinny")
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config("tiny", overrides=["data.shards.prefix"])
@@ -96,3 +96,25 @@ def test_cross_section_rules_fail_at_load() -> None:
         load_config("tiny", overrides=["train.vit_pretrain.text.weights="])
     with pytest.raises(ConfigError, match="head width"):
         load_config("tiny", overrides=["train.vit_pretrain.vit.width=36", "train.vit_pretrain.vit.num_heads=6"])
+
+
+def test_profile_extends_another_and_names_each_source(tmp_path: Path) -> None:
+    config, layered = load_config("small")
+    assert config.profile == "small"
+    assert config.data.clip_scorer.max_steps == 250  # from tiny, which small extends
+    assert layered.source_of("data.clip_scorer.max_steps") == "configs/profiles/tiny.yaml"
+    assert config.train.vlm.llm.hidden_size == 192 and layered.source_of("train.vlm.llm.hidden_size").endswith("small.yaml")
+    looped = tmp_path / "a.yaml"
+    looped.write_text(f"extends: {looped}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(looped))
+
+
+def test_vlm_stages_need_an_llm_and_valid_parts() -> None:
+    with pytest.raises(ConfigError, match="train.vlm.llm.pretrained_path"):
+        load_config("tiny", overrides=["train.vlm.llm_pretrain.enabled=false"])
+    with pytest.raises(ConfigError, match="trainable"):
+        load_config("tiny", overrides=["train.vlm.stage1.trainable=[vit, projector]"])
+    with pytest.raises(ConfigError, match="mix"):
+        load_config("tiny", overrides=["train.vlm.stage2.mix={audio: 1.0}"])
+    assert not load_config("tiny", experiments=["skip_stage0"])[0].train.vlm.stage0.enabled

@@ -83,6 +83,20 @@ def caption_split_key(raw: RawSample, task: str) -> str | None:
     return raw.base_key() if task == "caption" else None
 
 
+def picture_split_key(raw: RawSample, task: str) -> str:
+    """Every sample split, and one picture never on both sides: caption pairs by their original's key
+    (as `caption_split_key`), every other sample by a hash of its first image's bytes, so the grounding
+    and counting samples of one rendered picture, and the samples of one video clip, fall together.
+    Thresholds on the same hashes nest: what a smaller fraction holds out, a larger one does too."""
+    if task == "caption":
+        return raw.base_key()
+    media = sorted(ext for ext in raw.members if ext.startswith("frame")) or \
+        [ext for ext in IMAGE_EXTS if ext in raw.members][:1]
+    if not media:
+        return raw.key
+    return "media:" + hashlib.sha1(raw.members[media[0]]).hexdigest()
+
+
 def read_shard(path: Path, counter: DropCounter) -> Iterator[RawSample]:
     """The shard's samples. A shard cut short ends early: the samples before the cut are yielded, the
     one it cut into is counted as `truncated_sample`, and the shard once as `truncated_shard`."""

@@ -26,7 +26,7 @@ import torch
 from components.vit.config import PhaseConfig, VitPretrainConfig
 from components.vit.model import forward_flops_per_patch
 from components.vit.preprocess import image_to_patches, pack
-from components.vit.shard_data import DropCounter, Sample, ShardStream, decoded, task_shards
+from components.vit.shard_data import DropCounter, Sample, ShardStream, decoded, picture_split_key, task_shards
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "ckpt"
@@ -105,7 +105,8 @@ class PhaseRunner:
                                f"disable train.vit_pretrain.{name} or enable the data step that writes them")
         phase_seed = seed * 1009 + ("mim", "siglip", "video").index(name)
         self.stream = ShardStream(shards, rank, world_size, phase_seed, held_out=False,
-                                  holdout_fraction=cfg.holdout_fraction, counter=self.counter)
+                                  holdout_fraction=cfg.holdout_fraction, counter=self.counter,
+                                  split_key=picture_split_key)  # what the VLM holds out, the ViT never sees
         self.samples = decoded(self.stream.skip(state.position), self.counter)
         self.phase_seed = phase_seed
 

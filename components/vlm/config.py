@@ -68,6 +68,7 @@ class StageConfig:
     enabled: bool = True
     steps: int = 100
     learning_rate: float = 1e-4
+    vit_lr_scale: float = 0.1  # the ViT's learning rate relative to the rest (a pretrained tower moves slowly)
     warmup_steps: int = 10
     trainable: list[str] = dataclasses.field(default_factory=lambda: ["vit", "adapter", "llm"])
     max_tokens: int = 4096  # per packed sequence
@@ -97,8 +98,9 @@ class VlmEvalConfig:
 
     enabled: bool = True
     max_items_per_kind: int = 64
-    max_new_tokens: int = 48
+    max_new_tokens: int = 48  # at least; a batch decodes as far as its longest reference answer (+4) needs
     batch_size: int = 8  # items per greedy-decoding batch (a Ray Data batch)
+    num_gpus: float = 0.0  # per evaluation actor/task; with a GPU the model runs there in bf16
     gap_batches: int = 4  # batches of held-out answers for the image-use gap (true vs shuffled images)
     resources: Resources = dataclasses.field(default_factory=Resources)
 

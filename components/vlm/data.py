@@ -12,9 +12,7 @@ it is a pure function of those and of how many samples were drawn: a resumed wor
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,17 +23,10 @@ from PIL import Image
 
 from components.vit.config import SeedViTConfig
 from components.vit.preprocess import PackedImages, image_to_patches, native_size, pack
-from components.vit.shard_data import IMAGE_EXTS, DropCounter, RawSample, ShardStream, task_shards
+from components.vit.shard_data import IMAGE_EXTS, DropCounter, RawSample, ShardStream, picture_split_key, task_shards
 
 
-def vlm_split_key(raw: RawSample, task: str) -> str:
-    if task == "caption":
-        return raw.base_key()
-    media = sorted(ext for ext in raw.members if ext.startswith("frame")) or \
-        [ext for ext in IMAGE_EXTS if ext in raw.members][:1]
-    if not media:
-        return raw.key
-    return "media:" + hashlib.sha1(raw.members[media[0]]).hexdigest()
+vlm_split_key = picture_split_key  # the VLM's split: one picture never on both sides
 
 
 @dataclasses.dataclass
@@ -182,10 +173,6 @@ def corpus_texts(sample: VlmSample) -> list[str]:
                     if text:
                         texts.append(text)
     return texts
-
-
-def json_dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def to_device(packed: PackedImages | None, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -56,15 +56,25 @@ def held_out_rows(shards_dir: Path, cfg: VlmConfig, frames_per_clip: int) -> tup
     return rows, counter
 
 
+def load_for_inference(checkpoint: str | Path) -> tuple[Any, Any]:
+    """The export on a GPU in bf16 when this worker has one, else on the CPU in fp32."""
+    from components.vlm.model import load_vlm
+
+    if torch.cuda.is_available():
+        model, tokenizer, _ = load_vlm(checkpoint, "cuda", torch.bfloat16)
+    else:
+        model, tokenizer, _ = load_vlm(checkpoint)
+    return model, tokenizer
+
+
 class GreedyAnswerer:
-    """A Ray Data callable class: loads the exported VLM once, answers a batch of items greedily."""
+    """A Ray Data callable class: loads the exported VLM once, answers a batch of items greedily, as far
+    as the longest reference answer of the batch needs (at least `max_new_tokens`)."""
 
-    def __init__(self, checkpoint: str, max_new_tokens: int, threads: int = 1) -> None:
-        from components.vlm.model import load_vlm
-
+    def __init__(self, checkpoint: str, max_new_tokens: int, threads: int = 1, system: str = "") -> None:
         torch.set_num_threads(max(1, threads))
-        self.model, self.tokenizer, _ = load_vlm(checkpoint)
-        self.max_new_tokens = max_new_tokens
+        self.model, self.tokenizer = load_for_inference(checkpoint)
+        self.max_new_tokens, self.system = max_new_tokens, system or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from components.vlm.conversation import answer_text, prompt_ids
@@ -78,12 +88,13 @@ class GreedyAnswerer:
             pictures = [decode_png(bytes(data)) for data in images]
             ids, used = prompt_ids(tokenizer=self.tokenizer, question=str(question),
                                    image_token_counts=[image_token_count(p, vit_cfg) for p in pictures],
-                                   frame_timestamps=[float(t) for t in stamps] or None)
+                                   frame_timestamps=[float(t) for t in stamps] or None, system=self.system)
             prompts.append(ids)
             all_images += pictures[:len(used)]
+        longest = max(len(self.tokenizer(str(ref), add_special_tokens=False)["input_ids"]) for ref in batch["reference"])
         packed = images_to_vit_input(all_images, vit_cfg)
         generated = self.model.generate(prompts, packed.pixel_values if packed else None,
-                                        packed.grid_hw if packed else None, self.max_new_tokens,
+                                        packed.grid_hw if packed else None, max(self.max_new_tokens, longest + 4),
                                         eos_id=special.im_end, pad_id=special.pad)
         predictions = [answer_text(self.tokenizer, ids) for ids in generated]
         return {"key": batch["key"], "kind": batch["kind"], "question": batch["question"],
@@ -91,7 +102,8 @@ class GreedyAnswerer:
                 "prediction": np.array(predictions, dtype=object)}
 
 
-def answer_items(checkpoint: Path, rows: list[dict[str, Any]], eval_cfg: VlmEvalConfig) -> list[dict[str, Any]]:
+def answer_items(checkpoint: Path, rows: list[dict[str, Any]], eval_cfg: VlmEvalConfig,
+                 system: str = "") -> list[dict[str, Any]]:
     """Greedy answers to every row, as a Ray Data batch-inference job."""
     import ray.data
 
@@ -100,8 +112,8 @@ def answer_items(checkpoint: Path, rows: list[dict[str, Any]], eval_cfg: VlmEval
     threads = max(1, int(eval_cfg.resources.num_cpus))
     dataset = ray.data.from_items(rows).map_batches(
         GreedyAnswerer, fn_constructor_kwargs={"checkpoint": str(checkpoint), "max_new_tokens": eval_cfg.max_new_tokens,
-                                               "threads": threads},
-        batch_size=eval_cfg.batch_size, **eval_cfg.resources.map_kwargs(actors=True))
+                                               "threads": threads, "system": system},
+        batch_size=eval_cfg.batch_size, num_gpus=eval_cfg.num_gpus, **eval_cfg.resources.map_kwargs(actors=True))
     return dataset.take_all()
 
 
@@ -122,65 +134,68 @@ def score_answers(answers: list[dict[str, Any]]) -> tuple[dict[str, float], list
 def image_use_gap(checkpoint: Path, shards_dir: Path, cfg: VlmConfig, frames_per_clip: int,
                   max_tokens: int, seed: int) -> dict[str, float]:
     """Mean answer loss over held-out samples with their own images and with another sample's images
-    (the next sample of the same kind: image for image, clip for clip), and the difference."""
+    (the next sample of the same task, image for image, clip for clip), over the same answer tokens:
+    a pair whose encodings differ in their labels (a truncation that depends on the image sizes) is
+    skipped. Up to `gap_batches * batch_size` samples of every task."""
     from components.vlm.conversation import BadSample, encode_sample, turns_of
-    from components.vlm.data import held_out_samples, image_token_count, images_to_vit_input, select_frames
-    from components.vlm.model import load_vlm
+    from components.vlm.data import held_out_samples, image_token_count, select_frames
 
-    model, tokenizer, _ = load_vlm(checkpoint)
+    torch.set_num_threads(max(1, int(cfg.eval.resources.num_cpus)))
+    model, tokenizer = load_for_inference(checkpoint)
     vit_cfg = model.vit.config
-    by_kind: dict[str, list[Any]] = {}
+    by_task: dict[str, list[Any]] = {}
     limit = cfg.eval.gap_batches * cfg.eval.batch_size
     for sample in held_out_samples(shards_dir, MIX_TASKS, cfg.holdout_fraction, DropCounter()):
-        group = by_kind.setdefault("video" if sample.task == "video" else "image", [])
+        group = by_task.setdefault(sample.task, [])
         if len(group) < limit:
             group.append(sample)
-    sums = {"true": 0.0, "shuffled": 0.0}
-    tokens = 0
-    for group in by_kind.values():
+    sums, tokens, skipped = {"true": 0.0, "shuffled": 0.0}, 0, 0
+    for group in by_task.values():
         if len(group) < 2:
             continue
-        rng = np.random.default_rng(seed)
-        order = np.roll(np.arange(len(group)), 1 + int(rng.integers(0, len(group) - 1)))  # nobody keeps its own
-        for own, other in zip(group, (group[i] for i in order)):
+        shift = 1 + int(np.random.default_rng(seed).integers(0, len(group) - 1))
+        for own, other in zip(group, group[shift:] + group[:shift]):  # nobody keeps its own images
             try:
                 turns = turns_of(own.info)
-                losses = []
-                for images_of in (own, other):
-                    images, stamps = select_frames(images_of, frames_per_clip)
-                    if own.task == "video":  # the other clip's frames, under this clip's timestamps
-                        stamps = (select_frames(own, frames_per_clip)[1] or [])[:len(images)]
-                        if len(stamps) != len(images):
-                            raise BadSample("image_count_mismatch")
-                    encoded = encode_sample(key=own.key, task=own.task, turns=turns, tokenizer=tokenizer,
-                                            image_token_counts=[image_token_count(i, vit_cfg) for i in images],
-                                            media=images, frame_timestamps=stamps, max_tokens=max_tokens)
-                    losses.append(sample_loss(model, encoded, vit_cfg, images_to_vit_input))
-            except BadSample:
+                own_images, stamps = select_frames(own, frames_per_clip)
+                other_images = select_frames(other, frames_per_clip)[0][:len(own_images)]
+                encoded = [encode_sample(key=own.key, task=own.task, turns=turns, tokenizer=tokenizer,
+                                         image_token_counts=[image_token_count(i, vit_cfg) for i in images],
+                                         media=images, frame_timestamps=stamps[:len(images)] if stamps else None,
+                                         max_tokens=max_tokens, system=cfg.system_prompt or None)
+                           for images in (own_images, other_images)]
+            except (BadSample, ValueError):
+                skipped += 1
                 continue
-            (loss_true, count), (loss_shuffled, _) = losses
+            answers = [[label for label in e.labels if label != -100] for e in encoded]
+            if answers[0] != answers[1] or not answers[0]:
+                skipped += 1
+                continue
+            (loss_true, count), (loss_shuffled, _) = (sample_loss(model, e, vit_cfg) for e in encoded)
             sums["true"] += loss_true
             sums["shuffled"] += loss_shuffled
             tokens += count
     if tokens == 0:
-        return {}
+        return {"gap_pairs_skipped": float(skipped)}
     true, shuffled = sums["true"] / tokens, sums["shuffled"] / tokens
-    return {"gap_loss_true_images": true, "gap_loss_shuffled_images": shuffled, "image_use_gap": shuffled - true,
-            "gap_answer_tokens": float(tokens)}
+    return {"heldout_answer_loss": true, "shuffled_images_answer_loss": shuffled, "image_use_gap": shuffled - true,
+            "gap_answer_tokens": float(tokens), "gap_pairs_skipped": float(skipped)}
 
 
 @torch.no_grad()
-def sample_loss(model: Any, encoded: Any, vit_cfg: Any, to_vit_input: Any) -> tuple[float, int]:
+def sample_loss(model: Any, encoded: Any, vit_cfg: Any) -> tuple[float, int]:
     """(summed answer cross-entropy, answer tokens) of one encoded sample."""
-    from components.vlm.model import answer_loss
+    from components.vlm.data import images_to_vit_input
+    from components.vlm.model import causal_lm_loss
 
-    ids = torch.tensor([encoded.input_ids])
-    labels = torch.tensor([encoded.labels])
-    packed = to_vit_input(list(encoded.media), vit_cfg)
-    embeds = model.embed(ids, packed.pixel_values if packed else None, packed.grid_hw if packed else None)
-    logits = model.llm(inputs_embeds=embeds, use_cache=False).logits
-    loss, count = answer_loss(logits, labels)
-    return float(loss) * count, count
+    device = model.adapter.fc1.weight.device
+    ids = torch.tensor([encoded.input_ids], device=device)
+    labels = torch.tensor([encoded.labels], device=device)
+    packed = images_to_vit_input(list(encoded.media), vit_cfg)
+    embeds = model.embed(ids, packed.pixel_values.to(device) if packed else None,
+                         packed.grid_hw.to(device) if packed else None)
+    result = causal_lm_loss(model.llm, embeds, torch.arange(ids.shape[1], device=device)[None], labels, 0.0)
+    return float(result.lm_loss) * result.answer_tokens, result.answer_tokens
 
 
 def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, cfg: VlmConfig, frames_per_clip: int, max_tokens: int,
@@ -191,9 +206,9 @@ def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, cfg: VlmConfig, fram
     import ray
 
     rows, counter = held_out_rows(shards_dir, cfg, frames_per_clip)
-    answers = answer_items(checkpoint, rows, cfg.eval)
+    answers = answer_items(checkpoint, rows, cfg.eval, cfg.system_prompt)
     metrics, examples = score_answers(answers)
-    gap_task = ray.remote(image_use_gap).options(num_cpus=cfg.eval.resources.num_cpus)
+    gap_task = ray.remote(image_use_gap).options(num_cpus=cfg.eval.resources.num_cpus, num_gpus=cfg.eval.num_gpus)
     metrics |= ray.get(gap_task.remote(checkpoint, shards_dir, cfg, frames_per_clip, max_tokens, seed))
     metrics["held_out_samples"] = float(counter.get("kept", 0))
     if examples_path is not None:

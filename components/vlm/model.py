@@ -145,13 +145,11 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, grid_hw: torch.Tensor | None = None,
                 image_order: torch.Tensor | None = None) -> VlmLoss:
-        """Packed batch [B, T]: next-token loss on the answer tokens, plus the balancing loss."""
+        """Packed batch [B, T]: next-token loss on the answer tokens, plus the balancing loss. The B packs
+        run as one row (position ids keep the samples apart), and logits are made only where a label
+        follows, so a long context with a large vocabulary never materialises [B, T, vocab] logits."""
         embeds = self.embed(input_ids, pixel_values, grid_hw, image_order)
-        out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
-        lm_loss, count = answer_loss(out.logits, labels)
-        aux = getattr(out, "aux_loss", None)
-        aux = aux if aux is not None else lm_loss.new_zeros(())
-        return VlmLoss(loss=lm_loss + self.aux_loss_coef * aux, lm_loss=lm_loss, aux_loss=aux, answer_tokens=count)
+        return causal_lm_loss(self.llm, embeds, position_ids, labels, self.aux_loss_coef)
 
     @torch.no_grad()
     def generate(self, input_ids: list[list[int]], pixel_values: torch.Tensor | None, grid_hw: torch.Tensor | None,
@@ -164,6 +162,8 @@ class VisionLanguageModel(nn.Module):
         for row, ids in enumerate(input_ids):
             padded[row, longest - len(ids):] = torch.tensor(ids, device=device)
             mask[row, longest - len(ids):] = 1
+        if pixel_values is not None and grid_hw is not None:
+            pixel_values, grid_hw = pixel_values.to(device), grid_hw.to(device)
         embeds = self.embed(padded, pixel_values, grid_hw)
         output = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                    do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id,
@@ -180,6 +180,26 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / count, count
+
+
+def causal_lm_loss(llm: Any, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                   aux_loss_coef: float) -> VlmLoss:
+    """The answer loss of packed rows [B, T] (run as one row), computing logits only at the positions
+    whose next token is labelled, plus the router's balancing loss."""
+    embeds = embeds.reshape(1, -1, embeds.shape[-1])
+    position_ids = position_ids.reshape(1, -1)
+    flat = labels.reshape(-1)
+    predicting = (flat[1:] != IGNORE_INDEX).nonzero().squeeze(-1)  # position t predicts label t+1
+    keep = predicting if len(predicting) else torch.zeros(1, dtype=torch.long, device=flat.device)
+    out = llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, logits_to_keep=keep)
+    logits = out.logits[0]
+    if len(predicting):
+        lm_loss = F.cross_entropy(logits.float(), flat[predicting + 1], reduction="mean")
+    else:
+        lm_loss = logits.sum() * 0.0
+    aux = getattr(out, "aux_loss", None)
+    aux = aux if aux is not None else lm_loss.new_zeros(())
+    return VlmLoss(loss=lm_loss + aux_loss_coef * aux, lm_loss=lm_loss, aux_loss=aux, answer_tokens=len(predicting))
 
 
 def set_trainable(model: VisionLanguageModel, parts: list[str]) -> dict[str, int]:
@@ -217,7 +237,8 @@ def export_vlm(model: VisionLanguageModel, tokenizer: Any, folder: Path, summary
     tmp.replace(folder)
 
 
-def load_vlm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
+def load_vlm(folder: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> tuple[VisionLanguageModel, Any, dict[str, Any]]:
     """An exported VLM in eval mode, with its tokenizer and saved config (safetensors only, no pickles)."""
     from safetensors.torch import load_file
 
@@ -229,7 +250,7 @@ def load_vlm(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Vi
         raise ValueError(f"{folder}/config.json is not a VLM export (architecture={saved.get('architecture')!r})")
     vit = SeedViT(SeedViTConfig(**saved["vit"]))
     vit.load_state_dict(load_file(str(folder / "vit.safetensors")))
-    llm = load_llm(folder / "llm")
+    llm = load_llm(folder / "llm", dtype)
     model = VisionLanguageModel(vit, llm, int(saved["image_pad_id"]), int(saved["adapter"]["hidden"]))
     model.adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
-    return model.to(device).eval(), load_tokenizer(folder / "llm"), saved
+    return model.to(device=device, dtype=dtype).eval(), load_tokenizer(folder / "llm"), saved

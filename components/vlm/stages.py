@@ -20,13 +20,9 @@ from components.common.contract import Component, StageContext, StageResult, com
 from components.vlm.config import MIX_TASKS, VlmConfig
 
 log = logging.getLogger(__name__)
-LATER_THAN = {"llm_pretrain": ("stage0", "stage1", "stage2", "eval", "adapter_hidden", "system_prompt"),
-              "stage0": ("stage1", "stage2"), "stage1": ("stage2",), "stage2": ()}
-
-
-def pretrained_llm_files(cfg: VlmConfig) -> list[Path]:
-    path = cfg.llm.pretrained_path
-    return [Path(path).expanduser() / "config.json"] if path else []
+RUN_ONLY = ("fail_at_step", "checkpoint_every", "max_failures")  # how a job runs, not what it computes
+LATER_THAN = {"llm_pretrain": ("stage0", "stage1", "stage2", "eval", "adapter_hidden", "system_prompt", *RUN_ONLY),
+              "stage0": ("stage1", "stage2", *RUN_ONLY), "stage1": ("stage2", *RUN_ONLY), "stage2": RUN_ONLY}
 
 
 def llm_fingerprint(cfg: VlmConfig) -> dict[str, Any]:
@@ -40,21 +36,24 @@ def llm_fingerprint(cfg: VlmConfig) -> dict[str, Any]:
     return {"pretrained_llm": file_stats(sorted(p for p in folder.iterdir() if p.is_file()))}
 
 
-def read_log(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The step records of a train log (the last record of each step wins after a restart) and the restarts."""
+def read_log(path: Path) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
+    """The step records of a train log (the last record of each step wins after a restart), the
+    restarts, and the end record (sample counts over all workers)."""
     records: dict[int, dict[str, Any]] = {}
-    starts = 0
+    starts, end = 0, {}
     if not path.exists():
-        return [], 0
+        return [], 0, {}
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         record = json.loads(line)
         if record.get("event") == "start":
             starts += 1
-        elif not record.get("stage_end"):
+        elif record.get("stage_end"):
+            end = record
+        else:
             records[int(record["step"])] = record
-    return [records[s] for s in sorted(records)], max(0, starts - 1)
+    return [records[s] for s in sorted(records)], max(0, starts - 1), end
 
 
 def train_tokenizer_from_shards(shards_dir: Path, cfg: VlmConfig, folder: Path) -> int:
@@ -105,7 +104,7 @@ def run_trainer(ctx: StageContext[VlmConfig], stage: str, loop_extra: dict[str, 
 
 def log_training(ctx: StageContext[VlmConfig], stage: str, out_dir: Path) -> dict[str, float]:
     """Per-step metrics to MLflow as `<stage>/<metric>`; the summary (first/last loss, means) back."""
-    records, restarts = read_log(out_dir / "train_log.jsonl")
+    records, restarts, end = read_log(out_dir / "train_log.jsonl")
     for record in records:
         ctx.log_metrics({f"{stage}/{k}": float(v) for k, v in record.items()
                          if isinstance(v, (int, float)) and k != "step"}, int(record["step"]))
@@ -116,9 +115,9 @@ def log_training(ctx: StageContext[VlmConfig], stage: str, out_dir: Path) -> dic
         timed = records[1:] or records  # the first step pays for warm-up
         for key in ("tokens_per_s", "images_per_s", "padding", "aux_loss", "step_seconds"):
             metrics[f"{key}_mean"] = sum(float(r[key]) for r in timed) / len(timed)
-        for key, value in records[-1].items():
-            if key.startswith("samples_"):
-                metrics[key] = float(value)
+    for key, value in end.items():  # kept and dropped by reason, all workers
+        if key.startswith("samples_"):
+            metrics[key] = float(value)
     return metrics
 
 
@@ -135,11 +134,8 @@ def run_llm_pretrain(ctx: StageContext[VlmConfig]) -> StageResult:
 
 def make_stage_runner(stage: str) -> Callable[[StageContext[VlmConfig]], StageResult]:
     def run_stage(ctx: StageContext[VlmConfig]) -> StageResult:
-        from components.vlm.evaluate import evaluate_checkpoint
-
         cfg = ctx.config
         llm_fingerprint(cfg)
-        stage_cfg = cfg.stage(stage)
         out_dir = ctx.outputs["vlm"]
         out_dir.mkdir(parents=True, exist_ok=True)
         previous = ctx.inputs.get("previous")
@@ -151,19 +147,37 @@ def make_stage_runner(stage: str) -> Callable[[StageContext[VlmConfig]], StageRe
         run_trainer(ctx, stage, extra, out_dir)
         metrics = log_training(ctx, stage, out_dir)
         if cfg.eval.enabled:
-            frames = stage_cfg.frames_per_clip
-            if previous is None and (out_dir / "initial").exists():
-                untrained = evaluate_checkpoint(out_dir / "initial", ctx.inputs["shards"], cfg, frames,
-                                                stage_cfg.max_tokens, ctx.seed, out_dir / "eval" / "untrained.jsonl")
-                metrics |= {f"eval_untrained/{k}": v for k, v in untrained.items()}
-            final = evaluate_checkpoint(out_dir / "model", ctx.inputs["shards"], cfg, frames, stage_cfg.max_tokens,
-                                        ctx.seed, out_dir / "eval" / f"{stage}.jsonl")
-            metrics |= {f"eval/{k}": v for k, v in final.items()}
+            metrics |= evaluate_stage(ctx, stage, out_dir, previous is None)
         shutil.rmtree(out_dir / "initial", ignore_errors=True)
         (out_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
         return StageResult(metrics=metrics, artifacts=["vlm/summary.json", "vlm/train_log.jsonl"])
     run_stage.__name__ = f"run_{stage}"
     return run_stage
+
+
+def evaluate_stage(ctx: StageContext[VlmConfig], stage: str, out_dir: Path, from_fresh_adapter: bool) -> dict[str, float]:
+    """The suite on the stage's export (and on its starting point when that was a fresh adapter). A failing
+    evaluation does not throw the trained stage away: it is recorded (`eval_failed`, `eval/error.txt`)."""
+    import traceback
+
+    from components.vlm.evaluate import evaluate_checkpoint
+
+    cfg, stage_cfg = ctx.config, ctx.config.stage(stage)
+    runs = [("eval_untrained", out_dir / "initial", "untrained")] if from_fresh_adapter and (out_dir / "initial").exists() else []
+    runs.append(("eval", out_dir / "model", stage))
+    metrics: dict[str, float] = {}
+    for prefix, checkpoint, name in runs:
+        try:
+            scores = evaluate_checkpoint(checkpoint, ctx.inputs["shards"], cfg, stage_cfg.frames_per_clip,
+                                         stage_cfg.max_tokens, ctx.seed, out_dir / "eval" / f"{name}.jsonl")
+        except Exception:  # noqa: BLE001 - recorded, and the trained export is kept
+            log.exception("evaluating %s failed", checkpoint)
+            (out_dir / "eval").mkdir(exist_ok=True)
+            (out_dir / "eval" / "error.txt").write_text(traceback.format_exc())
+            metrics["eval_failed"] = 1.0
+            continue
+        metrics |= {f"{prefix}/{k}": v for k, v in scores.items()}
+    return metrics
 
 
 def last_vit_export(vit_dir: Path) -> Path:

@@ -26,7 +26,7 @@ from components.vlm.config import LlmPretrainConfig, StageConfig, VlmConfig
 
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "ckpt"
-PEAK_FLOPS = 989e12  # H100 dense bf16, for MFU
+STAGE_SEEDS = {"llm_pretrain": 0, "stage0": 1, "stage1": 2, "stage2": 3}  # each stage draws its own data order
 
 
 @dataclasses.dataclass
@@ -103,6 +103,9 @@ def make_encoder(tokenizer: Any, cfg: VlmConfig, stage: StageConfig | LlmPretrai
         except BadSample as bad:
             counter[bad.reason] += 1
             return None
+        except ValueError:  # media that do not match the conversation (e.g. <video> in an image sample)
+            counter["bad_media"] += 1
+            return None
         if encoded.num_images > stage.max_images:
             counter["too_many_images"] += 1
             return None
@@ -111,6 +114,18 @@ def make_encoder(tokenizer: Any, cfg: VlmConfig, stage: StageConfig | LlmPretrai
             counter["truncated_turns"] += encoded.truncated_turns
         return encoded
     return encode_multimodal
+
+
+def parameter_groups(model: Any, stage: StageConfig | LlmPretrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters, the ViT's at `vit_lr_scale` times the stage's learning rate."""
+    vit = getattr(model, "vit", None)
+    vit_ids = {id(p) for p in vit.parameters()} if vit is not None else set()
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in vit_ids]
+    groups = [{"params": rest, "lr": stage.learning_rate}] if rest else []
+    vit_params = [p for p in vit.parameters() if p.requires_grad] if vit is not None else []
+    if vit_params:
+        groups.append({"params": vit_params, "lr": stage.learning_rate * getattr(stage, "vit_lr_scale", 1.0)})
+    return groups
 
 
 def strip_media(question: str) -> str:
@@ -171,9 +186,10 @@ def build_model(loop_config: dict[str, Any], device: torch.device) -> tuple[Any,
         added = add_special_tokens(tokenizer)
     else:
         added = 0
-    llm = load_llm(llm_dir)
-    if added:
-        llm.resize_token_embeddings(len(tokenizer))
+    dtype = torch.bfloat16 if cfg.deepspeed.bf16 and device.type == "cuda" else torch.float32
+    llm = load_llm(llm_dir, dtype)
+    if added and len(tokenizer) > llm.get_input_embeddings().num_embeddings:  # grow only: keep padded vocabularies
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model = VisionLanguageModel(vit, llm, SpecialIds.of(tokenizer).image_pad, cfg.adapter_hidden)
     return model.train(), tokenizer, vit.config
 
@@ -186,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from components.vlm.data import MixedStream, images_to_vit_input, to_device
-    from components.vlm.model import answer_loss, export_vlm, set_trainable
+    from components.vlm.model import causal_lm_loss, export_vlm, set_trainable
     from components.vlm.packing import collate, padding_fraction
     from components.vlm.tokenizer import SpecialIds
 
@@ -205,20 +221,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     else:
         trainable_counts = set_trainable(model, stage.trainable)
     state, resume_from = restore(rank)
-    if rank == 0 and resume_from is None and not text_only and not loop_config.get("previous"):
-        export_vlm(model, tokenizer, out_dir / "initial", {"stage": "initial", "steps": 0})
     special = SpecialIds.of(tokenizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=stage.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, stage), lr=stage.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(stage))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, stage.packs_per_step))
     if resume_from is not None:
         with resume_from.as_directory() as folder:
             engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+    elif not text_only and not loop_config.get("previous"):  # the starting point, for the untrained evaluation
+        with gathered_model(engine):
+            if rank == 0:
+                export_vlm(engine.module, tokenizer, out_dir / "initial", {"stage": "initial", "steps": 0})
+        torch.distributed.barrier()
     counter = DropCounter(state.drops)
     mix = {task: 1.0 for task in ("caption", "ocr", "grounding", "counting", "video")} if text_only else stage.mix
-    stream = MixedStream(shards_dir, mix, rank, world_size, seed * 1009 + len(stage_name), cfg.holdout_fraction,
+    stream = MixedStream(shards_dir, mix, rank, world_size, seed * 1009 + STAGE_SEEDS[stage_name], cfg.holdout_fraction,
                          counter, state.positions, state.draws)
     encode = make_encoder(tokenizer, cfg, stage, vit_cfg, counter)
     feed = PackFeed(stream, encode, stage.max_tokens, getattr(stage, "max_images", 1), special.pad,
@@ -234,10 +252,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         packs = feed.next_packs(stage.packs_per_step)
         batch = {k: v.to(device) for k, v in collate(packs).items()}
         if text_only:
-            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-            lm_loss, answer_tokens = answer_loss(out.logits, batch["labels"])
-            aux = out.aux_loss if getattr(out, "aux_loss", None) is not None else lm_loss.new_zeros(())
-            loss = lm_loss + float(getattr(engine.module.config, "router_aux_loss_coef", 0.0)) * aux
+            embeds = engine.module.get_input_embeddings()(batch["input_ids"])
+            terms = causal_lm_loss(engine, embeds, batch["position_ids"], batch["labels"],
+                                   float(getattr(engine.module.config, "router_aux_loss_coef", 0.0)))
+            loss, lm_loss, aux, answer_tokens = terms.loss, terms.lm_loss, terms.aux_loss, terms.answer_tokens
             num_images, num_patches = 0, 0
         else:
             images = [image for pack in packs for image in pack.media]
