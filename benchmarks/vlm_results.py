@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 STAGES = ("vlm_stage0", "vlm_stage1", "vlm_stage2")
 EVAL_COLUMNS = ("caption_f1", "caption_colour_recall", "caption_shape_recall", "counting_accuracy",
                 "counting_majority", "grounding_iou50", "pointing_hit", "ocr_exact", "video_tiou50",
-                "video_qa_exact", "video_qa_majority", "image_use_gap")
+                "video_qa_exact", "video_qa_majority", "heldout_answer_loss", "image_use_gap")
 TRAIN_COLUMNS = ("seconds", "steps", "loss_first", "loss_last10", "aux_loss_mean", "tokens_per_s_mean",
                  "padding_mean")
 

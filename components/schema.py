@@ -161,6 +161,10 @@ def check_vlm(config: PipelineConfig, layered: LayeredDict) -> None:
                           "but 'train.vlm.llm.pretrained_path' is empty and train.vlm.llm_pretrain is disabled: give a "
                           "local Hugging Face MoE folder in train.vlm.llm.pretrained_path, or enable llm_pretrain")
     vit = config.train.vit_pretrain
+    if stages and not vit.enabled:
+        raise ConfigError(f"{layered.source_of('train.vit_pretrain.enabled')}: train.vit_pretrain is disabled but the VLM "
+                          f"stages ({', '.join(stages)}) start from its Seed-ViT: enable it, or disable "
+                          "train.vlm.stage0/stage1/stage2 (enabled=false)")
     if stages and vit.enabled and vlm.holdout_fraction > vit.holdout_fraction:
         raise ConfigError(f"{layered.source_of('train.vlm.holdout_fraction')}: 'train.vlm.holdout_fraction' "
                           f"({vlm.holdout_fraction}) exceeds train.vit_pretrain.holdout_fraction ({vit.holdout_fraction}), "

@@ -89,9 +89,15 @@ def test_cross_section_rules_fail_at_load() -> None:
         load_config("tiny", overrides=["data.clip_filter.enabled=false", "data.clip_scorer.enabled=false"])
     with pytest.raises(ConfigError, match=r"teacher.weights' is empty, so MIM would distil a random teacher"):
         load_config("tiny", overrides=["train.vit_pretrain.teacher.weights="])
+    without_vit = ["train.vit_pretrain.enabled=false"]
+    with pytest.raises(ConfigError, match="train.vit_pretrain is disabled but the VLM stages"):
+        load_config("tiny", overrides=without_vit)
+    without_vit += [f"train.vlm.stage{n}.enabled=false" for n in range(3)]
     config, _ = load_config("tiny", overrides=["data.clip_filter.enabled=false", "data.clip_scorer.enabled=false",
-                                               "train.vit_pretrain.enabled=false"])
+                                               *without_vit])
     assert not config.data.clip_filter.enabled
+    with pytest.raises(ConfigError, match="exceeds train.vit_pretrain.holdout_fraction"):
+        load_config("tiny", overrides=["train.vlm.holdout_fraction=0.5"])
     with pytest.raises(ConfigError, match="text.freeze' is true but text.weights is empty"):
         load_config("tiny", overrides=["train.vit_pretrain.text.weights="])
     with pytest.raises(ConfigError, match="head width"):
