@@ -6,7 +6,7 @@ Runs the pipeline through vlm_stage2 twice in a subprocess against one run root 
 steps already cached there are reused): as configured, and with the `skip_stage0` experiment. Reads
 each VLM step's metrics from the run summary, prints two Markdown tables (evaluation per checkpoint;
 training per stage), records them in benchmarks/results/vlm_results_<profile>.json and rewrites the
-block between the `vlm-results` markers in README.md.
+block between the `vlm-results` markers in README.md (`vlm-results-<profile>` for other profiles).
 """
 
 from __future__ import annotations
@@ -69,12 +69,13 @@ def training_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, di
     return rows
 
 
-def replace_readme_block(table: str) -> None:
+def replace_readme_block(table: str, profile: str) -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
-    pattern = re.compile(r"(<!-- vlm-results:start -->\n).*?(<!-- vlm-results:end -->)", re.S)
+    marker = "vlm-results" if profile == "tiny" else f"vlm-results-{profile}"
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
-        print("README.md has no vlm-results markers; not updated")
+        print(f"README.md has no {marker} markers; not updated")
         return
     readme.write_text(pattern.sub(lambda m: m.group(1) + table + m.group(2), text))
     print("README.md updated")
@@ -88,11 +89,13 @@ def main() -> None:
     parser.add_argument("--root", default=str(REPO / "runs"), help="run root (its cache is reused)")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--no-readme", action="store_true", help="print and record, but leave README.md alone")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the skip_stage0 run")
     args = parser.parse_args()
     base = ["--profile", args.profile, *[x for o in args.overrides for x in ("--set", o)]]
     root = Path(args.root).resolve()
     wall_main, main_steps = run_pipeline(root, base)
-    wall_ablation, ablation_steps = run_pipeline(root, [*base, "--experiment", "skip_stage0"])
+    wall_ablation, ablation_steps = (0.0, {}) if args.no_ablation else run_pipeline(
+        root, [*base, "--experiment", "skip_stage0"])
     evaluation = evaluation_rows(main_steps, "") | {k: v for k, v in evaluation_rows(ablation_steps, " (no stage 0)").items()
                                                     if not k.startswith("untrained")}
     training = training_rows(main_steps, "") | {k: v for k, v in training_rows(ablation_steps, " (no stage 0)").items()
@@ -111,7 +114,7 @@ def main() -> None:
                                                                             "ablation": round(wall_ablation, 1)}},
            [{"table": "evaluation", "rows": evaluation}, {"table": "training", "rows": training}])
     if not args.no_readme:
-        replace_readme_block(block)
+        replace_readme_block(block, args.profile)
 
 
 if __name__ == "__main__":
