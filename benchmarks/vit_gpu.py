@@ -29,10 +29,13 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-from results_file import record
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `components` from a bare checkout (GPU machine)
+
+from results_file import record  # noqa: E402
 from vit_packing import Batch, budget_batch, packed_backend, synchronize, timed_step
 
 import torch
