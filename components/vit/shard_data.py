@@ -90,8 +90,7 @@ def picture_split_key(raw: RawSample, task: str) -> str:
     Thresholds on the same hashes nest: what a smaller fraction holds out, a larger one does too."""
     if task == "caption":
         return raw.base_key()
-    media = sorted(ext for ext in raw.members if ext.startswith("frame")) or \
-        [ext for ext in IMAGE_EXTS if ext in raw.members][:1]
+    media = media_names(raw)
     if not media:
         return raw.key
     return "media:" + hashlib.sha1(raw.members[media[0]]).hexdigest()
@@ -167,19 +166,15 @@ class ShardStream:
         return stream
 
 
-def decode(raw: RawSample, counter: DropCounter) -> Sample | None:
-    """Decode one raw sample, or count why it is dropped and return None."""
-    try:
-        info = raw.info()
-    except (ValueError, UnicodeDecodeError):
-        counter["bad_json"] += 1
-        return None
-    caption = raw.members.get("txt", b"").decode("utf-8", errors="replace").strip() or str(info.get("caption") or "")
-    if not caption.strip():
-        counter["caption_missing"] += 1
-        return None
+def media_names(raw: RawSample) -> list[str]:
+    """The sample's media members in order: a clip's frames, else its one image."""
     frames = sorted(ext for ext in raw.members if ext.startswith("frame"))
-    names = frames or [ext for ext in IMAGE_EXTS if ext in raw.members][:1]
+    return frames or [ext for ext in IMAGE_EXTS if ext in raw.members][:1]
+
+
+def decode_media(raw: RawSample, counter: DropCounter) -> list[Image.Image] | None:
+    """The sample's image or frames as RGB, or None with `missing_image` / `corrupt_image` counted."""
+    names = media_names(raw)
     if not names:
         counter["missing_image"] += 1
         return None
@@ -192,6 +187,23 @@ def decode(raw: RawSample, counter: DropCounter) -> Sample | None:
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             counter["corrupt_image"] += 1
             return None
+    return images
+
+
+def decode(raw: RawSample, counter: DropCounter) -> Sample | None:
+    """Decode one raw sample, or count why it is dropped and return None."""
+    try:
+        info = raw.info()
+    except (ValueError, UnicodeDecodeError):
+        counter["bad_json"] += 1
+        return None
+    caption = raw.members.get("txt", b"").decode("utf-8", errors="replace").strip() or str(info.get("caption") or "")
+    if not caption.strip():
+        counter["caption_missing"] += 1
+        return None
+    images = decode_media(raw, counter)
+    if images is None:
+        return None
     counter["kept"] += 1
     return Sample(key=raw.key, task=str(info.get("task") or "caption"), images=images, caption=caption)
 

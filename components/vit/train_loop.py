@@ -259,7 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             resume_from = None
         started = time.perf_counter()
         while state.step < runner.phase.steps:
-            maybe_fail(cfg, state.global_step, rank, world_size, out_dir)
+            maybe_fail(cfg.fail_at_step, state.global_step, rank, world_size, out_dir)
             metrics = runner.step(state.step)
             state.step += 1
             state.global_step += 1
@@ -298,9 +298,9 @@ def all_workers_counts(counter: DropCounter) -> DropCounter:
     return total
 
 
-def maybe_fail(cfg: VitPretrainConfig, global_step: int, rank: int, world_size: int, out_dir: Path) -> None:
+def maybe_fail(fail_at_step: int, global_step: int, rank: int, world_size: int, out_dir: Path) -> None:
     """Testing aid: the last worker dies once, abruptly, at `fail_at_step` (a marker file makes it once)."""
-    if cfg.fail_at_step != global_step or rank != world_size - 1:
+    if fail_at_step != global_step or rank != world_size - 1:
         return
     marker = out_dir / ".failed_once"
     if marker.exists():

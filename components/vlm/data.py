@@ -12,7 +12,6 @@ it is a pure function of those and of how many samples were drawn: a resumed wor
 from __future__ import annotations
 
 import dataclasses
-import io
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from PIL import Image
 
 from components.vit.config import SeedViTConfig
 from components.vit.preprocess import PackedImages, image_to_patches, native_size, pack
-from components.vit.shard_data import IMAGE_EXTS, DropCounter, RawSample, ShardStream, picture_split_key, task_shards
+from components.vit.shard_data import DropCounter, RawSample, ShardStream, decode_media, picture_split_key, task_shards
 
 
 vlm_split_key = picture_split_key  # the VLM's split: one picture never on both sides
@@ -57,20 +56,9 @@ def decode_sample(raw: RawSample, task: str, counter: DropCounter) -> VlmSample 
     if not info.get("caption") and not info.get("conversations"):
         counter["no_text"] += 1
         return None
-    frames = sorted(ext for ext in raw.members if ext.startswith("frame"))
-    names = frames or [ext for ext in IMAGE_EXTS if ext in raw.members][:1]
-    if not names:
-        counter["missing_image"] += 1
+    images = decode_media(raw, counter)
+    if images is None:
         return None
-    images = []
-    for name in names:
-        try:
-            with Image.open(io.BytesIO(raw.members[name])) as image:
-                image.load()
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-            counter["corrupt_image"] += 1
-            return None
     return VlmSample(key=raw.key, task=str(info.get("task") or task), info=info, images=images)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from components.vit.shard_data import DropCounter
-from components.vit.train_loop import all_workers_counts, gathered_model, warmup_cosine
+from components.vit.train_loop import all_workers_counts, gathered_model, maybe_fail, warmup_cosine
 from components.vlm.config import LlmPretrainConfig, StageConfig, VlmConfig
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             handle.write(json.dumps({"event": "start", "step": state.step, "trainable": trainable_counts}) + "\n")
     started_stage = time.perf_counter()
     while state.step < stage.steps:
-        maybe_fail(cfg, state.step, rank, world_size, out_dir)
+        maybe_fail(cfg.fail_at_step, state.step, rank, world_size, out_dir)
         started = time.perf_counter()
         packs = feed.next_packs(stage.packs_per_step)
         batch = {k: v.to(device) for k, v in collate(packs).items()}
@@ -312,15 +312,3 @@ def export_llm(llm: Any, tokenizer: Any, folder: Path, summary: dict[str, Any]) 
     if folder.exists():
         shutil.rmtree(folder)
     tmp.replace(folder)
-
-
-def maybe_fail(cfg: VlmConfig, step: int, rank: int, world_size: int, out_dir: Path) -> None:
-    """Testing aid: the last worker dies once, abruptly, at `fail_at_step` (a marker file makes it once)."""
-    if cfg.fail_at_step != step or rank != world_size - 1:
-        return
-    marker = out_dir / ".failed_once"
-    if marker.exists():
-        return
-    marker.write_text(str(step))
-    log.warning("fail_at_step=%d: worker %d exits now", step, rank)
-    os._exit(1)
