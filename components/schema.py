@@ -8,6 +8,7 @@ from pathlib import Path
 
 from components.common.config import ConfigError, LayeredDict, build, parse_override, read_yaml
 from components.data.config import DataConfig
+from components.serve.config import ServeConfig
 from components.vit.config import VitEvalConfig, VitPretrainConfig
 from components.vlm.config import VlmConfig
 
@@ -51,6 +52,7 @@ class PipelineConfig:
     mlflow: MlflowSettings = dataclasses.field(default_factory=MlflowSettings)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
     @property
     def root(self) -> Path:

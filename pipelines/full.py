@@ -1,13 +1,16 @@
 """The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters ->
 (CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance, plus OCR synthesis,
 grounding/counting synthesis and video samples -> WebDataset shards by task type -> Seed-ViT
-pretraining (MIM, SigLIP, video; Ray Train + DeepSpeed) -> its retrieval evaluation.
+pretraining (MIM, SigLIP, video; Ray Train + DeepSpeed) -> its retrieval evaluation -> a text-pretrained
+MoE LLM -> VLM stages 0, 1, 2 (each evaluated) -> `serve`: the final checkpoint registered in the MLflow
+model registry and deployed on Ray Serve behind an OpenAI-style chat endpoint on 127.0.0.1:8000.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
     ray job submit --working-dir . -- python pipelines/full.py --profile full
     python pipelines/full.py --only basic_filters --set data.basic_filters.min_short_side=128
     python pipelines/full.py --from ingest --experiment strict_filters
     python pipelines/full.py --until clip_filter --set data.synthetic_crawl.num_samples=5000
+    python pipelines/full.py --set serve.keep_alive=false    # end the endpoint with the pipeline
 
 Stages later issues build are added here when they exist; none is faked.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from components.data.rebalance import rebalance  # noqa: E402
 from components.data.shard_writer import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
 from components.data.video_samples import video_samples  # noqa: E402
+from components.serve.deploy import block_until_interrupted, endpoint_url, serve_step  # noqa: E402
 from components.vit.vit_eval import vit_eval  # noqa: E402
 from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
 from components.vlm.stages import llm_pretrain, vlm_stage0, vlm_stage1, vlm_stage2  # noqa: E402
@@ -43,6 +48,7 @@ def vlm_stage_enabled(config: PipelineConfig, stage: str) -> bool:
     return config.train.vit_pretrain.enabled and getattr(config.train.vlm, stage).enabled
 
 
+VLM_STAGES = ("stage0", "stage1", "stage2")
 VLM_INPUTS: dict = {"shards": ("write_shards", "shards"), "vit": ("vit_pretrain", "vit"), "llm": ("llm_pretrain", "llm")}
 CURATED = [("dedup", "samples"), ("clip_filter", "samples"), ("basic_filters", "samples")]  # the first enabled
 STEPS = [
@@ -73,6 +79,9 @@ STEPS = [
          enabled=lambda config: vlm_stage_enabled(config, "stage1")),
     Step(vlm_stage2, inputs={**VLM_INPUTS, "previous": [("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
          enabled=lambda config: vlm_stage_enabled(config, "stage2")),
+    Step(serve_step, inputs={"vlm": [("vlm_stage2", "vlm"), ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
+         enabled=lambda config: config.serve.enabled and any(vlm_stage_enabled(config, s) for s in VLM_STAGES),
+         cached=False),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -120,7 +129,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline error: {error}", file=sys.stderr)
         return 2
     print_summary(config, outcomes)
+    keep_endpoint_up(config, outcomes)
     return 0
+
+
+def keep_endpoint_up(config: PipelineConfig, outcomes: list) -> None:
+    """A local Ray ends with this process, and the endpoint with it: with serve.keep_alive, stay up until
+    Ctrl-C. In a cluster this joined (`ray job submit`), the Serve application outlives the job."""
+    served = [o for o in outcomes if o.name == "serve" and o.status == "ran"]
+    if not served:
+        return
+    url = endpoint_url(config.serve)
+    local = not (config.ray.address or os.environ.get("RAY_ADDRESS"))
+    if local and config.serve.keep_alive:
+        block_until_interrupted(url)
+    elif local:
+        print(f"\nserve.keep_alive is false: the endpoint stops with this process. Serve the registered model "
+              f"again with: python -m components.serve.deploy --model models:/{config.serve.model_name}@latest-pipeline")
+    else:
+        print(f"\nThe endpoint stays up in the Ray cluster: {url}/v1/chat/completions")
 
 
 def missing_model_files(config: PipelineConfig, selection: Selection) -> str:

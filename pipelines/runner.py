@@ -38,6 +38,7 @@ class Step:
     component: Component[Any]
     inputs: dict[str, tuple[str, str] | list[tuple[str, str]]] = dataclasses.field(default_factory=dict)
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
+    cached: bool = True  # False: runs every time (a step whose point is a side effect, such as deploying)
 
     @property
     def name(self) -> str:
@@ -129,7 +130,7 @@ class PipelineRunner:
             config = select(self.config, step.component.config_path)
             material = step.component.key_material(config, input_keys, self.config.run.seed)
             key = step.component.cache_key(config, input_keys, self.config.run.seed)
-            must_run = forced_from or step.name in self.selection.force
+            must_run = forced_from or step.name in self.selection.force or not step.cached
             manifest = None if must_run else self.cache.lookup(step.name, key)
             if manifest is None and self.selection.only and step.name not in self.selection.only:
                 raise PipelineError(
@@ -193,10 +194,12 @@ class PipelineRunner:
     def _execute(self, step: Step, key: str, config: Any, inputs: dict[str, Path], material: dict[str, Any],
                  run_id: str) -> Manifest:
         ray_cfg = self.config.ray
+        tracking_uri = getattr(self.tracker, "tracking_uri", "")
         ensure_ray(ray_cfg.address, ray_cfg.num_cpus, ray_cfg.include_dashboard, REPO_ROOT)
         with self.cache.staging(step.name, key) as staged:
             result, duration = run_into(step.component, config, inputs, staged, self.config.run.seed,
-                                        lambda metrics, step_no: self.tracker.log_metrics(run_id, metrics, step_no))
+                                        lambda metrics, step_no: self.tracker.log_metrics(run_id, metrics, step_no),
+                                        tracking_uri, run_id if tracking_uri else "")
             manifest = manifest_for(step.component, key, material, result, duration)
             publish_folder(staged, self.cache.entry(step.name, key), manifest)
         return manifest

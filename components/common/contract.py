@@ -47,6 +47,8 @@ class StageContext(Generic[ConfigT]):
     workdir: Path  # the staging folder; outputs live under it
     seed: int = 0
     log_metrics: Callable[[dict[str, float], int | None], None] = lambda metrics, step: None
+    tracking_uri: str = ""  # the MLflow store the pipeline records to ('' when tracking is off)
+    run_id: str = ""  # this step's MLflow run ('' when tracking is off)
 
 
 @dataclasses.dataclass(frozen=True)

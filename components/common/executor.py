@@ -19,6 +19,8 @@ def run_into(
     staged: Path,
     seed: int,
     log_metrics: Callable[[dict[str, float], int | None], None] = lambda metrics, step: None,
+    tracking_uri: str = "",
+    run_id: str = "",
 ) -> tuple[StageResult, float]:
     """Run `comp` with its outputs under `staged`; returns its result and wall time."""
     missing = [name for name in comp.inputs if name not in inputs and name not in comp.optional_inputs]
@@ -26,7 +28,7 @@ def run_into(
         raise ValueError(f"component {comp.name!r} needs inputs {missing}; got {sorted(inputs)}")
     outputs = {name: staged / name for name in comp.outputs}
     context = StageContext(config=config, inputs=inputs, outputs=outputs, workdir=staged, seed=seed,
-                           log_metrics=log_metrics)
+                           log_metrics=log_metrics, tracking_uri=tracking_uri, run_id=run_id)
     started = time.perf_counter()
     result = comp.run(context)
     duration = time.perf_counter() - started

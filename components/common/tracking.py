@@ -22,6 +22,8 @@ PARAMS_PER_BATCH = 100
 
 
 class Tracker(Protocol):
+    tracking_uri: str  # '' when nothing is recorded
+
     def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str: ...
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None: ...
@@ -33,6 +35,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     """Tracking switched off: every call is accepted and nothing is written."""
+
+    tracking_uri = ""
 
     def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
         return f"null-{name}"

@@ -1,0 +1,307 @@
+"""The Ray Serve application: `ChatIngress` (FastAPI: the OpenAI-style routes, auth, size and load limits,
+request validation, media decoding and the prompt) in front of `VlmModel` (the checkpoint on its
+device, decoding batches of requests with `@serve.batch` and streaming text deltas back).
+
+Routes: `POST /v1/chat/completions` (JSON, or server-sent events with `"stream": true`),
+`GET /v1/models`, `GET /health`. Every error is OpenAI-shaped, `{"error": {"message", "type", "param",
+"code"}}`: 400 for bad JSON, schema, model name, base64 or images, 401 for a missing or wrong key when
+one is configured, 413 for bodies over `serve.max_request_bytes`, 429 when more than
+`serve.max_pending_requests` requests are in flight on an ingress replica. `build_app` is the typed
+builder; `app_builder` is the same for `serve run components.serve.app:app_builder checkpoint=...`.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from components.serve.config import ServeConfig
+from components.serve.engine import Delta, GenerationEngine, GenerationInput
+from components.serve.protocol import (
+    SSE_DONE,
+    ApiError,
+    completion_chunk,
+    completion_response,
+    models_response,
+    new_request_id,
+    parse_chat_request,
+    parse_json_body,
+    sse_event,
+    usage_chunk,
+)
+
+log = logging.getLogger(__name__)
+api = FastAPI(title="Seed1.5-VL recipe chat endpoint")
+UNHEALTHY_AFTER_FAILURES = 3  # consecutive failed batches before check_health reports the replica broken
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if error.status == 429 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return JSONResponse(ApiError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code)
+
+
+def resolve_device(cfg: ServeConfig) -> tuple[str, Any]:
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and cfg.resources.num_gpus > 0 else "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+@serve.deployment
+class VlmModel:
+    """One model replica: loads the export (safetensors and a Hugging Face folder, no pickles) and
+    decodes the requests that reach it in batches."""
+
+    def __init__(self, checkpoint: str, cfg: ServeConfig) -> None:
+        import torch
+
+        from components.vlm.model import load_vlm
+
+        if cfg.resources.torch_threads:
+            torch.set_num_threads(cfg.resources.torch_threads)
+        device, dtype = resolve_device(cfg)
+        model, tokenizer, _ = load_vlm(checkpoint, device, dtype)
+        self.engine = GenerationEngine(model, tokenizer)
+        self.generate.set_max_batch_size(cfg.batching.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(cfg.batching.batch_wait_timeout_s)
+        self.consecutive_failures = 0
+        self.batches = 0
+        self.rows = 0
+        log.info("loaded %s on %s (%s)", checkpoint, device, dtype)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # the limits are reset from config in __init__
+    async def generate(self, items: list[GenerationInput]) -> AsyncIterator[list[Any]]:
+        """Stream the deltas of a batch of requests, one list per decode step (StopIteration marks a
+        request that has ended)."""
+        self.batches += 1
+        self.rows += len(items)
+        try:
+            batch = await asyncio.to_thread(self.engine.start, items)
+            while True:
+                deltas = await asyncio.to_thread(self.engine.step, batch)
+                yield [StopIteration if delta is None else delta for delta in deltas]
+                if batch.done:
+                    break
+        except Exception:
+            self.consecutive_failures += 1
+            log.exception("a batch of %d requests failed", len(items))
+            raise
+        self.consecutive_failures = 0
+
+    async def stream(self, item: GenerationInput) -> AsyncIterator[Delta]:
+        """One request's deltas as they are decoded (the handle method: `options(stream=True).stream`)."""
+        async for delta in self.generate(item):
+            yield delta
+
+    def stats(self) -> dict[str, float]:
+        """Batches decoded and the requests in them (the benchmark's mean batch size)."""
+        return {"batches": self.batches, "rows": self.rows}
+
+    def context_limit(self) -> int:
+        return self.engine.context_limit
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose last batches all failed is restarted."""
+        if self.consecutive_failures >= UNHEALTHY_AFTER_FAILURES:
+            raise RuntimeError(f"the last {self.consecutive_failures} batches failed")
+
+
+@serve.deployment
+@serve.ingress(api)
+class ChatIngress:
+    """The HTTP front: everything a request can get wrong is answered here, before the model sees it."""
+
+    def __init__(self, model: DeploymentHandle, checkpoint: str, cfg: ServeConfig, model_id: str) -> None:
+        from components.vit.config import SeedViTConfig
+        from components.vlm.tokenizer import load_tokenizer
+
+        self.model, self.cfg, self.model_id = model, cfg, model_id
+        saved = json.loads((Path(checkpoint) / "config.json").read_text())
+        self.vit_cfg = SeedViTConfig(**saved["vit"])
+        self.tokenizer = load_tokenizer(Path(checkpoint) / "llm")
+        self.api_key = ""
+        if cfg.api_key_env:
+            self.api_key = os.environ.get(cfg.api_key_env, "")
+            if not self.api_key:
+                raise RuntimeError(f"serve.api_key_env={cfg.api_key_env!r} but that environment variable is empty "
+                                   "on the ingress replica: export it where the deployment starts")
+        self.pending = 0
+        self.created = int(time.time())
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(models_response([self.model_id], self.created))
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        try:
+            await asyncio.wait_for(self.model.context_limit.remote(), timeout=self.cfg.health_check_timeout_s)
+        except Exception as error:  # noqa: BLE001 - any failure of the model replica means unhealthy
+            return JSONResponse({"status": "unhealthy", "error": str(error)[:500]}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.model_id})
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        if self.pending >= self.cfg.max_pending_requests:
+            raise ApiError(429, f"the server is at its limit of {self.cfg.max_pending_requests} requests in flight; "
+                           "retry after a moment", type="rate_limit_error", code="rate_limit_exceeded")
+        self.pending += 1
+        released = False
+        try:
+            chat = parse_chat_request(
+                parse_json_body(await self._body(request)), served_model=self.model_id,
+                default_max_tokens=self.cfg.default_max_tokens, max_tokens_limit=self.cfg.max_tokens_limit,
+                default_thinking=self.cfg.thinking.default == "enabled")
+            item = await asyncio.to_thread(self._prepare, chat)
+            request_id, created = new_request_id(), int(time.time())
+            deltas = self.model.options(stream=True).stream.remote(item)
+            if chat.stream:
+                released = True  # the stream releases its slot when it ends
+                return StreamingResponse(self._sse(deltas, chat.include_usage, request_id, created),
+                                         media_type="text/event-stream")
+            return JSONResponse(await self._complete(deltas, request_id, created, chat.thinking))
+        finally:
+            if not released:
+                self.pending -= 1
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           type="invalid_request_error", code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused with 413 as soon as it passes the limit (declared or streamed)."""
+        limit = self.cfg.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = ApiError(413, f"the request body is over the {limit}-byte limit (serve.max_request_bytes); send "
+                             "smaller or fewer images", code="request_too_large")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _prepare(self, chat: Any) -> GenerationInput:
+        from components.serve.prompting import build_input, decode_media
+
+        media = decode_media(chat, self.cfg.media)
+        return build_input(chat, media, self.tokenizer, self.vit_cfg, self.cfg.thinking, self.cfg.max_context_tokens,
+                           self.cfg.media.max_video_frames)
+
+    async def _complete(self, deltas: Any, request_id: str, created: int, thinking: bool) -> dict[str, Any]:
+        reasoning, content, last = [], [], Delta()
+        async for delta in deltas:
+            reasoning.append(delta.reasoning)
+            content.append(delta.content)
+            last = delta
+        reasoning_text = "".join(reasoning)
+        return completion_response(
+            request_id=request_id, model=self.model_id, created=created, content="".join(content),
+            reasoning=reasoning_text if (reasoning_text or thinking) else None,
+            finish_reason=last.finish_reason or "stop", prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens)
+
+    async def _sse(self, deltas: Any, include_usage: bool, request_id: str, created: int) -> AsyncIterator[bytes]:
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            return sse_event(completion_chunk(request_id=request_id, model=self.model_id, created=created, delta=delta,
+                                              finish_reason=finish_reason))
+
+        last = Delta()
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for delta in deltas:
+                if delta.reasoning:
+                    yield chunk({"reasoning_content": delta.reasoning})
+                if delta.content:
+                    yield chunk({"content": delta.content})
+                last = delta
+            yield chunk({}, last.finish_reason or "stop")
+            if include_usage:
+                yield sse_event(usage_chunk(request_id=request_id, model=self.model_id, created=created,
+                                            prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens))
+        except Exception as error:  # noqa: BLE001 - after the headers, an error can only be an event
+            log.exception("stream %s failed", request_id)
+            yield sse_event(ApiError(500, f"generation failed: {type(error).__name__}", type="server_error",
+                                     code="generation_failed").body())
+        finally:
+            self.pending -= 1
+        yield SSE_DONE
+
+
+def deployment_options(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Serve options of the model and ingress deployments, from config."""
+    model: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.resources.num_cpus, "num_gpus": cfg.resources.num_gpus},
+        "max_ongoing_requests": max(2 * cfg.batching.max_batch_size, 4),
+        "max_queued_requests": cfg.max_queued_requests,
+        "health_check_period_s": cfg.health_check_period_s,
+        "health_check_timeout_s": cfg.health_check_timeout_s,
+    }
+    if cfg.autoscaling.enabled:
+        model["autoscaling_config"] = {"min_replicas": cfg.autoscaling.min_replicas,
+                                       "max_replicas": cfg.autoscaling.max_replicas,
+                                       "target_ongoing_requests": cfg.autoscaling.target_ongoing_requests}
+    else:
+        model["num_replicas"] = cfg.num_replicas
+    ingress_actor: dict[str, Any] = {"num_cpus": 0}
+    if cfg.api_key_env and os.environ.get(cfg.api_key_env):
+        ingress_actor["runtime_env"] = {"env_vars": {cfg.api_key_env: os.environ[cfg.api_key_env]}}
+    ingress = {"num_replicas": cfg.ingress_replicas, "ray_actor_options": ingress_actor,
+               "max_ongoing_requests": 2 * cfg.max_pending_requests, "max_queued_requests": cfg.max_queued_requests}
+    return model, ingress
+
+
+def build_app(checkpoint: str | Path, cfg: ServeConfig, model_id: str) -> Application:
+    """The application for one exported checkpoint folder, served under the model id `model_id`."""
+    if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        raise ValueError(f"serve.api_key_env={cfg.api_key_env!r} names an environment variable that is not set: export "
+                         f"{cfg.api_key_env}=<key>, or set serve.api_key_env='' to serve without a key")
+    model_options, ingress_options = deployment_options(cfg)
+    model = VlmModel.options(**model_options).bind(str(checkpoint), cfg)
+    return ChatIngress.options(**ingress_options).bind(model, str(checkpoint), cfg, model_id)
+
+
+def app_builder(args: dict[str, str]) -> Application:
+    """For `serve run components.serve.app:app_builder checkpoint=<folder> [profile=tiny] [model_id=seedvl]`
+    (`checkpoint` may also be `models:/<name>/<version>`; config comes from the profile's `serve`)."""
+    from components.schema import load_config
+    from components.serve.registry import resolve_model
+
+    config, _ = load_config(args.get("profile", "tiny"))
+    resolved = resolve_model(args["checkpoint"], config.tracking_uri, config.root / "serving" / "registry")
+    return build_app(resolved.folder, config.serve, args.get("model_id", config.serve.model_name))

@@ -1,0 +1,186 @@
+"""From a validated chat request to the model's input: decoding its media parts, reading a run of
+`[12.0 second]` text parts each followed by an image as one video, the thinking switch's system prompt,
+and the ChatML prompt ids (the training template, `components.vlm.conversation`) with image patches.
+
+Message layout: system messages (after the thinking mode's system prompt) form the system block;
+consecutive messages of one role are joined with newlines; each user message becomes its parts in
+order, joined with newlines, an image part as `<image>` and a video (a `video_url` part, or timestamped
+frames) as `<video>`. Client text cannot inject structure: the chat and vision special tokens and the
+media placeholders are removed from it (box, point and think tags stay; they are answer text).
+A conversation carries at most one video, as the training template does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from PIL import Image
+
+from components.serve.config import MediaConfig, ThinkingConfig
+from components.serve.engine import GenerationInput, SamplingParams
+from components.serve.media import MediaError, decode_image_url, decode_video_url
+from components.serve.protocol import ApiError, ChatMessage, ChatRequest, ImagePart, TextPart, VideoPart
+from components.vit.config import SeedViTConfig
+from components.vlm.conversation import BadSample, prompt_ids
+from components.vlm.data import image_token_count, images_to_vit_input
+from components.vlm.tokenizer import ANSWER_SPECIAL_TOKENS, IMAGE_PLACEHOLDER, SPECIAL_TOKENS, VIDEO_PLACEHOLDER
+
+FRAME_STAMP = re.compile(r"^\s*\[\s*(\d+(?:\.\d+)?)\s*seconds?\s*\]\s*$")
+STRUCTURAL_TOKENS = tuple(sorted((t for t in SPECIAL_TOKENS if t not in ANSWER_SPECIAL_TOKENS), key=len, reverse=True))
+
+Media = dict[str, Any]  # part param -> PIL image (image part) or (frames, timestamps) (video part)
+
+
+@dataclasses.dataclass(frozen=True)
+class Video:
+    frames: list[Image.Image]
+    timestamps: list[float]
+
+
+def decode_media(request: ChatRequest, cfg: MediaConfig) -> Media:
+    """Every image and video part of the request decoded (remote URLs only as config allows); the
+    first refusal becomes an ApiError naming the part."""
+    frames = sum(len(item) for m in request.messages for item in _frame_runs(m.parts) if isinstance(item, list))
+    images = sum(isinstance(part, ImagePart) for m in request.messages for part in m.parts) - frames
+    if images > cfg.max_images:
+        raise ApiError(400, f"the request has {images} images; at most {cfg.max_images} are accepted "
+                       "(serve.media.max_images)", param="messages", code="too_many_images")
+    decoded: Media = {}
+    for message in request.messages:
+        for part in message.parts:
+            try:
+                if isinstance(part, ImagePart):
+                    decoded[part.param] = decode_image_url(part.url, cfg, part.param)
+                elif isinstance(part, VideoPart):
+                    frames_of, stamps = decode_video_url(part.url, cfg, part.param)
+                    decoded[part.param] = Video(frames_of, stamps)
+            except MediaError as error:
+                raise ApiError(error.status, error.message, param=error.param, code=error.code) from error
+    return decoded
+
+
+def clean_text(text: str) -> str:
+    """Client text with the structural special tokens and media placeholders removed."""
+    for token in STRUCTURAL_TOKENS:
+        text = text.replace(token, "")
+    return text
+
+
+def _frame_runs(parts: tuple[Any, ...]) -> list[Any]:
+    """The parts with every run of (`[t second]` text, image) pairs grouped into one list of
+    (timestamp, image part) pairs."""
+    grouped: list[Any] = []
+    index = 0
+    while index < len(parts):
+        run: list[tuple[float, ImagePart]] = []
+        while (index + 1 < len(parts) and isinstance(parts[index], TextPart)
+               and isinstance(parts[index + 1], ImagePart) and FRAME_STAMP.match(parts[index].text)):
+            run.append((float(FRAME_STAMP.match(parts[index].text).group(1)), parts[index + 1]))
+            index += 2
+        if run:
+            grouped.append(run)
+        else:
+            grouped.append(parts[index])
+            index += 1
+    return grouped
+
+
+@dataclasses.dataclass
+class _UserTurn:
+    text: str
+    images: list[Image.Image]  # in placeholder order, a video's frames at its placeholder
+    video: Video | None
+
+
+def _user_turn(message: ChatMessage, media: Media, max_video_frames: int) -> _UserTurn:
+    pieces: list[str] = []
+    images: list[Image.Image] = []
+    video: Video | None = None
+    for item in _frame_runs(message.parts):
+        if isinstance(item, list):  # timestamped frames sent as images
+            if len(item) > max_video_frames:
+                raise ApiError(400, f"a video of {len(item)} frames; at most {max_video_frames} are accepted "
+                               "(serve.media.max_video_frames)", param=item[0][1].param, code="too_many_frames")
+            video = _one_video(video, Video([media[part.param] for _, part in item], [t for t, _ in item]),
+                               item[0][1].param)
+            pieces.append(VIDEO_PLACEHOLDER)
+            images += video.frames
+        elif isinstance(item, VideoPart):
+            video = _one_video(video, media[item.param], item.param)
+            pieces.append(VIDEO_PLACEHOLDER)
+            images += video.frames
+        elif isinstance(item, ImagePart):
+            pieces.append(IMAGE_PLACEHOLDER)
+            images.append(media[item.param])
+        else:
+            pieces.append(clean_text(item.text))
+    return _UserTurn("\n".join(piece for piece in pieces if piece), images, video)
+
+
+def _one_video(current: Video | None, new: Video, param: str) -> Video:
+    if current is not None:
+        raise ApiError(400, "a conversation may carry one video (a video_url part or one run of timestamped "
+                       "frames)", param=param, code="too_many_videos")
+    return new
+
+
+def _merged(messages: tuple[ChatMessage, ...]) -> list[tuple[str, list[ChatMessage]]]:
+    """Consecutive messages of one role as one group."""
+    groups: list[tuple[str, list[ChatMessage]]] = []
+    for message in messages:
+        if groups and groups[-1][0] == message.role:
+            groups[-1][1].append(message)
+        else:
+            groups.append((message.role, [message]))
+    return groups
+
+
+def system_text(request: ChatRequest, thinking: ThinkingConfig) -> str | None:
+    mode = thinking.thinking_system_prompt if request.thinking else thinking.non_thinking_system_prompt
+    given = [clean_text(p.text) for m in request.messages if m.role == "system" for p in m.parts
+             if isinstance(p, TextPart)]
+    text = "\n\n".join(piece for piece in (mode, *given) if piece)
+    return text or None
+
+
+def build_input(request: ChatRequest, media: Media, tokenizer: Any, vit_cfg: SeedViTConfig, thinking: ThinkingConfig,
+                max_context_tokens: int, max_video_frames: int) -> GenerationInput:
+    """The generation input of a request: prompt ids with image runs expanded, and the images' patches."""
+    history: list[tuple[str, str]] = []
+    pending: _UserTurn | None = None
+    turns: list[_UserTurn] = []
+    for role, group in _merged(tuple(m for m in request.messages if m.role != "system")):
+        if role == "user":
+            parts = tuple(part for message in group for part in message.parts)
+            pending = _user_turn(ChatMessage("user", parts), media, max_video_frames)
+            turns.append(pending)
+        else:
+            answer = "\n".join(clean_text(p.text) for m in group for p in m.parts if isinstance(p, TextPart))
+            history.append((pending.text if pending is not None else "", answer))
+            pending = None
+    if pending is None:
+        raise ApiError(400, "the last message must be from the user", param="messages", code="last_message_not_user")
+    videos = [turn.video for turn in turns if turn.video is not None]
+    if len(videos) > 1:
+        raise ApiError(400, "a conversation may carry one video", param="messages", code="too_many_videos")
+    images = [image for turn in turns for image in turn.images]
+    try:
+        ids, used = prompt_ids(tokenizer=tokenizer, question=pending.text,
+                               image_token_counts=[image_token_count(image, vit_cfg) for image in images],
+                               frame_timestamps=videos[0].timestamps if videos else None,
+                               system=system_text(request, thinking), history=history)
+    except BadSample as error:
+        raise ApiError(400, f"the messages and their media do not match: {error}", param="messages",
+                       code="invalid_messages") from error
+    if len(ids) + request.max_tokens > max_context_tokens:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens (images included) and max_tokens is "
+                       f"{request.max_tokens}: together over the {max_context_tokens}-token context; send fewer or "
+                       "smaller images, a shorter conversation, or a lower max_tokens", param="messages",
+                       code="context_length_exceeded")
+    packed = images_to_vit_input(images[:len(used)], vit_cfg)
+    return GenerationInput(
+        prompt_ids=ids, pixel_values=packed.pixel_values if packed else None, grid_hw=packed.grid_hw if packed else None,
+        sampling=SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                                stop=request.stop, seed=request.seed))

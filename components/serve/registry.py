@@ -1,0 +1,82 @@
+"""The MLflow model registry side of serving: registering an exported VLM checkpoint (its plain files,
+logged as artifacts of the serving run) as a new version of a registered model, and resolving what
+`serve` is asked to host (`models:/<name>/<version>`, `models:/<name>@<alias>`, or a folder) to a
+local checkpoint folder. Only files are moved; nothing is unpickled."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from pathlib import Path
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+ALIAS = "latest-pipeline"  # points at the version the last pipeline run deployed
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedModel:
+    folder: Path  # a local checkpoint folder `load_vlm` reads
+    name: str  # registered model name ('' for a plain folder)
+    version: str  # registered version ('' for a plain folder)
+
+    @property
+    def label(self) -> str:
+        return f"models:/{self.name}/{self.version}" if self.name else str(self.folder)
+
+
+def register_checkpoint(tracking_uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:
+    """Log `folder` as the run's `model` artifacts and register them as a new version of `name`
+    (created when absent); the alias `latest-pipeline` moves to it. Returns the version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(run_id, str(folder), "model")
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
+    try:
+        client.create_registered_model(name, description="Seed1.5-VL recipe VLM checkpoints (safetensors + "
+                                       "Hugging Face LLM folder); serve with python -m components.serve.deploy")
+    except MlflowException as error:
+        if "RESOURCE_ALREADY_EXISTS" not in str(error.error_code):
+            raise
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags).version
+    client.set_registered_model_alias(name, ALIAS, version)
+    return str(version)
+
+
+def resolve_model(source: str, tracking_uri: str, download_dir: Path) -> ResolvedModel:
+    """A registry URI downloaded to `download_dir/<name>/<version>` (reused when already there), or a
+    local export folder as it is. Errors say what was looked for and how to fix it."""
+    match = MODEL_URI.match(source)
+    if match is None:
+        folder = Path(source).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{source!r} is neither a models:/<name>/<version> URI nor an exported VLM folder "
+                                    "(one with config.json, vit.safetensors, adapter.safetensors and llm/)")
+        return ResolvedModel(folder.resolve(), "", "")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    name = match["name"]
+    try:
+        found = (client.get_model_version(name, match["version"]) if match["version"]
+                 else client.get_model_version_by_alias(name, match["alias"]))
+    except MlflowException as error:
+        raise FileNotFoundError(f"{source}: not in the model registry at {tracking_uri} ({error.message}); list the "
+                                "versions in the MLflow UI (Models tab) or with MlflowClient().search_model_versions()"
+                                ) from error
+    target = download_dir / name / str(found.version)
+    if not target.is_dir():  # download beside it, then rename: a killed download leaves no half folder
+        staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=str(staging), tracking_uri=tracking_uri)
+        staging.replace(target)
+    folder = target / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: version {found.version}'s files ({found.source}) are not an exported VLM")
+    return ResolvedModel(folder, name, str(found.version))
