@@ -134,17 +134,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def keep_endpoint_up(config: PipelineConfig, outcomes: list) -> None:
-    """A local Ray ends with this process, and the endpoint with it: with serve.keep_alive, stay up until
-    Ctrl-C. In a cluster this joined (`ray job submit`), the Serve application outlives the job."""
+    """A local Ray ends with this process, and the endpoint with it: with serve.keep_alive (by default when
+    run from a terminal), stay up until Ctrl-C. In a cluster this joined (`ray job submit`), the Serve
+    application outlives the job."""
     served = [o for o in outcomes if o.name == "serve" and o.status == "ran"]
     if not served:
         return
     url = endpoint_url(config.serve)
     local = not (config.ray.address or os.environ.get("RAY_ADDRESS"))
-    if local and config.serve.keep_alive:
+    keep_alive = config.serve.keep_alive if config.serve.keep_alive is not None else sys.stdin.isatty()
+    if local and keep_alive:
         block_until_interrupted(url)
     elif local:
-        print(f"\nserve.keep_alive is false: the endpoint stops with this process. Serve the registered model "
+        print(f"\nThe endpoint stops with this process (serve.keep_alive=true keeps it up). Serve the registered model "
               f"again with: python -m components.serve.deploy --model models:/{config.serve.model_name}@latest-pipeline")
     else:
         print(f"\nThe endpoint stays up in the Ray cluster: {url}/v1/chat/completions")

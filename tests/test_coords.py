@@ -255,3 +255,15 @@ def test_iou_of_round_tripped_boxes_is_high_on_small_images() -> None:
             continue
         back = box_to_pixels(normalise_box(box, 640, 480), 640, 480)
         assert box_iou(box, back) > 0.9
+
+
+def test_answer_in_pixels_maps_every_box_and_point_of_an_answer() -> None:
+    from components.common.coords import answer_in_pixels
+
+    answer = "the cat <box>[0, 0, 499, 999]</box> and its eye <point>[250, 500]</point>, junk <box>[5, 5]</box>"
+    found = answer_in_pixels(answer, 640, 480)
+    assert found["boxes"] == [(0.0, 0.0, 320.0, 480.0)]
+    assert found["points"] == [pytest.approx((160.32, 240.24))]
+    assert answer_in_pixels("no boxes here", 10, 10) == {"boxes": [], "points": []}
+    with pytest.raises(ValueError):
+        answer_in_pixels(answer, 0, 10)

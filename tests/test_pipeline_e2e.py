@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,7 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
     env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
                         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # head and client share it
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, serve_port = free_port(), free_port(), free_port()
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
@@ -206,12 +207,15 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
         wait_for_dashboard(address, head)
         submitted = subprocess.run(
             [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "pipelines/full.py", *SMALL, "--set", f"run.root={root}"],
+             "python", "pipelines/full.py", *SMALL, "--set", f"run.root={root}", "--set", f"serve.port={serve_port}"],
             env=env, capture_output=True, text=True, timeout=1500)
         assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
         assert "succeeded" in submitted.stdout
         ran = statuses(root)
-        assert set(ran.values()) == {"ran"} and {"llm_pretrain", "vlm_stage0", "vlm_stage1", "vlm_stage2"} <= set(ran)
+        assert set(ran.values()) == {"ran"} and {"llm_pretrain", "vlm_stage0", "vlm_stage2", "serve"} <= set(ran)
+        # the job has ended; the endpoint it deployed lives on in the cluster
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/v1/models", timeout=30) as response:
+            assert json.loads(response.read())["data"][0]["id"] == "seedvl"
         stats = json.loads((Path(last_summary(root)["write_shards"]["output_dir"]) / "shards" / "stats.json")
                            .read_text())
         assert stats["tasks"]["caption"]["in"] == 240 and stats["kept"] > 0

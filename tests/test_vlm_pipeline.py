@@ -77,6 +77,57 @@ def test_vlm_stages_eval_export_ablation_and_resume(tmp_path: Path) -> None:
     assert "eval_untrained/counting_accuracy" in ablation["vlm_stage1"]["metrics"]
 
     check_mlflow(root)
+    check_serving(root)
+
+
+def check_serving(root: Path) -> None:
+    """The pipeline's last step registers stage 2's export and serves it (here it ends with the process,
+    serve.keep_alive=false); then the registered version is served on its own and answers the openai client."""
+    import signal
+    import urllib.request
+
+    import openai
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_serve_app import free_port
+
+    env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
+    port = free_port()
+    done = subprocess.run([sys.executable, "pipelines/full.py", *SMALL, "--only", "serve", "--set", f"serve.port={port}",
+                           "--set", "serve.keep_alive=false"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    latest = sorted((root / "pipeline_runs").iterdir())[-1]
+    served = {step["name"]: step for step in json.loads((latest / "summary.json").read_text())["steps"]}["serve"]
+    assert served["status"] == "ran" and served["metrics"]["smoke_completion_tokens"] >= 1
+    endpoint = json.loads((Path(served["output_dir"]) / "endpoint" / "endpoint.json").read_text())
+    assert endpoint["url"] == f"http://127.0.0.1:{port}" and "vlm_stage2" in endpoint["checkpoint"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("seedvl", "latest-pipeline")
+    assert endpoint["registered"] == f"models:/seedvl/{version.version}"
+    assert client.get_run(version.run_id).data.tags["mlflow.runName"] == "serve"
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "components.serve.deploy", "--model", "models:/seedvl@latest-pipeline",
+                               *SMALL, "--set", f"serve.port={port}"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        from components.serve.deploy import wait_healthy
+
+        wait_healthy(f"http://127.0.0.1:{port}", timeout_s=300)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
+            assert json.loads(response.read())["data"][0]["id"] == "seedvl"
+        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        answer = chat.chat.completions.create(model="seedvl", messages=[{"role": "user", "content": "Describe the image."}],
+                                              max_tokens=8, temperature=0)
+        assert answer.usage.completion_tokens >= 1
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            assert server.wait(timeout=120) == 0, server.stderr.read()[-3000:] if server.stderr else ""
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
 
 
 def check_mlflow(root: Path) -> None:

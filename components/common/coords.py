@@ -201,3 +201,12 @@ def parse_points(text: str) -> list[tuple[int, int]]:
         if max(x, y) <= MAX_COORD:
             points.append((x, y))
     return points
+
+
+def answer_in_pixels(text: str, width: int, height: int) -> dict[str, list[tuple[float, ...]]]:
+    """The boxes and points of a model answer mapped to pixels of a `width` x `height` image (the one
+    the question was asked about): `{"boxes": [(x0, y0, x1, y1), ...], "points": [(x, y), ...]}`, boxes
+    with exclusive x1/y1 covering their bins, points at their bin centres."""
+    _check_size(width, height)
+    return {"boxes": [box_to_pixels(box, width, height) for box in parse_boxes(text)],
+            "points": [point_to_pixels(point, width, height) for point in parse_points(text)]}

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,6 +59,14 @@ async def _api_error(_: Request, error: ApiError) -> JSONResponse:
 async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
     return JSONResponse(ApiError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code)
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
+    log.exception("request failed")
+    body = ApiError(500, f"the server failed on this request ({type(error).__name__}); it keeps serving",
+                    type="server_error", code="internal_error").body()
+    return JSONResponse(body, status_code=500)
 
 
 def resolve_device(cfg: ServeConfig) -> tuple[str, Any]:
@@ -152,6 +161,7 @@ class ChatIngress:
                                    "on the ingress replica: export it where the deployment starts")
         self.pending = 0
         self.created = int(time.time())
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not encode in two threads at once
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -220,8 +230,9 @@ class ChatIngress:
         from components.serve.prompting import build_input, decode_media
 
         media = decode_media(chat, self.cfg.media)
-        return build_input(chat, media, self.tokenizer, self.vit_cfg, self.cfg.thinking, self.cfg.max_context_tokens,
-                           self.cfg.media.max_video_frames)
+        with self.tokenizer_lock:
+            return build_input(chat, media, self.tokenizer, self.vit_cfg, self.cfg.thinking,
+                               self.cfg.max_context_tokens, self.cfg.media.max_video_frames)
 
     async def _complete(self, deltas: Any, request_id: str, created: int, thinking: bool) -> dict[str, Any]:
         reasoning, content, last = [], [], Delta()

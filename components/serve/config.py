@@ -123,7 +123,7 @@ class ServeConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu; or float32 / bfloat16 / float16
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
-    keep_alive: bool = True  # after the pipeline, keep a local Ray (and the endpoint) up until Ctrl-C
+    keep_alive: bool | None = None  # after the pipeline, keep a local Ray (and the endpoint) up until Ctrl-C; null: when stdin is a terminal
     batching: BatchingConfig = dataclasses.field(default_factory=BatchingConfig)
     autoscaling: AutoscalingConfig = dataclasses.field(default_factory=AutoscalingConfig)
     media: MediaConfig = dataclasses.field(default_factory=MediaConfig)
