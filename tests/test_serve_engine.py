@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from components.common.coords import answer_in_pixels
 from components.serve.engine import Delta, GenerationEngine, GenerationInput, SamplingParams
 from components.vlm.conversation import answer_text, prompt_ids
 from components.vlm.data import image_token_count, images_to_vit_input
@@ -423,14 +424,10 @@ def test_stop_string_completed_by_the_last_token_before_the_limit(engine: Genera
     assert deltas[-1].finish_reason == "length"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine.py builds its IncrementalDecoders with skip_ids = set(tokenizer.all_special_ids) | end_ids, and the "
-    "tokenizer registers <box>, </box>, <point>, </point> as (extra) special tokens, so a grounding answer's "
-    "box/point tags are dropped from the streamed content; conversation.answer_text (used by evaluation) and the "
-    "IncrementalDecoder's own tests keep them as answer text"))
 def test_box_and_point_tags_survive_in_the_content(engine: GenerationEngine, tokenizer: Any) -> None:
     text = "the dog is at <box>[733, 79, 793, 156]</box> and <point>[5, 6]</point>"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     deltas = _advance_all(engine, tokenizer, ids + [engine.ids.im_end], max_tokens=200, temperature=0)
-    assert answer_text(tokenizer, ids + [engine.ids.im_end]) == text
+    assert answer_text(tokenizer, ids + [engine.ids.im_end]) == text  # what evaluation reads
+    assert answer_in_pixels(content_of(deltas), 1000, 1000)["boxes"]  # what the README tells clients to use
     assert content_of(deltas) == text

@@ -20,11 +20,13 @@ import torch
 
 from components.serve.text_stream import IncrementalDecoder, ReasoningSplitter, StopMatcher
 from components.vlm.tokenizer import (
+    ANSWER_SPECIAL_TOKENS,
     END_OF_TEXT,
     IM_START,
     IMAGE_PAD,
     IMAGE_PLACEHOLDER,
     PAD,
+    SPECIAL_TOKENS,
     THINK_END,
     THINK_START,
     VIDEO_PLACEHOLDER,
@@ -109,7 +111,10 @@ class GenerationEngine:
         if end_of_text is not None:
             self.end_ids.add(end_of_text)
         self.think_ids = (single_id_of(tokenizer, THINK_START), single_id_of(tokenizer, THINK_END))
-        self.skip_ids = set(tokenizer.all_special_ids) | self.end_ids
+        structural = {single_id_of(tokenizer, token) for token in SPECIAL_TOKENS if token not in ANSWER_SPECIAL_TOKENS}
+        answer_tags = {single_id_of(tokenizer, token) for token in ANSWER_SPECIAL_TOKENS}
+        # decoded text keeps the box and point tags (answers carry them); think tags never reach a decoder
+        self.skip_ids = ((set(tokenizer.all_special_ids) | structural | self.end_ids) - answer_tags) - {None}
         vocab = model.llm.get_output_embeddings().weight.shape[0]
         banned = [i for i in (single_id_of(tokenizer, token) for token in NEVER_GENERATED) if i is not None]
         banned = [i for i in banned if i not in self.end_ids and i < vocab]

@@ -62,9 +62,13 @@ def decode_media(request: ChatRequest, cfg: MediaConfig) -> Media:
 
 
 def clean_text(text: str) -> str:
-    """Client text with the structural special tokens and media placeholders removed."""
-    for token in STRUCTURAL_TOKENS:
-        text = text.replace(token, "")
+    """Client text with the structural special tokens and media placeholders removed, repeated until none
+    is left (removing an inner token must not assemble an outer one, as in `<|im_<image>start|>`)."""
+    previous = None
+    while previous != text:
+        previous = text
+        for token in STRUCTURAL_TOKENS:
+            text = text.replace(token, "")
     return text
 
 
