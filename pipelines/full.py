@@ -18,6 +18,7 @@ Stages later issues build are added here when they exist; none is faked.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -146,8 +147,12 @@ def keep_endpoint_up(config: PipelineConfig, outcomes: list) -> None:
     if local and keep_alive:
         block_until_interrupted(url)
     elif local:
-        print(f"\nThe endpoint stops with this process (serve.keep_alive=true keeps it up). Serve the registered model "
-              f"again with: python -m components.serve.deploy --model models:/{config.serve.model_name}@latest-pipeline")
+        registered = "registered_version" in served[0].metrics
+        endpoint = Path(served[0].output_dir) / "endpoint" / "endpoint.json"
+        model = (f"models:/{config.serve.model_name}@latest-pipeline" if registered
+                 else json.loads(endpoint.read_text())["checkpoint"])
+        print(f"\nThe endpoint stops with this process (serve.keep_alive=true keeps it up). Serve the model again "
+              f"with: python -m components.serve.deploy --model {model}")
     else:
         print(f"\nThe endpoint stays up in the Ray cluster: {url}/v1/chat/completions")
 
@@ -170,6 +175,10 @@ def missing_model_files(config: PipelineConfig, selection: Selection) -> str:
     if llm_path and any(name.startswith("vlm_stage") for name in names):
         wanted.append(("train.vlm.llm.pretrained_path", str(Path(llm_path).expanduser() / "config.json")))
     absent = [f"'{key}' = {path}" for key, path in wanted if path and path != "scorer" and not Path(path).is_file()]
+    key_env = config.serve.api_key_env
+    if "serve" in names and config.serve.enabled and key_env and not os.environ.get(key_env):
+        return (f"'serve.api_key_env' = {key_env}: that environment variable is not set, so the endpoint would refuse "
+                f"to start after training: export {key_env}=<key>, or set serve.api_key_env=''")
     if not absent:
         return ""
     return (f"{', '.join(absent)}: no such file (weights are never downloaded): put the checkpoint there, "

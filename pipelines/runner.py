@@ -3,7 +3,8 @@ one MLflow parent run with a child run per step.
 
 Selection: `only` runs just the named steps (everything upstream must already be cached); `from_step`
 forces that step and every later one; `force` forces the named steps; `until` stops after that step.
-Ray is started only when a step actually runs, so a fully cached rerun costs seconds.
+Ray is started only when a step actually runs, so a fully cached rerun costs seconds, except for steps
+declared `cached=False` (deploying the endpoint), which run every time.
 """
 
 from __future__ import annotations

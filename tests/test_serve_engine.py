@@ -431,3 +431,20 @@ def test_box_and_point_tags_survive_in_the_content(engine: GenerationEngine, tok
     assert answer_text(tokenizer, ids + [engine.ids.im_end]) == text  # what evaluation reads
     assert answer_in_pixels(content_of(deltas), 1000, 1000)["boxes"]  # what the README tells clients to use
     assert content_of(deltas) == text
+
+
+def test_a_tiny_temperature_is_greedy_and_does_not_break_its_batch(engine: GenerationEngine, tokenizer: Any) -> None:
+    from components.serve.engine import GenerationInput, SamplingParams
+
+    prompt = tokenizer("<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n",
+                       add_special_tokens=False)["input_ids"]
+    rows = [GenerationInput(prompt, None, None, SamplingParams(max_tokens=6, temperature=t)) for t in (1e-40, 1e-6, 0.0)]
+    batch = engine.start(rows)
+    texts = ["", "", ""]
+    while True:
+        for index, delta in enumerate(engine.step(batch)):
+            if delta is not None:
+                texts[index] += delta.content
+        if batch.done:
+            break
+    assert texts[0] == texts[1] == texts[2]

@@ -240,7 +240,7 @@ def test_one_video_per_conversation(tokenizer: Any) -> None:
     across_turns = chat([{"role": "user", "content": run}, {"role": "assistant", "content": "ok"},
                          {"role": "user", "content": [*run, text_part("again?")]}])
     error = api_error(lambda: prepare(across_turns, tokenizer))
-    assert (error.code, error.param) == ("too_many_videos", "messages")
+    assert (error.code, error.param) == ("too_many_videos", "messages[2].content[1].image_url")
 
 
 def test_too_many_images_is_refused_before_any_decoding(tokenizer: Any) -> None:

@@ -84,6 +84,7 @@ def check_serving(root: Path) -> None:
     """The pipeline's last step registers stage 2's export and serves it (here it ends with the process,
     serve.keep_alive=false); then the registered version is served on its own and answers the openai client."""
     import signal
+    import threading
     import urllib.request
 
     import openai
@@ -110,11 +111,21 @@ def check_serving(root: Path) -> None:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "components.serve.deploy", "--model", "models:/seedvl@latest-pipeline",
                                *SMALL, "--set", f"serve.port={port}"], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        from components.serve.deploy import wait_healthy
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    printed: list[str] = []
+    up = threading.Event()
 
-        wait_healthy(f"http://127.0.0.1:{port}", timeout_s=300)
+    def drain() -> None:  # read everything it prints, so a full pipe never blocks it
+        for line in server.stdout or []:
+            printed.append(line)
+            if "The endpoint is up" in line:  # deployed, and the Ctrl-C handler is in place
+                up.set()
+        up.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert up.wait(timeout=300) and server.poll() is None, "".join(printed)[-3000:]
+        assert any("serving models:/seedvl/" in line for line in printed)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
             assert json.loads(response.read())["data"][0]["id"] == "seedvl"
         chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -124,7 +135,7 @@ def check_serving(root: Path) -> None:
     finally:
         server.send_signal(signal.SIGINT)
         try:
-            assert server.wait(timeout=120) == 0, server.stderr.read()[-3000:] if server.stderr else ""
+            assert server.wait(timeout=120) == 0
         finally:
             if server.poll() is None:
                 os.killpg(server.pid, signal.SIGKILL)

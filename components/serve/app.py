@@ -12,6 +12,7 @@ builder; `app_builder` is the same for `serve run components.serve.app:app_build
 
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -45,8 +46,10 @@ from components.serve.protocol import (
 )
 
 log = logging.getLogger(__name__)
-api = FastAPI(title="Seed1.5-VL recipe chat endpoint")
+api = FastAPI(title="Seed1.5-VL recipe chat endpoint", docs_url=None, redoc_url=None, openapi_url=None)
 UNHEALTHY_AFTER_FAILURES = 3  # consecutive failed batches before check_health reports the replica broken
+HEALTH_PING_TIMEOUT_S = 5.0
+BUSY_GRACE_S = 60.0  # a model that finished a request this recently is busy, not broken, when a ping waits
 
 
 @api.exception_handler(ApiError)
@@ -79,6 +82,34 @@ def resolve_device(cfg: ServeConfig) -> tuple[str, Any]:
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return device, getattr(torch, dtype)
+
+
+class _Slot:
+    """One of the ingress's `max_pending_requests` places: taken when made, released exactly once."""
+
+    def __init__(self, ingress: Any) -> None:
+        ingress.pending += 1
+        self.ingress: Any = ingress
+
+    def release(self) -> None:
+        if self.ingress is not None:
+            self.ingress.pending -= 1
+            self.ingress = None
+
+
+class _SlotStreamingResponse(StreamingResponse):
+    """A streamed answer that gives its request's place back however the stream ends: sent in full, the
+    client gone, or cancelled before the first byte (when a generator's own `finally` never runs)."""
+
+    def __init__(self, content: AsyncIterator[bytes], slot: _Slot, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 @serve.deployment
@@ -126,6 +157,8 @@ class VlmModel:
         """One request's deltas as they are decoded (the handle method: `options(stream=True).stream`)."""
         async for delta in self.generate(item):
             yield delta
+            if delta.finish_reason is not None:  # done: do not wait for the rest of the batch
+                return
 
     def stats(self) -> dict[str, float]:
         """Batches decoded and the requests in them (the benchmark's mean batch size)."""
@@ -145,13 +178,19 @@ class VlmModel:
 class ChatIngress:
     """The HTTP front: everything a request can get wrong is answered here, before the model sees it."""
 
-    def __init__(self, model: DeploymentHandle, checkpoint: str, cfg: ServeConfig, model_id: str) -> None:
+    def __init__(self, model: DeploymentHandle, checkpoint: str, cfg: ServeConfig, model_id: str,
+                 instance: str = "") -> None:
         from components.vit.config import SeedViTConfig
         from components.vlm.tokenizer import load_tokenizer
 
-        self.model, self.cfg, self.model_id = model, cfg, model_id
+        self.model, self.cfg, self.model_id, self.instance = model, cfg, model_id, instance
         saved = json.loads((Path(checkpoint) / "config.json").read_text())
         self.vit_cfg = SeedViTConfig(**saved["vit"])
+        # the system prompt training used is the default of non-thinking requests
+        trained_system = str(saved.get("system_prompt", "") or "")
+        self.thinking = dataclasses.replace(
+            cfg.thinking, non_thinking_system_prompt=cfg.thinking.non_thinking_system_prompt or trained_system)
+        self.last_answer = 0.0  # monotonic time the model last finished a request
         self.tokenizer = load_tokenizer(Path(checkpoint) / "llm")
         self.api_key = ""
         if cfg.api_key_env:
@@ -170,11 +209,18 @@ class ChatIngress:
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
+        """200 when the model deployment answers a ping, or is busy but finished a request in the last
+        minute (a ping queues behind the requests in flight); 503 otherwise."""
+        body = {"model": self.model_id, "instance": self.instance}
         try:
-            await asyncio.wait_for(self.model.context_limit.remote(), timeout=self.cfg.health_check_timeout_s)
+            await asyncio.wait_for(self.model.context_limit.remote(), timeout=HEALTH_PING_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            if time.monotonic() - self.last_answer > BUSY_GRACE_S:
+                return JSONResponse({"status": "unhealthy", "error": "the model did not answer", **body}, status_code=503)
+            return JSONResponse({"status": "busy", **body})
         except Exception as error:  # noqa: BLE001 - any failure of the model replica means unhealthy
-            return JSONResponse({"status": "unhealthy", "error": str(error)[:500]}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.model_id})
+            return JSONResponse({"status": "unhealthy", "error": str(error)[:500], **body}, status_code=503)
+        return JSONResponse({"status": "ok", **body})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -182,8 +228,7 @@ class ChatIngress:
         if self.pending >= self.cfg.max_pending_requests:
             raise ApiError(429, f"the server is at its limit of {self.cfg.max_pending_requests} requests in flight; "
                            "retry after a moment", type="rate_limit_error", code="rate_limit_exceeded")
-        self.pending += 1
-        released = False
+        slot: _Slot | None = _Slot(self)
         try:
             chat = parse_chat_request(
                 parse_json_body(await self._body(request)), served_model=self.model_id,
@@ -192,14 +237,25 @@ class ChatIngress:
             item = await asyncio.to_thread(self._prepare, chat)
             request_id, created = new_request_id(), int(time.time())
             deltas = self.model.options(stream=True).stream.remote(item)
+            first = await self._first_delta(deltas)  # errors before any byte is sent keep their status
             if chat.stream:
-                released = True  # the stream releases its slot when it ends
-                return StreamingResponse(self._sse(deltas, chat.include_usage, request_id, created),
-                                         media_type="text/event-stream")
-            return JSONResponse(await self._complete(deltas, request_id, created, chat.thinking))
+                stream = self._sse(first, deltas, chat.include_usage, request_id, created)
+                response = _SlotStreamingResponse(stream, slot, media_type="text/event-stream")
+                slot = None  # the response releases it when it has been sent or abandoned
+                return response
+            return JSONResponse(await self._complete(first, deltas, request_id, created, chat.thinking))
         finally:
-            if not released:
-                self.pending -= 1
+            if slot is not None:
+                slot.release()
+
+    async def _first_delta(self, deltas: Any) -> Delta:
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await deltas.__anext__()
+        except BackPressureError as error:
+            raise ApiError(429, "the model's queue is full; retry after a moment", type="rate_limit_error",
+                           code="rate_limit_exceeded") from error
 
     def _authorize(self, request: Request) -> None:
         if not self.api_key:
@@ -230,16 +286,17 @@ class ChatIngress:
         from components.serve.prompting import build_input, decode_media
 
         media = decode_media(chat, self.cfg.media)
-        with self.tokenizer_lock:
-            return build_input(chat, media, self.tokenizer, self.vit_cfg, self.cfg.thinking,
-                               self.cfg.max_context_tokens, self.cfg.media.max_video_frames)
+        return build_input(chat, media, self.tokenizer, self.vit_cfg, self.thinking, self.cfg.max_context_tokens,
+                           self.cfg.media.max_video_frames, self.tokenizer_lock)
 
-    async def _complete(self, deltas: Any, request_id: str, created: int, thinking: bool) -> dict[str, Any]:
-        reasoning, content, last = [], [], Delta()
+    async def _complete(self, first: Delta, deltas: Any, request_id: str, created: int,
+                        thinking: bool) -> dict[str, Any]:
+        reasoning, content, last = [first.reasoning], [first.content], first
         async for delta in deltas:
             reasoning.append(delta.reasoning)
             content.append(delta.content)
             last = delta
+        self.last_answer = time.monotonic()
         reasoning_text = "".join(reasoning)
         return completion_response(
             request_id=request_id, model=self.model_id, created=created, content="".join(content),
@@ -247,20 +304,27 @@ class ChatIngress:
             finish_reason=last.finish_reason or "stop", prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens)
 
-    async def _sse(self, deltas: Any, include_usage: bool, request_id: str, created: int) -> AsyncIterator[bytes]:
+    async def _sse(self, first: Delta, deltas: Any, include_usage: bool, request_id: str,
+                   created: int) -> AsyncIterator[bytes]:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             return sse_event(completion_chunk(request_id=request_id, model=self.model_id, created=created, delta=delta,
                                               finish_reason=finish_reason))
 
-        last = Delta()
+        async def all_deltas() -> AsyncIterator[Delta]:
+            yield first
+            async for delta in deltas:
+                yield delta
+
+        last = first
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for delta in deltas:
+            async for delta in all_deltas():
                 if delta.reasoning:
                     yield chunk({"reasoning_content": delta.reasoning})
                 if delta.content:
                     yield chunk({"content": delta.content})
                 last = delta
+            self.last_answer = time.monotonic()
             yield chunk({}, last.finish_reason or "stop")
             if include_usage:
                 yield sse_event(usage_chunk(request_id=request_id, model=self.model_id, created=created,
@@ -269,8 +333,6 @@ class ChatIngress:
             log.exception("stream %s failed", request_id)
             yield sse_event(ApiError(500, f"generation failed: {type(error).__name__}", type="server_error",
                                      code="generation_failed").body())
-        finally:
-            self.pending -= 1
         yield SSE_DONE
 
 
@@ -289,22 +351,21 @@ def deployment_options(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Any]
                                        "target_ongoing_requests": cfg.autoscaling.target_ongoing_requests}
     else:
         model["num_replicas"] = cfg.num_replicas
-    ingress_actor: dict[str, Any] = {"num_cpus": 0}
-    if cfg.api_key_env and os.environ.get(cfg.api_key_env):
-        ingress_actor["runtime_env"] = {"env_vars": {cfg.api_key_env: os.environ[cfg.api_key_env]}}
+    ingress_actor: dict[str, Any] = {"num_cpus": 0}  # the key, if any, comes from the replica's own environment
     ingress = {"num_replicas": cfg.ingress_replicas, "ray_actor_options": ingress_actor,
                "max_ongoing_requests": 2 * cfg.max_pending_requests, "max_queued_requests": cfg.max_queued_requests}
     return model, ingress
 
 
-def build_app(checkpoint: str | Path, cfg: ServeConfig, model_id: str) -> Application:
-    """The application for one exported checkpoint folder, served under the model id `model_id`."""
+def build_app(checkpoint: str | Path, cfg: ServeConfig, model_id: str, instance: str = "") -> Application:
+    """The application for one exported checkpoint folder, served under the model id `model_id`; `/health`
+    reports `instance`, so a deployer can tell its own application from another one on the same port."""
     if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
         raise ValueError(f"serve.api_key_env={cfg.api_key_env!r} names an environment variable that is not set: export "
                          f"{cfg.api_key_env}=<key>, or set serve.api_key_env='' to serve without a key")
     model_options, ingress_options = deployment_options(cfg)
     model = VlmModel.options(**model_options).bind(str(checkpoint), cfg)
-    return ChatIngress.options(**ingress_options).bind(model, str(checkpoint), cfg, model_id)
+    return ChatIngress.options(**ingress_options).bind(model, str(checkpoint), cfg, model_id, instance)
 
 
 def app_builder(args: dict[str, str]) -> Application:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 THINKING_MODES = ("enabled", "disabled")
+IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})  # Pillow's names
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ class MediaConfig:
 
     max_images: int = 16  # image parts per request (a video's frames not counted)
     max_image_pixels: int = 40_000_000  # decoded width x height; larger images are refused (decompression bombs)
+    max_request_pixels: int = 120_000_000  # all images and frames of one request together, decoded
     image_formats: list[str] = dataclasses.field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
     remote_fetch: bool = False  # fetch http(s) image URLs at all
     allowed_hosts: list[str] = dataclasses.field(default_factory=list)  # exact host names remote_fetch may reach
@@ -82,6 +84,18 @@ class MediaConfig:
                              "from (e.g. [images.example.org]), or set remote_fetch=false")
         if not self.video_budgets or any(b < 1 for b in self.video_budgets):
             raise ValueError(f"video_budgets must be positive token counts, got {self.video_budgets}")
+        if self.video_max_tokens < min(self.video_budgets):
+            raise ValueError(f"video_max_tokens ({self.video_max_tokens}) is below the smallest video budget "
+                             f"({min(self.video_budgets)}): no frame would fit")
+        if not 0 < self.video_fps <= 5.0 or self.video_min_frames < 1:
+            raise ValueError(f"video_fps must be in (0, 5] and video_min_frames >= 1, got {self.video_fps}, "
+                             f"{self.video_min_frames}")
+        if self.fetch_timeout_s <= 0 or self.video_timeout_s <= 0 or self.max_request_pixels < self.max_image_pixels:
+            raise ValueError("fetch_timeout_s and video_timeout_s must be > 0, and max_request_pixels >= "
+                             "max_image_pixels")
+        unknown = sorted({name.upper() for name in self.image_formats} - IMAGE_FORMATS)
+        if unknown:
+            raise ValueError(f"image_formats {unknown} are not Pillow format names; use some of {sorted(IMAGE_FORMATS)}")
 
 
 @dataclasses.dataclass
@@ -141,8 +155,17 @@ class ServeConfig:
         if self.max_context_tokens <= self.max_tokens_limit:
             raise ValueError(f"max_context_tokens ({self.max_context_tokens}) must exceed max_tokens_limit "
                              f"({self.max_tokens_limit}) to leave room for the prompt")
-        if self.max_request_bytes < 1024 or self.max_pending_requests < 1 or self.num_replicas < 1:
-            raise ValueError("max_request_bytes must be >= 1024, max_pending_requests and num_replicas >= 1")
+        if self.max_request_bytes < 1024 or min(self.max_pending_requests, self.num_replicas, self.ingress_replicas) < 1:
+            raise ValueError("max_request_bytes must be >= 1024; max_pending_requests, num_replicas and "
+                             "ingress_replicas >= 1")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise ValueError(f"max_queued_requests must be >= 1, or -1 for no limit, got {self.max_queued_requests}")
+        if self.health_check_period_s <= 0 or self.health_check_timeout_s <= 0:
+            raise ValueError("health_check_period_s and health_check_timeout_s must be > 0")
+        if self.media.video_max_tokens > self.max_context_tokens - self.max_tokens_limit:
+            raise ValueError(f"media.video_max_tokens ({self.media.video_max_tokens}) leaves no room in max_context_tokens "
+                             f"({self.max_context_tokens}) for the answer (max_tokens_limit {self.max_tokens_limit}): "
+                             "lower media.video_max_tokens or raise max_context_tokens")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +45,32 @@ def deploy(folder: Path, cfg: ServeConfig, model_id: str) -> str:
 
     from components.serve.app import build_app
 
+    instance = uuid.uuid4().hex
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(folder, cfg, model_id), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    serve.run(build_app(folder, cfg, model_id, instance), name=cfg.app_name, route_prefix=cfg.route_prefix,
+              blocking=False)
     url = endpoint_url(cfg)
-    wait_healthy(url)
+    wait_healthy(url, instance=instance)
     return url
 
 
-def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S, instance: str = "") -> None:
+    """Poll `url/health` until it answers 200 (from the application deployed as `instance`, if given: a
+    server left on the same port by an earlier run does not count)."""
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
-                if response.status == 200:
+                answer = json.loads(response.read())
+                if response.status == 200 and (not instance or answer.get("instance") == instance):
                     return
-        except (urllib.error.URLError, OSError) as error:
+                last = f"answered by another application (instance {answer.get('instance')!r})"
+        except (urllib.error.URLError, OSError, ValueError) as error:
             last = str(error)
         time.sleep(1.0)
-    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f} s (last error: {last})")
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f} s (last: {last}); is another "
+                       "server holding the port? set serve.port")
 
 
 def probe_image_url(size: int = 56) -> str:
@@ -108,10 +116,12 @@ def serve_step(ctx: StageContext[ServeConfig]) -> StageResult:
         started = time.perf_counter()
         from components.serve.registry import register_checkpoint
 
-        version = register_checkpoint(ctx.tracking_uri, ctx.run_id, folder, cfg.model_name,
-                                      {"checkpoint": str(folder), "stage": folder.parent.parent.parent.name})
+        version, new = register_checkpoint(ctx.tracking_uri, ctx.run_id, folder, cfg.model_name, {
+            "checkpoint": str(folder), "stage": folder.parent.parent.parent.name,
+            "checkpoint_key": folder.parent.parent.name})  # <step>/<cache key>/vlm/model
         record["registered"] = f"models:/{cfg.model_name}/{version}"
-        metrics |= {"registered_version": float(version), "register_s": time.perf_counter() - started}
+        metrics |= {"registered_version": float(version), "registered_new": float(new),
+                    "register_s": time.perf_counter() - started}
     started = time.perf_counter()
     url = deploy(folder, cfg, cfg.model_name)
     metrics["deploy_s"] = time.perf_counter() - started
@@ -173,9 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ensure_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, REPO_ROOT)
     cfg = config.serve
-    url = deploy(resolved.folder, cfg, cfg.model_name)
-    print(f"serving {resolved.label} as {cfg.model_name!r} at {url}", flush=True)
     joined = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
+    try:
+        url = deploy(resolved.folder, cfg, cfg.model_name)
+    except KeyboardInterrupt:  # Ctrl-C while deploying: take down what was started
+        from ray import serve
+
+        if not joined:
+            serve.shutdown()
+        return 130
+    print(f"serving {resolved.label} as {cfg.model_name!r} at {url}", flush=True)
     if args.detach and joined:
         return 0
     block_until_interrupted(url)

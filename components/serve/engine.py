@@ -37,6 +37,7 @@ from components.vlm.tokenizer import (
 )
 
 log = logging.getLogger(__name__)
+MIN_TEMPERATURE = 1e-4  # below this, sampling is greedy
 NEVER_GENERATED = (IMAGE_PAD, VISION_START, VISION_END, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, IM_START, PAD)
 
 
@@ -127,7 +128,7 @@ class GenerationEngine:
     def _row(self, item: GenerationInput) -> _Row:
         seed = item.sampling.seed
         generator = None
-        if item.sampling.temperature > 0:
+        if item.sampling.temperature >= MIN_TEMPERATURE:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         return _Row(item.sampling, len(item.prompt_ids), generator, ReasoningSplitter(*self.think_ids),
@@ -215,9 +216,10 @@ class GenerationEngine:
             logits[:, self.banned] = float("-inf")
         tokens = logits.argmax(dim=-1)
         for index, row in enumerate(rows):
-            if row.finished or row.params.temperature <= 0:
+            if row.finished or row.params.temperature < MIN_TEMPERATURE:  # greedy (tiny ones would overflow)
                 continue
-            probs = torch.softmax(logits[index] / row.params.temperature, dim=-1)
+            row_logits = logits[index]
+            probs = torch.softmax((row_logits - row_logits.max()) / row.params.temperature, dim=-1)
             if row.params.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
                 before = sorted_probs.cumsum(0) - sorted_probs  # mass ahead of each token

@@ -12,8 +12,9 @@ Safety rules, in the order they apply:
   refused whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says: the bytes are read through a buffer that
   raises on any read past their end, and PNGs are CRC-checked to their IEND chunk first.
 - Videos: written to a temporary file (always deleted) and sampled with the data pipeline's dynamic
-  frame-resolution rule (`components.data.video.sample_video`); more than `max_video_frames` frames are cut
-  to that many, the centre frame of each of that many equal slices (the same rule the sampler uses).
+  frame-resolution rule (`components.data.video.plan_sampling`); a plan of more than `max_video_frames`
+  frames is cut to that many before decoding, the centre frame of each of that many equal slices (the same
+  rule the sampler uses).
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from components.data.video import VideoDecodeError, sample_video, uniform_indices
+from components.data.video import (
+    SamplingPlan,
+    VideoDecodeError,
+    frame_size_for_budget,
+    plan_sampling,
+    probe_video,
+    read_frames,
+    uniform_indices,
+)
 from components.serve.config import MediaConfig
 
 REMOTE_SCHEMES = ("http", "https")
@@ -294,19 +303,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def sample_video_bytes(data: bytes, suffix: str, cfg: MediaConfig,
                        param: str | None) -> tuple[list[Image.Image], list[float]]:
-    """Frames and timestamps of an encoded video, sampled by `sample_video` from a temporary file."""
+    """Frames and timestamps of an encoded video, planned by the dynamic frame-resolution rule and cut to
+    `max_video_frames` before any frame is decoded (so the cap also bounds the memory)."""
     with tempfile.NamedTemporaryFile(prefix="seedvl-video-", suffix=suffix) as handle:
         handle.write(data)
         handle.flush()
         try:
-            video = sample_video(handle.name, fps=cfg.video_fps, min_frames=cfg.video_min_frames,
-                                 budgets=tuple(cfg.video_budgets), max_tokens=cfg.video_max_tokens,
-                                 timeout_s=cfg.video_timeout_s)
-        except VideoDecodeError as exc:
+            info = probe_video(handle.name, timeout_s=cfg.video_timeout_s)
+            plan = plan_sampling(info.duration_s, info.native_fps, info.num_frames, cfg.video_fps, cfg.video_min_frames,
+                                 tuple(cfg.video_budgets), cfg.video_max_tokens)
+            plan = cap_plan(plan, cfg.max_video_frames)
+            width, height = frame_size_for_budget(info.width, info.height, plan.tokens_per_frame)
+            decoded = read_frames(handle.name, plan, width, height, timeout_s=cfg.video_timeout_s)
+        except (VideoDecodeError, ValueError) as exc:  # ValueError: a video the sampling rule cannot plan
             detail = str(exc).replace(handle.name, "<video>")
             raise MediaError(f"cannot decode the video: {detail}", "invalid_video", param=param) from exc
-    frames = [Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8)).convert("RGB") for frame in video.frames]
-    return frames, [float(t) for t in video.timestamps]
+    frames = [Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8)).convert("RGB") for frame in decoded]
+    return frames, [float(t) for t in plan.timestamps]
+
+
+def cap_plan(plan: SamplingPlan, max_frames: int) -> SamplingPlan:
+    """At most `max_frames` of the plan's frames: the centre one of each of `max_frames` equal slices."""
+    if len(plan.frame_indices) <= max_frames:
+        return plan
+    keep = uniform_indices(len(plan.frame_indices), max_frames)
+    return SamplingPlan(tuple(plan.frame_indices[i] for i in keep), tuple(plan.timestamps[i] for i in keep),
+                        plan.tokens_per_frame)
 
 
 def cap_frames(frames: list[Image.Image], timestamps: list[float],

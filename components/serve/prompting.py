@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from PIL import Image
@@ -39,25 +40,59 @@ class Video:
     timestamps: list[float]
 
 
-def decode_media(request: ChatRequest, cfg: MediaConfig) -> Media:
-    """Every image and video part of the request decoded (remote URLs only as config allows); the
-    first refusal becomes an ApiError naming the part."""
-    frames = sum(len(item) for m in request.messages for item in _frame_runs(m.parts) if isinstance(item, list))
-    images = sum(isinstance(part, ImagePart) for m in request.messages for part in m.parts) - frames
+def user_part_groups(request: ChatRequest) -> list[tuple[Any, ...]]:
+    """The parts of each run of consecutive user messages (one user turn of the prompt)."""
+    groups = _merged(tuple(m for m in request.messages if m.role != "system"))
+    return [tuple(part for message in group for part in message.parts) for role, group in groups if role == "user"]
+
+
+def check_media_counts(request: ChatRequest, cfg: MediaConfig) -> None:
+    """The image, video and frame limits, checked before anything is decoded."""
+    images = videos = 0
+    for parts in user_part_groups(request):
+        for item in _frame_runs(parts):
+            if isinstance(item, list):
+                videos += 1
+                if len(item) > cfg.max_video_frames:
+                    raise ApiError(400, f"a video of {len(item)} frames; at most {cfg.max_video_frames} are accepted "
+                                   "(serve.media.max_video_frames)", param=item[0][1].param, code="too_many_frames")
+            elif isinstance(item, VideoPart):
+                videos += 1
+            elif isinstance(item, ImagePart):
+                images += 1
+            if videos > 1:
+                param = item[0][1].param if isinstance(item, list) else getattr(item, "param", "messages")
+                raise ApiError(400, "a conversation may carry one video (a video_url part or one run of timestamped "
+                               "frames)", param=param, code="too_many_videos")
     if images > cfg.max_images:
         raise ApiError(400, f"the request has {images} images; at most {cfg.max_images} are accepted "
                        "(serve.media.max_images)", param="messages", code="too_many_images")
+
+
+def decode_media(request: ChatRequest, cfg: MediaConfig) -> Media:
+    """Every image and video part of the request decoded (remote URLs only as config allows), after the
+    count limits pass and while the decoded pixels stay within `max_request_pixels`; the first refusal
+    becomes an ApiError naming the part."""
+    check_media_counts(request, cfg)
     decoded: Media = {}
+    pixels = 0
     for message in request.messages:
         for part in message.parts:
             try:
                 if isinstance(part, ImagePart):
-                    decoded[part.param] = decode_image_url(part.url, cfg, part.param)
+                    image = decode_image_url(part.url, cfg, part.param)
+                    decoded[part.param] = image
+                    pixels += image.width * image.height
                 elif isinstance(part, VideoPart):
-                    frames_of, stamps = decode_video_url(part.url, cfg, part.param)
-                    decoded[part.param] = Video(frames_of, stamps)
+                    frames, stamps = decode_video_url(part.url, cfg, part.param)
+                    decoded[part.param] = Video(frames, stamps)
+                    pixels += sum(frame.width * frame.height for frame in frames)
             except MediaError as error:
                 raise ApiError(error.status, error.message, param=error.param, code=error.code) from error
+            if pixels > cfg.max_request_pixels:
+                raise ApiError(413, f"the request's images and frames decode to over {cfg.max_request_pixels} pixels "
+                               "(serve.media.max_request_pixels); send fewer or smaller images",
+                               param=getattr(part, "param", "messages"), code="media_too_large")
     return decoded
 
 
@@ -150,8 +185,11 @@ def system_text(request: ChatRequest, thinking: ThinkingConfig) -> str | None:
 
 
 def build_input(request: ChatRequest, media: Media, tokenizer: Any, vit_cfg: SeedViTConfig, thinking: ThinkingConfig,
-                max_context_tokens: int, max_video_frames: int) -> GenerationInput:
-    """The generation input of a request: prompt ids with image runs expanded, and the images' patches."""
+                max_context_tokens: int, max_video_frames: int,
+                tokenizer_lock: AbstractContextManager[Any] | None = None) -> GenerationInput:
+    """The generation input of a request: prompt ids with image runs expanded, and the images' patches.
+    `tokenizer_lock` guards the tokenizer when several threads build inputs (a fast tokenizer must not
+    encode in two threads at once)."""
     history: list[tuple[str, str]] = []
     pending: _UserTurn | None = None
     turns: list[_UserTurn] = []
@@ -171,10 +209,11 @@ def build_input(request: ChatRequest, media: Media, tokenizer: Any, vit_cfg: See
         raise ApiError(400, "a conversation may carry one video", param="messages", code="too_many_videos")
     images = [image for turn in turns for image in turn.images]
     try:
-        ids, used = prompt_ids(tokenizer=tokenizer, question=pending.text,
-                               image_token_counts=[image_token_count(image, vit_cfg) for image in images],
-                               frame_timestamps=videos[0].timestamps if videos else None,
-                               system=system_text(request, thinking), history=history)
+        with tokenizer_lock or nullcontext():
+            ids, used = prompt_ids(tokenizer=tokenizer, question=pending.text,
+                                   image_token_counts=[image_token_count(image, vit_cfg) for image in images],
+                                   frame_timestamps=videos[0].timestamps if videos else None,
+                                   system=system_text(request, thinking), history=history)
     except BadSample as error:
         raise ApiError(400, f"the messages and their media do not match: {error}", param="messages",
                        code="invalid_messages") from error

@@ -26,13 +26,22 @@ class ResolvedModel:
         return f"models:/{self.name}/{self.version}" if self.name else str(self.folder)
 
 
-def register_checkpoint(tracking_uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:
-    """Log `folder` as the run's `model` artifacts and register them as a new version of `name`
-    (created when absent); the alias `latest-pipeline` moves to it. Returns the version."""
+def register_checkpoint(tracking_uri: str, run_id: str, folder: Path, name: str,
+                        tags: dict[str, str]) -> tuple[str, bool]:
+    """Log `folder` as the run's `model` artifacts and register them as a new version of `name` (created
+    when absent), unless a version tagged with the same `checkpoint_key` (the producing step's cache key)
+    exists: then that version is reused and nothing is uploaded again. The alias `latest-pipeline` moves
+    to the version. Returns (version, whether it is new)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
+    key = tags.get("checkpoint_key", "")
+    if key:
+        for existing in client.search_model_versions(f"name = '{name}'"):
+            if existing.tags.get("checkpoint_key") == key and existing.status == "READY":
+                client.set_registered_model_alias(name, ALIAS, existing.version)
+                return str(existing.version), False
     client.log_artifacts(run_id, str(folder), "model")
     source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
     try:
@@ -43,7 +52,7 @@ def register_checkpoint(tracking_uri: str, run_id: str, folder: Path, name: str,
             raise
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags).version
     client.set_registered_model_alias(name, ALIAS, version)
-    return str(version)
+    return str(version), True
 
 
 def resolve_model(source: str, tracking_uri: str, download_dir: Path) -> ResolvedModel:
@@ -74,8 +83,15 @@ def resolve_model(source: str, tracking_uri: str, download_dir: Path) -> Resolve
         staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=str(staging), tracking_uri=tracking_uri)
-        staging.replace(target)
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=str(staging),
+                                                tracking_uri=tracking_uri)
+            staging.replace(target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent download of the same version that won the rename
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     folder = target / "model"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{source}: version {found.version}'s files ({found.source}) are not an exported VLM")

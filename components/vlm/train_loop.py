@@ -289,7 +289,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     with gathered_model(engine):
         if rank == 0:
             summary = {"stage": stage_name, "steps": state.step, "seconds": time.perf_counter() - started_stage,
-                       "samples": dict(samples), "trainable": trainable_counts}
+                       "samples": dict(samples), "trainable": trainable_counts,
+                       "system_prompt": cfg.system_prompt}  # serving's default system prompt
             with log_path.open("a") as handle:
                 handle.write(json.dumps({"stage": stage_name, "stage_end": True, **samples.as_metrics("samples_")}) + "\n")
             if text_only:
