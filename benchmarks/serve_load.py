@@ -3,6 +3,7 @@ checkpoint deployed with request batching and without it, in one run; p50/p99 la
 requests/s, errors, and the batched/unbatched throughput ratio.
 
     .venv/bin/python benchmarks/serve_load.py                        # the last pipeline's registered model
+    .venv/bin/python benchmarks/serve_load.py --root /tmp/tiny_cold  # ... of a pipeline run with that run.root
     .venv/bin/python benchmarks/serve_load.py --model runs/cache/vlm_stage2/<key>/vlm/model
     .venv/bin/python benchmarks/serve_load.py --clients 8 --duration 30 --max-tokens 32 --batch-sizes 1,8
 
@@ -12,7 +13,9 @@ Each configuration gets a fresh deployment of the same checkpoint (Serve's HTTP 
 two warm-up requests, then `--clients` threads that send requests back to back until `--duration`
 seconds have passed (requests in flight then finish and count). Latency is per request, client side.
 Output tokens/s is the completion tokens of successful requests over the wall time from the first
-send to the last answer. Mean batch is the requests per decode batch the model replica reports.
+send to the last answer. Mean batch is the requests per decode batch the model replica reports. Then
+`--burst` of the same requests, already preprocessed, go at once to the model deployment's handle (no
+HTTP, no image decoding): the replica's own throughput with a full queue, where batching shows most.
 The table is printed, recorded in benchmarks/results/serve_load.json and written into README.md.
 """
 
@@ -114,8 +117,46 @@ def load(url: str, bodies: list[bytes], clients: int, duration_s: float) -> dict
             "requests_per_s": round(len(ok) / wall, 2)}
 
 
+def generation_inputs(folder: Path, cfg: Any, bodies: list[bytes], model_id: str) -> list[Any]:
+    """The requests as the ingress hands them to the model deployment (for the burst through its handle)."""
+    from components.serve.prompting import build_input, decode_media
+    from components.serve.protocol import parse_chat_request, parse_json_body
+    from components.vit.config import SeedViTConfig
+    from components.vlm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(folder / "llm")
+    vit_cfg = SeedViTConfig(**json.loads((folder / "config.json").read_text())["vit"])
+    inputs = []
+    for body in bodies:
+        chat = parse_chat_request(parse_json_body(body), served_model=model_id, default_max_tokens=16,
+                                  max_tokens_limit=cfg.max_tokens_limit, default_thinking=False)
+        inputs.append(build_input(chat, decode_media(chat, cfg.media), tokenizer, vit_cfg, cfg.thinking,
+                                  cfg.max_context_tokens, cfg.media.max_video_frames))
+    return inputs
+
+
+def burst(handle: Any, inputs: list[Any]) -> dict[str, Any]:
+    """All `inputs` sent at once to the model deployment's handle (no HTTP, no preprocessing): how fast
+    the replica alone turns a full queue into tokens."""
+    import asyncio
+
+    async def one(item: Any) -> int:
+        tokens = 0
+        async for delta in handle.options(stream=True).stream.remote(item):
+            tokens = delta.completion_tokens
+        return tokens
+
+    async def everything() -> list[int]:
+        return await asyncio.gather(*(one(item) for item in inputs))
+
+    started = time.perf_counter()
+    tokens = asyncio.run(everything())
+    wall = time.perf_counter() - started
+    return {"burst_requests": len(inputs), "burst_s": round(wall, 2), "burst_tokens_per_s": round(sum(tokens) / wall, 1)}
+
+
 def run_config(folder: Path, cfg: Any, batch_size: int, bodies: list[bytes], clients: int, duration_s: float,
-               model_id: str) -> dict[str, Any]:
+               model_id: str, inputs: list[Any]) -> dict[str, Any]:
     import dataclasses
 
     from ray import serve
@@ -133,19 +174,24 @@ def run_config(folder: Path, cfg: Any, batch_size: int, bodies: list[bytes], cli
     after = handle.stats.remote().result()
     batches = after["batches"] - before["batches"]
     row = {"max_batch_size": batch_size, **row,
-           "mean_batch": round((after["rows"] - before["rows"]) / batches, 2) if batches else float("nan")}
+           "mean_batch": round((after["rows"] - before["rows"]) / batches, 2) if batches else float("nan"),
+           **burst(handle, inputs)}
     serve.delete(cfg.app_name)
     return row
 
 
 def table(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
     lines = ["| max batch | clients x s | requests | errors | p50 s | p99 s | output tok/s | req/s | mean batch | "
-             "tok/s vs unbatched |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "tok/s vs unbatched | burst tok/s (handle) | burst vs unbatched |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         ratio = row["tokens_per_s"] / baseline["tokens_per_s"] if baseline["tokens_per_s"] else float("nan")
+        burst_ratio = (row["burst_tokens_per_s"] / baseline["burst_tokens_per_s"] if baseline["burst_tokens_per_s"]
+                       else float("nan"))
         lines.append(f"| {row['max_batch_size']} | {row['clients']} x {row['duration_s']:.0f} | {row['requests']} | "
                      f"{row['errors']} | {row['p50_s']:.2f} | {row['p99_s']:.2f} | {row['tokens_per_s']:.1f} | "
-                     f"{row['requests_per_s']:.2f} | {row['mean_batch']:.2f} | {ratio:.2f}x |")
+                     f"{row['requests_per_s']:.2f} | {row['mean_batch']:.2f} | {ratio:.2f}x | "
+                     f"{row['burst_tokens_per_s']:.1f} | {burst_ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -164,12 +210,14 @@ def main() -> int:
     parser.add_argument("--model", default="models:/seedvl@latest-pipeline",
                         help="models:/<name>/<version>, models:/<name>@<alias>, or an exported VLM folder")
     parser.add_argument("--profile", default="tiny", help="whose run root, MLflow store and serve settings to use")
+    parser.add_argument("--root", default="", help="the pipeline's run.root (default: the profile's, runs/)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per configuration")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,8", help="max_batch_size of each configuration; the first is the "
                         "baseline of the ratio")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--burst", type=int, default=32, help="requests sent at once through the model handle")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args()
@@ -180,16 +228,19 @@ def main() -> int:
     from components.schema import load_config
     from components.serve.registry import resolve_model
 
-    config, _ = load_config(args.profile, [], [f"serve.max_pending_requests={max(64, 4 * args.clients)}"])
+    overrides = [f"serve.max_pending_requests={max(64, 4 * args.clients)}", *([f"run.root={args.root}"] if args.root else [])]
+    config, _ = load_config(args.profile, [], overrides)
     resolved = resolve_model(args.model, config.tracking_uri, config.root / "serving" / "registry")
     model_id = config.serve.model_name
     bodies = request_bodies(model_id, 64, args.max_tokens, args.seed)
+    inputs = generation_inputs(resolved.folder, config.serve, bodies[:args.burst], model_id)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
     rows = []
     try:
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            row = run_config(resolved.folder, config.serve, batch_size, bodies, args.clients, args.duration, model_id)
+            row = run_config(resolved.folder, config.serve, batch_size, bodies, args.clients, args.duration, model_id,
+                             inputs)
             row |= {"clients": args.clients, "duration_s": args.duration}
             rows.append(row)
             print(json.dumps(row), flush=True)

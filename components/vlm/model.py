@@ -72,12 +72,14 @@ def build_llm(config: LlmConfig, vocab_size: int, pad_id: int) -> Any:
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
 
 
-def load_llm(folder: str | Path, dtype: torch.dtype = torch.float32) -> Any:
-    """A pretrained causal LM from a local Hugging Face folder, router logits on (for the balancing loss)."""
+def load_llm(folder: str | Path, dtype: torch.dtype = torch.float32, safetensors_only: bool = False) -> Any:
+    """A pretrained causal LM from a local Hugging Face folder, router logits on (for the balancing loss);
+    with `safetensors_only`, a folder holding only pickled weights is refused rather than unpickled."""
     quiet_transformers()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa",
+                                                 **({"use_safetensors": True} if safetensors_only else {}))
     model.config.output_router_logits = hasattr(model.config, "router_aux_loss_coef")
     if not model.config.output_router_logits:
         log.warning("%s is not a mixture-of-experts model (no router); training it without a balancing loss", folder)
@@ -250,7 +252,7 @@ def load_vlm(folder: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"{folder}/config.json is not a VLM export (architecture={saved.get('architecture')!r})")
     vit = SeedViT(SeedViTConfig(**saved["vit"]))
     vit.load_state_dict(load_file(str(folder / "vit.safetensors")))
-    llm = load_llm(folder / "llm", dtype)
+    llm = load_llm(folder / "llm", dtype, safetensors_only=True)
     model = VisionLanguageModel(vit, llm, int(saved["image_pad_id"]), int(saved["adapter"]["hidden"]))
     model.adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
     return model.to(device=device, dtype=dtype).eval(), load_tokenizer(folder / "llm"), saved
