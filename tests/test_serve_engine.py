@@ -448,3 +448,26 @@ def test_a_tiny_temperature_is_greedy_and_does_not_break_its_batch(engine: Gener
         if batch.done:
             break
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_a_cancelled_row_stops_decoding_and_the_others_go_on(engine: GenerationEngine, tokenizer: Any) -> None:
+    from components.serve.engine import GenerationInput, SamplingParams
+
+    prompt = tokenizer("<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n",
+                       add_special_tokens=False)["input_ids"]
+    rows = [GenerationInput(prompt, None, None, SamplingParams(max_tokens=8, temperature=0)) for _ in range(2)]
+    batch = engine.start(rows)
+    seen: list[list[Any]] = [[], []]
+    steps = 0
+    while True:
+        for index, delta in enumerate(engine.step(batch)):
+            seen[index].append(delta)
+        steps += 1
+        if steps == 2:
+            rows[0].cancelled = True
+        if batch.done:
+            break
+    assert [d is not None for d in seen[0]] == [True, True] + [False] * (len(seen[0]) - 2)
+    assert batch.rows[0].finish_reason == "cancelled"
+    assert seen[1][-1] is not None and seen[1][-1].finish_reason == "length"
+    assert seen[1][-1].completion_tokens == 8

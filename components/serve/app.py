@@ -155,10 +155,16 @@ class VlmModel:
 
     async def stream(self, item: GenerationInput) -> AsyncIterator[Delta]:
         """One request's deltas as they are decoded (the handle method: `options(stream=True).stream`)."""
-        async for delta in self.generate(item):
-            yield delta
-            if delta.finish_reason is not None:  # done: do not wait for the rest of the batch
-                return
+        finished = False
+        try:
+            async for delta in self.generate(item):
+                yield delta
+                if delta.finish_reason is not None:  # done: do not wait for the rest of the batch
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the caller went away (client disconnected): stop decoding its row
+                item.cancelled = True
 
     def stats(self) -> dict[str, float]:
         """Batches decoded and the requests in them (the benchmark's mean batch size)."""

@@ -58,6 +58,7 @@ class GenerationInput:
     pixel_values: torch.Tensor | None  # (num_patches, 3*14*14) of this request's images, in prompt order
     grid_hw: torch.Tensor | None  # (num_images, 2)
     sampling: SamplingParams
+    cancelled: bool = False  # set by whoever streams it when its client is gone: the row stops decoding
 
 
 @dataclasses.dataclass
@@ -94,6 +95,7 @@ class DecodeBatch:
     attention_mask: torch.Tensor  # (B, T) 0 on the left padding
     positions: torch.Tensor  # (B,) the position id of the next token to feed
     cache: Any  # the LLM's KV cache
+    inputs: list[GenerationInput] = dataclasses.field(default_factory=list)  # watched for `cancelled`
 
     @property
     def done(self) -> bool:
@@ -156,14 +158,16 @@ class GenerationEngine:
                              output_router_logits=False, logits_to_keep=1)
         rows = [self._row(item) for item in items]
         next_tokens = self._sample(out.logits[:, -1], rows)
-        return DecodeBatch(rows, next_tokens, mask, positions[:, -1] + 1, out.past_key_values)
+        return DecodeBatch(rows, next_tokens, mask, positions[:, -1] + 1, out.past_key_values, list(items))
 
     @torch.inference_mode()
     def step(self, batch: DecodeBatch) -> list[Delta | None]:
         """Text for the tokens sampled last (None for rows already finished before this step), then one
         decode forward pass for the next tokens unless every row is done."""
         deltas: list[Delta | None] = []
-        for row, token in zip(batch.rows, batch.next_tokens.tolist()):
+        for index, (row, token) in enumerate(zip(batch.rows, batch.next_tokens.tolist())):
+            if not row.finished and index < len(batch.inputs) and batch.inputs[index].cancelled:
+                row.finished, row.finish_reason = True, "cancelled"  # nobody reads it any more
             deltas.append(None if row.finished else self._advance(row, int(token)))
         if batch.done:
             return deltas
