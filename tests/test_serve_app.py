@@ -285,3 +285,27 @@ def test_model_deployment_through_its_handle_batches_requests(server: dict[str, 
     assert len(answers) == 4
     assert after["rows"] - before["rows"] == 4
     assert after["batches"] - before["batches"] < 4  # at least two requests shared a batch
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_place_and_its_row(server: dict[str, Any], client: Any) -> None:
+    import http.client
+    import time
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("VlmModel", app_name=server["config"].app_name)
+    before = handle.stats.remote().result()["cancelled"]
+    host, port = server["url"].removeprefix("http://").split(":")
+    for _ in range(4):  # more than serve.max_pending_requests (3): a leaked place would show as a 429
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.request("POST", "/v1/chat/completions", chat_body(max_tokens=256, temperature=1.0, stream=True),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.read(6) == b"data: "  # the stream has started
+        connection.close()  # the client goes away mid-answer
+    deadline = time.monotonic() + 60
+    while handle.stats.remote().result()["cancelled"] < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert handle.stats.remote().result()["cancelled"] >= before + 1
+    assert_still_serving(client)

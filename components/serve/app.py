@@ -167,8 +167,9 @@ class VlmModel:
                 item.cancelled = True
 
     def stats(self) -> dict[str, float]:
-        """Batches decoded and the requests in them (the benchmark's mean batch size)."""
-        return {"batches": self.batches, "rows": self.rows}
+        """Batches decoded, the requests in them (the benchmark's mean batch size), and the requests whose
+        decoding stopped early because their client went away."""
+        return {"batches": self.batches, "rows": self.rows, "cancelled": self.engine.cancelled_rows}
 
     def context_limit(self) -> int:
         return self.engine.context_limit

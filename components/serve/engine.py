@@ -108,6 +108,7 @@ class GenerationEngine:
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.ids = SpecialIds.of(tokenizer)
+        self.cancelled_rows = 0  # rows stopped early because their client went away
         self.device = next(model.parameters()).device
         self.end_ids = {self.ids.im_end, self.ids.pad}
         end_of_text = single_id_of(tokenizer, END_OF_TEXT)
@@ -168,6 +169,7 @@ class GenerationEngine:
         for index, (row, token) in enumerate(zip(batch.rows, batch.next_tokens.tolist())):
             if not row.finished and index < len(batch.inputs) and batch.inputs[index].cancelled:
                 row.finished, row.finish_reason = True, "cancelled"  # nobody reads it any more
+                self.cancelled_rows += 1
             deltas.append(None if row.finished else self._advance(row, int(token)))
         if batch.done:
             return deltas
