@@ -131,7 +131,7 @@ def generation_inputs(folder: Path, cfg: Any, bodies: list[bytes], model_id: str
         chat = parse_chat_request(parse_json_body(body), served_model=model_id, default_max_tokens=16,
                                   max_tokens_limit=cfg.max_tokens_limit, default_thinking=False)
         inputs.append(build_input(chat, decode_media(chat, cfg.media), tokenizer, vit_cfg, cfg.thinking,
-                                  cfg.max_context_tokens, cfg.media.max_video_frames))
+                                  cfg.max_context_tokens))
     return inputs
 
 

@@ -75,7 +75,7 @@ def prepare(request: ChatRequest, tokenizer: Any, media_cfg: MediaConfig | None 
             thinking: ThinkingConfig = THINKING, max_context_tokens: int = CONTEXT) -> GenerationInput:
     cfg = media_cfg or MediaConfig()
     media = decode_media(request, cfg)
-    return build_input(request, media, tokenizer, VIT, thinking, max_context_tokens, cfg.max_video_frames)
+    return build_input(request, media, tokenizer, VIT, thinking, max_context_tokens)
 
 
 def expected(tokenizer: Any, question: str, images: list[Image.Image] = (), **kwargs: Any) -> list[int]:
@@ -217,7 +217,7 @@ def test_a_video_file_becomes_one_video(tokenizer: Any) -> None:
     media = decode_media(request, cfg)
     video = media["messages[0].content[0].video_url"]
     assert isinstance(video, Video) and 1 < len(video.frames) <= 8 and len(video.timestamps) == len(video.frames)
-    item = build_input(request, media, tokenizer, VIT, THINKING, CONTEXT, cfg.max_video_frames)
+    item = build_input(request, media, tokenizer, VIT, THINKING, CONTEXT)
     assert item.prompt_ids == expected(tokenizer, "<video>\nDescribe the video.", video.frames,
                                        frame_timestamps=video.timestamps)
     vision_start = ids_of(tokenizer, "<|vision_start|>")[0]

@@ -294,7 +294,7 @@ class ChatIngress:
 
         media = decode_media(chat, self.cfg.media)
         return build_input(chat, media, self.tokenizer, self.vit_cfg, self.thinking, self.cfg.max_context_tokens,
-                           self.cfg.media.max_video_frames, self.tokenizer_lock)
+                           self.tokenizer_lock)
 
     async def _complete(self, first: Delta, deltas: Any, request_id: str, created: int,
                         thinking: bool) -> dict[str, Any]:

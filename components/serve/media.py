@@ -84,8 +84,7 @@ def decode_video_url(url: str, cfg: MediaConfig,
     data, mime = read_url(url, cfg, "video/", VIDEO_MIME_TYPES, param)
     if len(data) > cfg.max_fetch_bytes:
         raise too_large(len(data), cfg, param)
-    frames, timestamps = sample_video_bytes(data, VIDEO_SUFFIXES.get(mime, DEFAULT_VIDEO_SUFFIX), cfg, param)
-    return cap_frames(frames, timestamps, cfg.max_video_frames)
+    return sample_video_bytes(data, VIDEO_SUFFIXES.get(mime, DEFAULT_VIDEO_SUFFIX), cfg, param)
 
 
 # ---------------------------------------------------------------- URLs
@@ -329,12 +328,3 @@ def cap_plan(plan: SamplingPlan, max_frames: int) -> SamplingPlan:
     keep = uniform_indices(len(plan.frame_indices), max_frames)
     return SamplingPlan(tuple(plan.frame_indices[i] for i in keep), tuple(plan.timestamps[i] for i in keep),
                         plan.tokens_per_frame)
-
-
-def cap_frames(frames: list[Image.Image], timestamps: list[float],
-               max_frames: int) -> tuple[list[Image.Image], list[float]]:
-    """At most `max_frames` frames: the centre frame of each of `max_frames` equal slices, timestamps kept."""
-    if len(frames) <= max_frames:
-        return frames, timestamps
-    keep = uniform_indices(len(frames), max_frames)
-    return [frames[i] for i in keep], [timestamps[i] for i in keep]

@@ -6,7 +6,7 @@ Message layout: system messages (after the thinking mode's system prompt) form t
 consecutive messages of one role are joined with newlines; each user message becomes its parts in
 order, joined with newlines, an image part as `<image>` and a video (a `video_url` part, or timestamped
 frames) as `<video>`. Client text cannot inject structure: the chat and vision special tokens and the
-media placeholders are removed from it (box, point and think tags stay; they are answer text).
+`<image>`/`<video>` media tokens are removed from it (box, point and think tags stay; they are answer text).
 A conversation carries at most one video, as the training template does.
 """
 
@@ -97,7 +97,7 @@ def decode_media(request: ChatRequest, cfg: MediaConfig) -> Media:
 
 
 def clean_text(text: str) -> str:
-    """Client text with the structural special tokens and media placeholders removed, repeated until none
+    """Client text with the structural special tokens and `<image>`/`<video>` removed, repeated until none
     is left (removing an inner token must not assemble an outer one, as in `<|im_<image>start|>`)."""
     previous = None
     while previous != text:
@@ -129,25 +129,19 @@ def _frame_runs(parts: tuple[Any, ...]) -> list[Any]:
 @dataclasses.dataclass
 class _UserTurn:
     text: str
-    images: list[Image.Image]  # in placeholder order, a video's frames at its placeholder
-    video: Video | None
+    images: list[Image.Image]  # in the order of their media tokens, a video's frames at its `<video>`
+    videos: list[Video]
 
 
-def _user_turn(message: ChatMessage, media: Media, max_video_frames: int) -> _UserTurn:
+def _user_turn(message: ChatMessage, media: Media) -> _UserTurn:
     pieces: list[str] = []
     images: list[Image.Image] = []
-    video: Video | None = None
+    videos: list[Video] = []
     for item in _frame_runs(message.parts):
-        if isinstance(item, list):  # timestamped frames sent as images
-            if len(item) > max_video_frames:
-                raise ApiError(400, f"a video of {len(item)} frames; at most {max_video_frames} are accepted "
-                               "(serve.media.max_video_frames)", param=item[0][1].param, code="too_many_frames")
-            video = _one_video(video, Video([media[part.param] for _, part in item], [t for t, _ in item]),
-                               item[0][1].param)
-            pieces.append(VIDEO_PLACEHOLDER)
-            images += video.frames
-        elif isinstance(item, VideoPart):
-            video = _one_video(video, media[item.param], item.param)
+        if isinstance(item, (list, VideoPart)):  # timestamped frames sent as images, or a video file
+            video = (Video([media[part.param] for _, part in item], [t for t, _ in item]) if isinstance(item, list)
+                     else media[item.param])
+            videos.append(video)
             pieces.append(VIDEO_PLACEHOLDER)
             images += video.frames
         elif isinstance(item, ImagePart):
@@ -155,14 +149,7 @@ def _user_turn(message: ChatMessage, media: Media, max_video_frames: int) -> _Us
             images.append(media[item.param])
         else:
             pieces.append(clean_text(item.text))
-    return _UserTurn("\n".join(piece for piece in pieces if piece), images, video)
-
-
-def _one_video(current: Video | None, new: Video, param: str) -> Video:
-    if current is not None:
-        raise ApiError(400, "a conversation may carry one video (a video_url part or one run of timestamped "
-                       "frames)", param=param, code="too_many_videos")
-    return new
+    return _UserTurn("\n".join(piece for piece in pieces if piece), images, videos)
 
 
 def _merged(messages: tuple[ChatMessage, ...]) -> list[tuple[str, list[ChatMessage]]]:
@@ -185,9 +172,9 @@ def system_text(request: ChatRequest, thinking: ThinkingConfig) -> str | None:
 
 
 def build_input(request: ChatRequest, media: Media, tokenizer: Any, vit_cfg: SeedViTConfig, thinking: ThinkingConfig,
-                max_context_tokens: int, max_video_frames: int,
-                tokenizer_lock: AbstractContextManager[Any] | None = None) -> GenerationInput:
+                max_context_tokens: int, tokenizer_lock: AbstractContextManager[Any] | None = None) -> GenerationInput:
     """The generation input of a request: prompt ids with image runs expanded, and the images' patches.
+    `media` comes from `decode_media`, which has enforced the image, frame and video limits.
     `tokenizer_lock` guards the tokenizer when several threads build inputs (a fast tokenizer must not
     encode in two threads at once)."""
     history: list[tuple[str, str]] = []
@@ -196,7 +183,7 @@ def build_input(request: ChatRequest, media: Media, tokenizer: Any, vit_cfg: See
     for role, group in _merged(tuple(m for m in request.messages if m.role != "system")):
         if role == "user":
             parts = tuple(part for message in group for part in message.parts)
-            pending = _user_turn(ChatMessage("user", parts), media, max_video_frames)
+            pending = _user_turn(ChatMessage("user", parts), media)
             turns.append(pending)
         else:
             answer = "\n".join(clean_text(p.text) for m in group for p in m.parts if isinstance(p, TextPart))
@@ -204,9 +191,9 @@ def build_input(request: ChatRequest, media: Media, tokenizer: Any, vit_cfg: See
             pending = None
     if pending is None:
         raise ApiError(400, "the last message must be from the user", param="messages", code="last_message_not_user")
-    videos = [turn.video for turn in turns if turn.video is not None]
+    videos = [video for turn in turns for video in turn.videos]
     if len(videos) > 1:
-        raise ApiError(400, "a conversation may carry one video", param="messages", code="too_many_videos")
+        raise ValueError("build_input takes the media of decode_media, which allows one video per conversation")
     images = [image for turn in turns for image in turn.images]
     try:
         with tokenizer_lock or nullcontext():

@@ -1,5 +1,5 @@
 """Turning a training sample's conversation into the token sequence the VLM learns from: ChatML
-blocks (as Qwen-VL and InternVL write them) with image and video placeholders expanded into runs of
+blocks (as Qwen-VL and InternVL write them) with the `<image>` and `<video>` media tokens expanded into runs of
 vision tokens, and loss only on the answers.
 
 The layout of one sample::
@@ -53,7 +53,7 @@ HUMAN_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "assistant"})
 SYSTEM_ROLES = frozenset({"system"})
 
-_PLACEHOLDER_PATTERN = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+_MEDIA_TOKEN_PATTERN = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 
 class BadSample(Exception):
@@ -146,27 +146,27 @@ def _caption_turns(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(f"{IMAGE_PLACEHOLDER}\n{caption_prompt_for(str(info.get('key', '')))}", caption)]
 
 
-def _with_media_placeholder(pairs: list[tuple[str, str]], placeholder: str) -> list[tuple[str, str]]:
-    """The turns with `placeholder` + "\\n" put in front of the first question when no question
-    carries a media placeholder at all."""
-    if any(_PLACEHOLDER_PATTERN.search(question) for question, _ in pairs):
+def _with_media_token(pairs: list[tuple[str, str]], media_token: str) -> list[tuple[str, str]]:
+    """The turns with `media_token` + "\\n" put in front of the first question when no question
+    carries a media token at all."""
+    if any(_MEDIA_TOKEN_PATTERN.search(question) for question, _ in pairs):
         return pairs
     first_question, first_answer = pairs[0]
-    return [(f"{placeholder}\n{first_question}", first_answer), *pairs[1:]]
+    return [(f"{media_token}\n{first_question}", first_answer), *pairs[1:]]
 
 
 def turns_of(info: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The (question, answer) turns of a sample's json. System turns are skipped (see
     `system_prompt_of`); samples without a conversation become one caption turn; the first question
-    gets the sample's media placeholder when no question has one. Raises BadSample."""
+    gets the sample's media token when no question has one. Raises BadSample."""
     conversation = _raw_conversation(info)
     if conversation is None or (isinstance(conversation, list) and not conversation):
         return _caption_turns(info)
     messages = [(role, text) for role, text in _messages_of(conversation) if role not in SYSTEM_ROLES]
     if not messages:
         raise BadSample("no_turns", "the conversation has only system turns")
-    placeholder = VIDEO_PLACEHOLDER if is_video_sample(info) else IMAGE_PLACEHOLDER
-    return _with_media_placeholder(_paired_turns(messages), placeholder)
+    media_token = VIDEO_PLACEHOLDER if is_video_sample(info) else IMAGE_PLACEHOLDER
+    return _with_media_token(_paired_turns(messages), media_token)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def _frame_prefix(timestamp: float) -> str:
 
 
 class _Expander:
-    """Tokenizes ChatML text and expands media placeholders, consuming image token counts in order."""
+    """Tokenizes ChatML text and expands the `<image>`/`<video>` media tokens, consuming image token counts in order."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token_counts: Sequence[int],
                  frame_timestamps: Sequence[float] | None) -> None:
@@ -242,18 +242,18 @@ class _Expander:
     def take_counts(self, how_many: int) -> list[int]:
         """The next `how_many` image token counts; BadSample when fewer are left."""
         if self.cursor + how_many > len(self.counts):
-            raise BadSample("image_count_mismatch", "more media placeholders than image token counts")
+            raise BadSample("image_count_mismatch", "more media tokens than image token counts")
         taken = self.counts[self.cursor:self.cursor + how_many]
         self.cursor += how_many
         return taken
 
-    def placeholder_ids(self, placeholder: str) -> tuple[list[int], list[int]]:
-        """The ids one placeholder expands to and the counts it consumed."""
-        if placeholder == IMAGE_PLACEHOLDER:
+    def media_token_ids(self, media_token: str) -> tuple[list[int], list[int]]:
+        """The ids one `<image>` or `<video>` expands to and the image token counts it consumed."""
+        if media_token == IMAGE_PLACEHOLDER:
             counts = self.take_counts(1)
             return self.vision_run(counts[0]), counts
         if self.frame_timestamps is None:
-            raise ValueError("a <video> placeholder needs frame_timestamps")
+            raise ValueError("a <video> media token needs frame_timestamps")
         counts = self.take_counts(len(self.frame_timestamps))
         ids: list[int] = []
         for timestamp, count in zip(self.frame_timestamps, counts):
@@ -261,12 +261,12 @@ class _Expander:
         return ids, counts
 
     def expanded_ids(self, text: str) -> tuple[list[int], list[int]]:
-        """The ids of `text` with every placeholder expanded, and the counts consumed."""
+        """The ids of `text` with every media token expanded, and the counts consumed."""
         ids: list[int] = []
         consumed: list[int] = []
-        for piece in _PLACEHOLDER_PATTERN.split(text):
+        for piece in _MEDIA_TOKEN_PATTERN.split(text):
             if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
-                piece_ids, counts = self.placeholder_ids(piece)
+                piece_ids, counts = self.media_token_ids(piece)
                 ids += piece_ids
                 consumed += counts
             else:
@@ -279,27 +279,27 @@ class _Expander:
         return _TurnTokens(prompt + answer_ids, [IGNORE_INDEX] * len(prompt) + answer_ids, counts)
 
 
-def _placeholder_counts(turns: Sequence[tuple[str, str]]) -> tuple[int, int]:
-    """How many <image> and <video> placeholders the questions hold."""
-    pieces = [piece for question, _ in turns for piece in _PLACEHOLDER_PATTERN.findall(question)]
+def _media_token_counts(turns: Sequence[tuple[str, str]]) -> tuple[int, int]:
+    """How many <image> and <video> media tokens the questions hold."""
+    pieces = [piece for question, _ in turns for piece in _MEDIA_TOKEN_PATTERN.findall(question)]
     return pieces.count(IMAGE_PLACEHOLDER), pieces.count(VIDEO_PLACEHOLDER)
 
 
 def _check_media_counts(turns: Sequence[tuple[str, str]], image_token_counts: Sequence[int],
                         frame_timestamps: Sequence[float] | None) -> None:
-    """BadSample("image_count_mismatch") unless the placeholders consume exactly the given counts
+    """BadSample("image_count_mismatch") unless the media tokens consume exactly the given counts
     (a <video> consumes one count per frame timestamp; at most one <video> per sample)."""
     if any(count < 1 for count in image_token_counts):
         raise ValueError(f"image token counts must be >= 1, got {list(image_token_counts)}")
-    num_images, num_videos = _placeholder_counts(turns)
+    num_images, num_videos = _media_token_counts(turns)
     if num_videos > 1:
-        raise BadSample("image_count_mismatch", f"{num_videos} <video> placeholders")
+        raise BadSample("image_count_mismatch", f"{num_videos} <video> media tokens")
     if num_videos and frame_timestamps is None:
-        raise ValueError("a <video> placeholder needs frame_timestamps")
+        raise ValueError("a <video> media token needs frame_timestamps")
     expected = num_images + (len(frame_timestamps) if num_videos and frame_timestamps is not None else 0)
     if expected != len(image_token_counts):
         raise BadSample("image_count_mismatch",
-                        f"placeholders need {expected} image token counts, got {len(image_token_counts)}")
+                        f"media tokens need {expected} image token counts, got {len(image_token_counts)}")
 
 
 def _turns_that_fit(prefix_length: int, turns: Sequence[_TurnTokens], max_tokens: int) -> int:
@@ -351,8 +351,8 @@ def prompt_ids(*, tokenizer: PreTrainedTokenizerBase, question: str, image_token
                history: Sequence[tuple[str, str]] = ()) -> tuple[list[int], list[int]]:
     """The ids of the conversation up to and including the `<|im_start|>assistant\\n` header that
     asks `question` (after the optional system prompt and earlier (question, answer) turns), and the
-    image token counts its placeholders consumed (a prefix of `image_token_counts`; unused trailing
-    counts are allowed). BadSample("image_count_mismatch") when the placeholders need more counts."""
+    image token counts its media tokens consumed (a prefix of `image_token_counts`; unused trailing
+    counts are allowed). BadSample("image_count_mismatch") when the media tokens need more counts."""
     expander = _Expander(tokenizer, image_token_counts, frame_timestamps)
     ids = expander.text_ids(_system_text(system)) if system is not None else []
     consumed: list[int] = []
