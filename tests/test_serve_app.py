@@ -9,7 +9,6 @@ import base64
 import concurrent.futures
 import io
 import json
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,18 +18,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from test_pipeline_e2e import free_port
 from vlm_exports import write_random_export
 
 pytestmark = pytest.mark.e2e
 MODEL = "seedvl-test"
 KEY_ENV = "SEEDVL_TEST_SERVE_KEY"
 KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def data_url(image: Image.Image, fmt: str = "PNG") -> str:

@@ -90,7 +90,7 @@ def check_serving(root: Path) -> None:
     import openai
     from mlflow.tracking import MlflowClient
 
-    from tests.test_serve_app import free_port
+    from tests.test_pipeline_e2e import free_port
 
     env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
     port = free_port()

@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -98,8 +99,6 @@ def smoke_request(url: str, model_id: str, api_key: str = "", max_tokens: int = 
 
 
 def api_key_of(cfg: ServeConfig) -> str:
-    import os
-
     return os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
 
 
@@ -155,8 +154,6 @@ def block_until_interrupted(url: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve a registered version or a checkpoint folder with the profile's `serve` settings."""
-    import os
-
     from components.common.config import ConfigError
     from components.common.ray_env import ensure_ray
     from components.schema import REPO_ROOT, load_config
