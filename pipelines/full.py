@@ -2,7 +2,7 @@
 (CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance, plus OCR synthesis,
 grounding/counting synthesis and video samples -> WebDataset shards by task type -> Seed-ViT
 pretraining (MIM, SigLIP, video; Ray Train + DeepSpeed) -> its retrieval evaluation -> a text-pretrained
-MoE LLM -> VLM stages 0, 1, 2 (each evaluated) -> `serve`: the final checkpoint registered in the MLflow
+MoE LLM -> VLM stages 0, 1, 2 (each evaluated by its own step) -> `serve`: the final checkpoint registered in the MLflow
 model registry and deployed on Ray Serve behind an OpenAI-style chat endpoint on 127.0.0.1:8000.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
@@ -18,7 +18,6 @@ Stages later issues build are added here when they exist; none is faked.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -38,15 +37,24 @@ from components.data.rebalance import rebalance  # noqa: E402
 from components.data.shard_writer import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
 from components.data.video_samples import video_samples  # noqa: E402
-from components.serve.deploy import block_until_interrupted, endpoint_url, serve_step  # noqa: E402
+from components.serve.deploy import keep_endpoint_up, serve_step  # noqa: E402
 from components.vit.vit_eval import vit_eval  # noqa: E402
 from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
+from components.vlm.evaluate import vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2  # noqa: E402
 from components.vlm.stages import llm_pretrain, vlm_stage0, vlm_stage1, vlm_stage2  # noqa: E402
 from components.schema import PipelineConfig, available, load_config  # noqa: E402
-from pipelines.runner import PipelineError, PipelineRunner, Selection, Step  # noqa: E402
+from pipelines.runner import PipelineConfigError, PipelineError, PipelineRunner, Selection, Step  # noqa: E402
 
 def vlm_stage_enabled(config: PipelineConfig, stage: str) -> bool:
     return config.train.vit_pretrain.enabled and getattr(config.train.vlm, stage).enabled
+
+
+def vlm_eval_enabled(config: PipelineConfig, stage: str) -> bool:
+    return vlm_stage_enabled(config, stage) and config.train.vlm.eval.enabled
+
+
+def eval_inputs(stage: str) -> dict:
+    return {"shards": ("write_shards", "shards"), "vlm": (f"vlm_{stage}", "vlm")}
 
 
 VLM_STAGES = ("stage0", "stage1", "stage2")
@@ -76,10 +84,13 @@ STEPS = [
     Step(llm_pretrain, inputs={"shards": ("write_shards", "shards")},
          enabled=lambda config: config.train.vlm.llm_pretrain.enabled and not config.train.vlm.llm.pretrained_path),
     Step(vlm_stage0, inputs=VLM_INPUTS, enabled=lambda config: vlm_stage_enabled(config, "stage0")),
+    Step(vlm_eval_stage0, inputs=eval_inputs("stage0"), enabled=lambda config: vlm_eval_enabled(config, "stage0")),
     Step(vlm_stage1, inputs={**VLM_INPUTS, "previous": ("vlm_stage0", "vlm")},
          enabled=lambda config: vlm_stage_enabled(config, "stage1")),
+    Step(vlm_eval_stage1, inputs=eval_inputs("stage1"), enabled=lambda config: vlm_eval_enabled(config, "stage1")),
     Step(vlm_stage2, inputs={**VLM_INPUTS, "previous": [("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
          enabled=lambda config: vlm_stage_enabled(config, "stage2")),
+    Step(vlm_eval_stage2, inputs=eval_inputs("stage2"), enabled=lambda config: vlm_eval_enabled(config, "stage2")),
     Step(serve_step, inputs={"vlm": [("vlm_stage2", "vlm"), ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
          enabled=lambda config: config.serve.enabled and any(vlm_stage_enabled(config, s) for s in VLM_STAGES),
          cached=False),
@@ -120,69 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     selection = Selection(only=tuple(args.only), from_step=args.from_step, force=tuple(args.force),
                           until=args.until)
-    missing = missing_model_files(config, selection)
-    if missing:
-        print(f"config error: {missing}", file=sys.stderr)
-        return 2
     try:
         outcomes = PipelineRunner(STEPS, config, layered, selection).run(["pipelines/full.py", *(argv or sys.argv[1:])])
+    except PipelineConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
     except PipelineError as error:
         print(f"pipeline error: {error}", file=sys.stderr)
         return 2
     print_summary(config, outcomes)
-    keep_endpoint_up(config, outcomes)
-    return 0
-
-
-def keep_endpoint_up(config: PipelineConfig, outcomes: list) -> None:
-    """A local Ray ends with this process, and the endpoint with it: with serve.keep_alive (by default when
-    run from a terminal), stay up until Ctrl-C. In a cluster this joined (`ray job submit`), the Serve
-    application outlives the job."""
     served = [o for o in outcomes if o.name == "serve" and o.status == "ran"]
-    if not served:
-        return
-    url = endpoint_url(config.serve)
-    local = not (config.ray.address or os.environ.get("RAY_ADDRESS"))
-    keep_alive = config.serve.keep_alive if config.serve.keep_alive is not None else sys.stdin.isatty()
-    if local and keep_alive:
-        block_until_interrupted(url)
-    elif local:
-        registered = "registered_version" in served[0].metrics
-        endpoint = Path(served[0].output_dir) / "endpoint" / "endpoint.json"
-        model = (f"models:/{config.serve.model_name}@latest-pipeline" if registered
-                 else json.loads(endpoint.read_text())["checkpoint"])
-        print(f"\nThe endpoint stops with this process (serve.keep_alive=true keeps it up). Serve the model again "
-              f"with: python -m components.serve.deploy --model {model}")
-    else:
-        print(f"\nThe endpoint stays up in the Ray cluster: {url}/v1/chat/completions")
-
-
-def missing_model_files(config: PipelineConfig, selection: Selection) -> str:
-    """Local model files that enabled, selected steps will load and that do not exist, named with their
-    keys; checked before anything runs so a typo does not surface after hours of curation."""
-    names = STEP_NAMES[:STEP_NAMES.index(selection.until) + 1] if selection.until else STEP_NAMES
-    if selection.only:
-        names = list(selection.only)
-    wanted: list[tuple[str, str]] = []
-    if "clip_filter" in names and config.data.clip_filter.enabled:
-        wanted.append(("data.clip_filter.weights", config.data.clip_filter.weights))
-    vit = config.train.vit_pretrain
-    if "vit_pretrain" in names and vit.enabled:
-        if vit.mim.enabled:
-            wanted.append(("train.vit_pretrain.teacher.weights", vit.teacher.weights))
-        wanted.append(("train.vit_pretrain.text.weights", vit.text.weights))
-    llm_path = config.train.vlm.llm.pretrained_path
-    if llm_path and any(name.startswith("vlm_stage") for name in names):
-        wanted.append(("train.vlm.llm.pretrained_path", str(Path(llm_path).expanduser() / "config.json")))
-    absent = [f"'{key}' = {path}" for key, path in wanted if path and path != "scorer" and not Path(path).is_file()]
-    key_env = config.serve.api_key_env
-    if "serve" in names and config.serve.enabled and key_env and not os.environ.get(key_env):
-        return (f"'serve.api_key_env' = {key_env}: that environment variable is not set, so the endpoint would refuse "
-                f"to start after training: export {key_env}=<key>, or set serve.api_key_env=''")
-    if not absent:
-        return ""
-    return (f"{', '.join(absent)}: no such file (weights are never downloaded): put the checkpoint there, "
-            "or point the key at a local file")
+    if served:
+        keep_endpoint_up(config.serve, bool(config.ray.address or os.environ.get("RAY_ADDRESS")),
+                         Path(served[0].output_dir), "registered_version" in served[0].metrics)
+    return 0
 
 
 def print_summary(config: PipelineConfig, outcomes: list) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common.cache import ArtifactCache, Manifest, publish_folder, write_json_atomic
-from components.common.config import LayeredDict, dump_yaml, flatten, select, to_dict
+from components.common.config import LayeredDict, dump_yaml, flatten, to_dict
 from components.common.contract import Component
 from components.common.executor import manifest_for, run_into
 from components.common.ray_env import ensure_ray
@@ -74,6 +74,10 @@ class PipelineError(RuntimeError):
     """A step could not run for a reason the user can fix (named in the message)."""
 
 
+class PipelineConfigError(PipelineError):
+    """The config names something this machine lacks (found before any step runs)."""
+
+
 class PipelineRunner:
     def __init__(self, steps: list[Step], config: PipelineConfig, layered: LayeredDict, selection: Selection,
                  tracker: Tracker | None = None) -> None:
@@ -84,7 +88,25 @@ class PipelineRunner:
         self.tracker = tracker or make_tracker(config)
         self.commit = git_commit(REPO_ROOT)
 
+    def preflight(self) -> list[str]:
+        """What the enabled steps this selection may run find wrong with their config on this machine
+        (a missing weights file, an unset key variable), before anything runs."""
+        names = [step.name for step in self.steps]
+        wanted = names[:names.index(self.selection.until) + 1] if self.selection.until else names
+        if self.selection.only:
+            wanted = list(self.selection.only)
+        problems = []
+        for step in self.steps:
+            if step.name in wanted and step.component.preflight is not None and step.enabled(self.config):
+                problem = step.component.preflight(step.component.config_of(self.config))
+                if problem:
+                    problems.append(problem)
+        return problems
+
     def run(self, argv: list[str] | None = None) -> list[StepOutcome]:
+        problems = self.preflight()
+        if problems:
+            raise PipelineConfigError("; ".join(problems))
         self.root.mkdir(parents=True, exist_ok=True)
         closed = self.tracker.close_abandoned()
         if closed:
@@ -128,7 +150,7 @@ class PipelineRunner:
                     break
                 continue
             inputs, input_keys = self._resolve_inputs(step, keys, entries)
-            config = select(self.config, step.component.config_path)
+            config = step.component.config_of(self.config)
             material = step.component.key_material(config, input_keys, self.config.run.seed)
             key = step.component.cache_key(config, input_keys, self.config.run.seed)
             must_run = forced_from or step.name in self.selection.force or not step.cached

@@ -257,7 +257,7 @@ def test_model_deployment_through_its_handle_batches_requests(server: dict[str, 
 
     from ray import serve
 
-    from components.serve.engine import GenerationInput, SamplingParams
+    from components.generation.engine import GenerationInput, SamplingParams
     from components.vlm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Path(server["folder"]) / "llm")

@@ -1,4 +1,4 @@
-"""Tests of the serving engine (components/serve/engine.py) on a tiny random-weight export, no Ray: greedy
+"""Tests of the serving engine (components/generation/engine.py) on a tiny random-weight export, no Ray: greedy
 decoding equals `VisionLanguageModel.generate` (text and images, left-padded batches), a row decodes the
 same alone and in any batch, seeded top-p sampling repeats and ignores its batch companions, the banned
 structure ids are never sampled, token limits, stop strings, the end token (forced by swapping rows of an
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from components.common.coords import answer_in_pixels
-from components.serve.engine import Delta, GenerationEngine, GenerationInput, SamplingParams
+from components.generation.engine import Delta, GenerationEngine, GenerationInput, SamplingParams
 from components.vlm.conversation import answer_text, prompt_ids
 from components.vlm.data import image_token_count, images_to_vit_input
 from components.vlm.tokenizer import (
@@ -434,7 +434,7 @@ def test_box_and_point_tags_survive_in_the_content(engine: GenerationEngine, tok
 
 
 def test_a_tiny_temperature_is_greedy_and_does_not_break_its_batch(engine: GenerationEngine, tokenizer: Any) -> None:
-    from components.serve.engine import GenerationInput, SamplingParams
+    from components.generation.engine import GenerationInput, SamplingParams
 
     prompt = tokenizer("<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n",
                        add_special_tokens=False)["input_ids"]
@@ -451,7 +451,7 @@ def test_a_tiny_temperature_is_greedy_and_does_not_break_its_batch(engine: Gener
 
 
 def test_a_cancelled_row_stops_decoding_and_the_others_go_on(engine: GenerationEngine, tokenizer: Any) -> None:
-    from components.serve.engine import GenerationInput, SamplingParams
+    from components.generation.engine import GenerationInput, SamplingParams
 
     prompt = tokenizer("<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n",
                        add_special_tokens=False)["input_ids"]

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from components.serve.config import MediaConfig, ThinkingConfig
-from components.serve.engine import GenerationInput
+from components.generation.engine import GenerationInput
 from components.serve.prompting import Video, build_input, clean_text, decode_media, system_text
 from components.serve.protocol import ApiError, ChatRequest, parse_chat_request
 from components.vlm.conversation import prompt_ids

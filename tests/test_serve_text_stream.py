@@ -1,4 +1,4 @@
-"""Tests of streamed text (components/serve/text_stream.py) with a real byte-level BPE trained here:
+"""Tests of streamed text (components/generation/text_stream.py) with a real byte-level BPE trained here:
 streamed pieces concatenate to the full decode (multi-byte characters split across ids included),
 grounding boxes survive, skip ids vanish, the decode window stays short, stop strings across piece
 boundaries, and routing of ids to the reasoning and content channels."""
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from components.serve.text_stream import (
+from components.generation.text_stream import (
     CONTENT,
     REASONING,
     REPLACEMENT_CHAR,

@@ -15,8 +15,10 @@ import torch
 
 from components.common.executor import run_into
 from components.data.synthetic_crawl import random_scene, render
-from components.vit.config import DeepSpeedSettings, PhaseConfig, SeedViTConfig, TeacherConfig, TextTowerConfig, VitPretrainConfig
-from components.vit.vit_pretrain import read_train_log, vit_pretrain
+from components.training.config import DeepSpeedSettings
+from components.vit.config import PhaseConfig, SeedViTConfig, TeacherConfig, TextTowerConfig, VitPretrainConfig
+from components.training.runtime import read_log
+from components.vit.vit_pretrain import vit_pretrain
 
 pytestmark = pytest.mark.e2e
 
@@ -102,8 +104,8 @@ def test_killed_worker_resumes_and_matches_uninterrupted(local_ray: None, inputs
     killed = run_step(inputs, tmp_path / "killed", small_config(fail_at_step=8))  # mid-SigLIP; checkpoint at 7
 
     assert plain["restarts"] == 0 and killed["restarts"] == 1
-    log, _ = read_train_log(tmp_path / "killed" / "vit" / "train_log.jsonl")
-    assert [r["global_step"] for r in log if not r.get("phase_end")] == list(range(1, 13))
+    log = read_log(tmp_path / "killed" / "vit" / "train_log.jsonl")
+    assert [r["global_step"] for r in log.steps] == list(range(1, 13))
     for phase in ("mim", "siglip", "video"):
         assert plain[f"{phase}_steps"] == killed[f"{phase}_steps"]
         assert killed[f"{phase}_loss_last"] == pytest.approx(plain[f"{phase}_loss_last"], rel=0.02)

@@ -20,7 +20,7 @@ from PIL import Image
 from components.data.shard_writer import sample_json, write_tar
 from components.vit.config import SeedViTConfig
 from components.vit.preprocess import image_to_patches
-from components.vit.shard_data import DropCounter, RawSample, ShardStream, is_held_out, read_shard, task_shards
+from components.training.shards import DropCounter, RawSample, ShardStream, is_held_out, read_shard, task_shards
 from components.vlm.data import (
     MixedStream,
     VlmSample,

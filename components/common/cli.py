@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common.cache import MANIFEST, STAGING_PREFIX, Manifest, publish_folder, remove_abandoned_staging
-from components.common.config import ConfigError, flatten, select, to_dict
+from components.common.config import ConfigError, flatten, to_dict
 from components.common.contract import Component
 from components.common.executor import manifest_for, run_into
 from components.common.ray_env import ensure_ray
@@ -45,7 +45,7 @@ def component_main(comp: Component[Any], argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    stage_config = select(config, comp.config_path)
+    stage_config = comp.config_of(config)
     input_keys = {name: upstream_key(path) for name, path in inputs.items()}
     material = comp.key_material(stage_config, input_keys, config.run.seed)
     key = comp.cache_key(stage_config, input_keys, config.run.seed)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from components.common.config import to_dict
+from components.common.config import select, to_dict
 
 ConfigT = TypeVar("ConfigT")
 PACKAGE = "components"
@@ -64,6 +64,17 @@ class Component(Generic[ConfigT]):
     external_fingerprint: Callable[[ConfigT], dict[str, Any]] | None = None
     # Config fields left out of the key besides `resources` (e.g. `path`, when fingerprinted instead).
     key_exclude: tuple[str, ...] = ()
+    # What the stage uses of its slice, as a typed object (e.g. one VLM stage's settings out of `train.vlm`):
+    # the stage receives it, its cache key holds it, MLflow logs it as the step's params. None: the slice.
+    view: Callable[[Any], Any] | None = None
+    # Checks of the stage's config against the machine (local weight files, environment variables) that
+    # the runner makes before any step runs: '' when fine, else what is wrong, with the key and the fix.
+    preflight: Callable[[Any], str] | None = None
+
+    def config_of(self, root: Any) -> Any:
+        """This stage's config out of the whole pipeline config: its slice, through `view` if it has one."""
+        sliced = select(root, self.config_path)
+        return self.view(sliced) if self.view is not None else sliced
 
     @property
     def module(self) -> str:
@@ -104,6 +115,8 @@ def component(
     optional_inputs: tuple[str, ...] = (),
     external_fingerprint: Callable[[Any], dict[str, Any]] | None = None,
     key_exclude: tuple[str, ...] = (),
+    view: Callable[[Any], Any] | None = None,
+    preflight: Callable[[Any], str] | None = None,
 ) -> Callable[[Callable[[StageContext[Any]], StageResult]], Component[Any]]:
     """Declare a stage: `@component(name=..., version=..., config="data.x", inputs=(...), outputs=(...))`."""
 
@@ -118,6 +131,8 @@ def component(
             optional_inputs=tuple(optional_inputs),
             external_fingerprint=external_fingerprint,
             key_exclude=tuple(key_exclude),
+            view=view,
+            preflight=preflight,
         )
 
     return wrap

@@ -97,8 +97,16 @@ def score_histogram(scores: np.ndarray, threshold: float, path: Path) -> None:
     plt.close(figure)
 
 
+def missing_weights(cfg: ClipFilterConfig) -> str:
+    """Before the pipeline runs: a named local weights file must exist (weights are never downloaded)."""
+    if cfg.weights and cfg.weights != "scorer" and not Path(cfg.weights).is_file():
+        return (f"'data.clip_filter.weights' = {cfg.weights}: no such file (weights are never downloaded): put the "
+                "checkpoint there, or point the key at a local file")
+    return ""
+
+
 @component(name="clip_filter", version="1", config="data.clip_filter", inputs=("samples", "scorer"),
-           optional_inputs=("scorer",), outputs=("samples",))
+           optional_inputs=("scorer",), outputs=("samples",), preflight=missing_weights)
 def clip_filter(ctx: StageContext[ClipFilterConfig]) -> StageResult:
     import ray.data
 

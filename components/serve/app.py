@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.serve.config import ServeConfig
-from components.serve.engine import Delta, GenerationEngine, GenerationInput
+from components.generation.engine import Delta, GenerationEngine, GenerationInput
 from components.serve.protocol import (
     SSE_DONE,
     ApiError,

@@ -102,7 +102,16 @@ def api_key_of(cfg: ServeConfig) -> str:
     return os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
 
 
-@component(name="serve", version="1", config="serve", inputs=("vlm",), outputs=("endpoint",))
+def check_api_key(cfg: ServeConfig) -> str:
+    """Before the pipeline runs: a named key variable must be set, or the endpoint would refuse to start
+    after hours of training."""
+    if cfg.enabled and cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+        return (f"'serve.api_key_env' = {cfg.api_key_env}: that environment variable is not set, so the endpoint would "
+                f"refuse to start after training: export {cfg.api_key_env}=<key>, or set serve.api_key_env=''")
+    return ""
+
+
+@component(name="serve", version="1", config="serve", inputs=("vlm",), outputs=("endpoint",), preflight=check_api_key)
 def serve_step(ctx: StageContext[ServeConfig]) -> StageResult:
     """Register the final checkpoint (when tracking is on and serve.register is set), deploy it, ask it once."""
     cfg = ctx.config
@@ -150,6 +159,24 @@ def block_until_interrupted(url: str) -> None:
     while not stop["now"]:
         time.sleep(0.5)
     serve.shutdown()
+
+
+def keep_endpoint_up(cfg: ServeConfig, joined_cluster: bool, step_output: Path, registered: bool) -> None:
+    """After a pipeline's `serve` step: a local Ray ends with the pipeline's process, and the endpoint with
+    it, so with serve.keep_alive (by default when run from a terminal) stay up until Ctrl-C. In a cluster
+    the pipeline joined (`ray job submit`), the Serve application outlives the job."""
+    url = endpoint_url(cfg)
+    if joined_cluster:
+        print(f"\nThe endpoint stays up in the Ray cluster: {url}/v1/chat/completions")
+        return
+    keep_alive = cfg.keep_alive if cfg.keep_alive is not None else sys.stdin.isatty()
+    if keep_alive:
+        block_until_interrupted(url)
+        return
+    endpoint = json.loads((step_output / "endpoint" / "endpoint.json").read_text())
+    model = f"models:/{cfg.model_name}@latest-pipeline" if registered else endpoint["checkpoint"]
+    print(f"\nThe endpoint stops with this process (serve.keep_alive=true keeps it up). Serve the model again "
+          f"with: python -m components.serve.deploy --model {model}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from components.serve.config import MediaConfig, ThinkingConfig
-from components.serve.engine import GenerationInput, SamplingParams
+from components.generation.engine import GenerationInput, SamplingParams
 from components.serve.media import MediaError, decode_image_url, decode_video_url
 from components.serve.protocol import ApiError, ChatMessage, ChatRequest, ImagePart, TextPart, VideoPart
 from components.vit.config import SeedViTConfig

@@ -4,9 +4,8 @@ Train and DeepSpeed settings, evaluation)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
-
 from components.common.resources import Resources
+from components.training.config import DeepSpeedSettings
 
 ATTENTION_BACKENDS = ("auto", "varlen", "sdpa_segments", "sdpa_mask")
 PHASES = ("mim", "siglip", "video")
@@ -95,13 +94,6 @@ class TextTowerConfig:
     architecture: str = "ViT-L-14"
     weights: str = ""
     freeze: bool = False  # keep the loaded text tower fixed (only its projection trains), as LiT locks a tower
-
-
-@dataclasses.dataclass
-class DeepSpeedSettings:
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: bool = False
-    gradient_clipping: float = 1.0
 
 
 @dataclasses.dataclass

@@ -5,9 +5,10 @@ stages 0, 1 and 2 (what trains and on which mix is config, not code), and the ev
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from components.common.resources import Resources
-from components.vit.config import DeepSpeedSettings
+from components.training.config import DeepSpeedSettings
 
 PARTS = ("vit", "adapter", "llm")  # what a stage can train
 MIX_TASKS = ("caption", "ocr", "grounding", "counting", "video")  # the shard folders a stage can draw from
@@ -134,5 +135,79 @@ class VlmConfig:
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
 
-    def stage(self, name: str) -> StageConfig | LlmPretrainConfig:
-        return self.llm_pretrain if name == "llm_pretrain" else getattr(self, name)
+    @property
+    def job(self) -> TrainJob:
+        return TrainJob(num_workers=self.num_workers, use_gpu=self.use_gpu, checkpoint_every=self.checkpoint_every,
+                        max_failures=self.max_failures, weight_decay=self.weight_decay, deepspeed=self.deepspeed,
+                        fail_at_step=self.fail_at_step, resources=self.resources)
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """How a VLM training job runs (shared by every stage; read by the training runtime)."""
+
+    num_workers: int
+    use_gpu: bool
+    checkpoint_every: int
+    max_failures: int
+    weight_decay: float
+    deepspeed: DeepSpeedSettings
+    fail_at_step: int
+    resources: Resources
+
+
+@dataclasses.dataclass
+class LlmPretrainJob:
+    """What `llm_pretrain` uses of `train.vlm`, and so all its cache key holds."""
+
+    stage: LlmPretrainConfig
+    llm: LlmConfig
+    holdout_fraction: float
+    job: TrainJob
+    name: str = "llm_pretrain"
+
+
+@dataclasses.dataclass
+class VlmStageJob:
+    """What one VLM stage (`vlm_stage0` .. `vlm_stage2`) uses of `train.vlm`: its own stage settings, the
+    model it builds, the split and the job; never another stage's settings or the evaluation's."""
+
+    name: str
+    stage: StageConfig
+    llm: LlmConfig
+    adapter_hidden: int
+    holdout_fraction: float
+    system_prompt: str
+    job: TrainJob
+
+
+@dataclasses.dataclass
+class VlmEvalJob:
+    """What the evaluation of one stage's export uses: the suite's settings, the split, the prompt, and
+    the stage's own frame count and sequence length (so answers see what training saw)."""
+
+    stage_name: str
+    eval: VlmEvalConfig
+    holdout_fraction: float
+    system_prompt: str
+    frames_per_clip: int
+    max_tokens: int
+
+
+def llm_pretrain_view(vlm: VlmConfig) -> LlmPretrainJob:
+    return LlmPretrainJob(vlm.llm_pretrain, vlm.llm, vlm.holdout_fraction, vlm.job)
+
+
+def stage_view(name: str) -> Callable[[VlmConfig], VlmStageJob]:
+    def view(vlm: VlmConfig) -> VlmStageJob:
+        return VlmStageJob(name, getattr(vlm, name), vlm.llm, vlm.adapter_hidden, vlm.holdout_fraction,
+                           vlm.system_prompt, vlm.job)
+    return view
+
+
+def eval_view(name: str) -> Callable[[VlmConfig], VlmEvalJob]:
+    def view(vlm: VlmConfig) -> VlmEvalJob:
+        stage = getattr(vlm, name)
+        return VlmEvalJob(name, vlm.eval, vlm.holdout_fraction, vlm.system_prompt, stage.frames_per_clip,
+                          stage.max_tokens)
+    return view

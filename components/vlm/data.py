@@ -22,7 +22,7 @@ from PIL import Image
 
 from components.vit.config import SeedViTConfig
 from components.vit.preprocess import PackedImages, image_to_patches, native_size, pack
-from components.vit.shard_data import DropCounter, RawSample, ShardStream, decode_media, picture_split_key, task_shards
+from components.training.shards import DropCounter, RawSample, ShardStream, decode_media, picture_split_key, task_shards
 
 
 vlm_split_key = picture_split_key  # the VLM's split: one picture never on both sides

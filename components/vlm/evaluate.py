@@ -1,5 +1,6 @@
-"""The VLM evaluation suite: held-out items (never trained on) answered by greedy decoding with a KV cache
-in a Ray Data batch-inference job, scored per task (captioning text match, counting accuracy, grounding
+"""The VLM evaluation suite, one pipeline step per trained stage (`vlm_eval_stage0` .. `vlm_eval_stage2`):
+held-out items (never trained on) answered greedily by the generation engine in a Ray Data
+batch-inference job, scored per task (captioning text match, counting accuracy, grounding
 IoU >= 0.5, OCR exact match, video temporal grounding, video QA), and the image-use gap: the answer loss
 with each sample's own images against the same answers with another sample's images (a model that
 ignores its images shows no gap).
@@ -8,6 +9,7 @@ ignores its images shows no gap).
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -17,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.vit.shard_data import DropCounter
-from components.vlm.config import MIX_TASKS, VlmConfig, VlmEvalConfig
+from components.common.contract import Component, StageContext, StageResult, component
+from components.training.shards import DropCounter
+from components.vlm.config import MIX_TASKS, STAGES, VlmEvalConfig, VlmEvalJob, eval_view
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ def decode_png(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-def held_out_rows(shards_dir: Path, cfg: VlmConfig, frames_per_clip: int) -> tuple[list[dict[str, Any]], DropCounter]:
+def held_out_rows(shards_dir: Path, job: VlmEvalJob) -> tuple[list[dict[str, Any]], DropCounter]:
     """Evaluation items as Ray Data rows (PNG bytes of the images or frames travel with them), at most
     `max_items_per_kind` per kind, and the drop counts of the held-out samples read."""
     from components.vlm.data import held_out_samples, select_frames
@@ -43,11 +46,11 @@ def held_out_rows(shards_dir: Path, cfg: VlmConfig, frames_per_clip: int) -> tup
     counter = DropCounter()
     per_kind: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
-    for sample in held_out_samples(shards_dir, MIX_TASKS, cfg.holdout_fraction, counter):
-        images, stamps = select_frames(sample, frames_per_clip)
+    for sample in held_out_samples(shards_dir, MIX_TASKS, job.holdout_fraction, counter):
+        images, stamps = select_frames(sample, job.frames_per_clip)
         encoded_images = None
         for item in items_from_sample({**sample.info, "task": sample.task, "key": sample.key}):
-            if per_kind[item.kind] >= cfg.eval.max_items_per_kind:
+            if per_kind[item.kind] >= job.eval.max_items_per_kind:
                 continue
             per_kind[item.kind] += 1
             encoded_images = encoded_images or [encode_png(image) for image in images]
@@ -68,35 +71,37 @@ def load_for_inference(checkpoint: str | Path) -> tuple[Any, Any]:
 
 
 class GreedyAnswerer:
-    """A Ray Data callable class: loads the exported VLM once, answers a batch of items greedily, as far
-    as the longest reference answer of the batch needs (at least `max_new_tokens`)."""
+    """A Ray Data callable class: loads the exported VLM once into the generation engine and answers a
+    batch of items greedily, as far as the longest reference answer of the batch needs (at least
+    `max_new_tokens`)."""
 
     def __init__(self, checkpoint: str, max_new_tokens: int, threads: int = 1, system: str = "") -> None:
+        from components.generation.engine import GenerationEngine
+
         torch.set_num_threads(max(1, threads))
-        self.model, self.tokenizer = load_for_inference(checkpoint)
+        model, tokenizer = load_for_inference(checkpoint)
+        self.engine, self.tokenizer = GenerationEngine(model, tokenizer), tokenizer
         self.max_new_tokens, self.system = max_new_tokens, system or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from components.generation.engine import GenerationInput, SamplingParams
         from components.vlm.conversation import answer_text, prompt_ids
         from components.vlm.data import image_token_count, images_to_vit_input
-        from components.vlm.tokenizer import SpecialIds
 
-        special = SpecialIds.of(self.tokenizer)
-        vit_cfg = self.model.vit.config
-        prompts, all_images = [], []
+        vit_cfg = self.engine.model.vit.config
+        longest = max(len(self.tokenizer(str(ref), add_special_tokens=False)["input_ids"]) for ref in batch["reference"])
+        sampling = SamplingParams(max_tokens=max(self.max_new_tokens, longest + 4), temperature=0.0)
+        requests = []
         for question, images, stamps in zip(batch["question"], batch["images"], batch["timestamps"]):
             pictures = [decode_png(bytes(data)) for data in images]
             ids, used = prompt_ids(tokenizer=self.tokenizer, question=str(question),
                                    image_token_counts=[image_token_count(p, vit_cfg) for p in pictures],
                                    frame_timestamps=[float(t) for t in stamps] or None, system=self.system)
-            prompts.append(ids)
-            all_images += pictures[:len(used)]
-        longest = max(len(self.tokenizer(str(ref), add_special_tokens=False)["input_ids"]) for ref in batch["reference"])
-        packed = images_to_vit_input(all_images, vit_cfg)
-        generated = self.model.generate(prompts, packed.pixel_values if packed else None,
-                                        packed.grid_hw if packed else None, max(self.max_new_tokens, longest + 4),
-                                        eos_id=special.im_end, pad_id=special.pad)
-        predictions = [answer_text(self.tokenizer, ids) for ids in generated]
+            packed = images_to_vit_input(pictures[:len(used)], vit_cfg)
+            requests.append(GenerationInput(ids, packed.pixel_values if packed else None,
+                                            packed.grid_hw if packed else None, sampling))
+        completions = self.engine.generate(requests)
+        predictions = [answer_text(self.tokenizer, samples[0].token_ids) for samples in completions]
         return {"key": batch["key"], "kind": batch["kind"], "question": batch["question"],
                 "reference": batch["reference"], "turn": batch["turn"],
                 "prediction": np.array(predictions, dtype=object)}
@@ -131,8 +136,7 @@ def score_answers(answers: list[dict[str, Any]]) -> tuple[dict[str, float], list
     return aggregate(scored), examples
 
 
-def image_use_gap(checkpoint: Path, shards_dir: Path, cfg: VlmConfig, frames_per_clip: int,
-                  max_tokens: int, seed: int) -> dict[str, float]:
+def image_use_gap(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int) -> dict[str, float]:
     """Mean answer loss over held-out samples with their own images and with another sample's images
     (the next sample of the same task, image for image, clip for clip), over the same answer tokens:
     a pair whose encodings differ in their labels (a truncation that depends on the image sizes) is
@@ -140,12 +144,13 @@ def image_use_gap(checkpoint: Path, shards_dir: Path, cfg: VlmConfig, frames_per
     from components.vlm.conversation import BadSample, encode_sample, turns_of
     from components.vlm.data import held_out_samples, image_token_count, select_frames
 
-    torch.set_num_threads(max(1, int(cfg.eval.resources.num_cpus)))
+    torch.set_num_threads(max(1, int(job.eval.resources.num_cpus)))
+    frames_per_clip, max_tokens = job.frames_per_clip, job.max_tokens
     model, tokenizer = load_for_inference(checkpoint)
     vit_cfg = model.vit.config
     by_task: dict[str, list[Any]] = {}
-    limit = cfg.eval.gap_batches * cfg.eval.batch_size
-    for sample in held_out_samples(shards_dir, MIX_TASKS, cfg.holdout_fraction, DropCounter()):
+    limit = job.eval.gap_batches * job.eval.batch_size
+    for sample in held_out_samples(shards_dir, MIX_TASKS, job.holdout_fraction, DropCounter()):
         group = by_task.setdefault(sample.task, [])
         if len(group) < limit:
             group.append(sample)
@@ -162,7 +167,7 @@ def image_use_gap(checkpoint: Path, shards_dir: Path, cfg: VlmConfig, frames_per
                 encoded = [encode_sample(key=own.key, task=own.task, turns=turns, tokenizer=tokenizer,
                                          image_token_counts=[image_token_count(i, vit_cfg) for i in images],
                                          media=images, frame_timestamps=stamps[:len(images)] if stamps else None,
-                                         max_tokens=max_tokens, system=cfg.system_prompt or None)
+                                         max_tokens=max_tokens, system=job.system_prompt or None)
                            for images in (own_images, other_images)]
             except (BadSample, ValueError):
                 skipped += 1
@@ -198,20 +203,61 @@ def sample_loss(model: Any, encoded: Any, vit_cfg: Any) -> tuple[float, int]:
     return float(result.lm_loss) * result.answer_tokens, result.answer_tokens
 
 
-def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, cfg: VlmConfig, frames_per_clip: int, max_tokens: int,
-                        seed: int, examples_path: Path | None = None) -> dict[str, float]:
+def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int,
+                        examples_path: Path | None = None) -> dict[str, float]:
     """Every evaluation metric of one exported checkpoint."""
     import json
 
     import ray
 
-    rows, counter = held_out_rows(shards_dir, cfg, frames_per_clip)
-    answers = answer_items(checkpoint, rows, cfg.eval, cfg.system_prompt)
+    rows, counter = held_out_rows(shards_dir, job)
+    answers = answer_items(checkpoint, rows, job.eval, job.system_prompt)
     metrics, examples = score_answers(answers)
-    gap_task = ray.remote(image_use_gap).options(num_cpus=cfg.eval.resources.num_cpus, num_gpus=cfg.eval.num_gpus)
-    metrics |= ray.get(gap_task.remote(checkpoint, shards_dir, cfg, frames_per_clip, max_tokens, seed))
+    gap_task = ray.remote(image_use_gap).options(num_cpus=job.eval.resources.num_cpus, num_gpus=job.eval.num_gpus)
+    metrics |= ray.get(gap_task.remote(checkpoint, shards_dir, job, seed))
     metrics["held_out_samples"] = float(counter.get("kept", 0))
     if examples_path is not None:
         examples_path.parent.mkdir(parents=True, exist_ok=True)
         examples_path.write_text("\n".join(json.dumps(e) for e in examples) + "\n")
     return metrics
+
+
+def make_eval_runner(stage: str) -> Any:
+    def run_eval(ctx: StageContext[VlmEvalJob]) -> StageResult:
+        """The suite on the stage's export, and on its starting point when the stage began from a fresh
+        adapter (the export's `initial/`, scored as `eval_untrained/`). A failure fails the step, so it is
+        never cached and the next run retries it."""
+        trained, out_dir = ctx.inputs["vlm"], ctx.outputs["eval"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        runs = [("eval_untrained", trained / "initial", "untrained")] if (trained / "initial").is_dir() else []
+        runs.append(("eval", trained / "model", stage))
+        metrics: dict[str, float] = {}
+        for prefix, checkpoint, name in runs:
+            scores = evaluate_checkpoint(checkpoint, ctx.inputs["shards"], ctx.config, ctx.seed,
+                                         out_dir / f"{name}.jsonl")
+            metrics |= {f"{prefix}/{key}": value for key, value in scores.items()}
+        (out_dir / "scores.json").write_text(json.dumps(metrics, indent=1))
+        return StageResult(metrics=metrics, artifacts=["eval/scores.json", *(f"eval/{n}.jsonl" for _, _, n in runs)])
+    run_eval.__name__ = f"run_eval_{stage}"
+    return run_eval
+
+
+def eval_component(stage: str) -> Component[VlmEvalJob]:
+    return component(name=f"vlm_eval_{stage}", version="1", config="train.vlm", inputs=("shards", "vlm"),
+                     outputs=("eval",), view=eval_view(stage))(make_eval_runner(stage))
+
+
+vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2 = (eval_component(stage) for stage in STAGES)
+EVAL_COMPONENTS = {c.name: c for c in (vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2)}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.common.cli import component_main
+
+    if len(sys.argv) < 2 or sys.argv[1] not in EVAL_COMPONENTS:
+        print(f"usage: python -m components.vlm.evaluate {{{','.join(EVAL_COMPONENTS)}}} --input shards=PATH "
+              "--input vlm=PATH --output DIR", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(component_main(EVAL_COMPONENTS[sys.argv[1]], sys.argv[2:]))

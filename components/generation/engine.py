@@ -1,6 +1,16 @@
-"""Batched, streamed generation on an exported VLM: one prefill of the left-padded prompts (images
-spliced in), then one decode step per token over the LLM's KV cache, with per-request sampling
-(temperature, top-p, seed), stop strings, token limits and the reasoning/content split.
+"""The one generation engine of the VLM, used by the evaluation suite and the serving deployment (and by
+rejection sampling and RL rollouts): one prefill of the left-padded prompts (images spliced in), then
+one decode step per token over the LLM's KV cache, with per-request sampling (temperature, top-p,
+seed, `n` samples per prompt), stop strings, token limits, the reasoning/content split, and the
+log-probability of every generated token.
+
+Log-probabilities are those of the model's distribution at the request's temperature (log-softmax of
+logits / temperature; of the logits themselves when greedy), before top-p truncation and before the
+structural tokens that are never generated are masked: what a teacher-forced forward pass of the
+trainer computes for the same tokens, as RL's importance ratios need.
+
+`GenerationEngine.generate` runs requests to the end and returns every sample's token ids, log-probs
+and text; serving streams instead, with `start` and `step`.
 
 A `DecodeBatch` is the state of the requests decoding together: `GenerationEngine.start` runs the
 prefill and samples every row's first token; each `GenerationEngine.step` turns the latest tokens into
@@ -18,7 +28,7 @@ from typing import Any
 
 import torch
 
-from components.serve.text_stream import IncrementalDecoder, ReasoningSplitter, StopMatcher
+from components.generation.text_stream import IncrementalDecoder, ReasoningSplitter, StopMatcher
 from components.vlm.tokenizer import (
     ANSWER_SPECIAL_TOKENS,
     END_OF_TEXT,
@@ -47,7 +57,14 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | None = None  # with n > 1, sample i uses seed + i
+    n: int = 1  # samples per prompt (`generate` only; a stream is one sample)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1 or self.n < 1:
+            raise ValueError(f"max_tokens and n must be >= 1, got {self.max_tokens} and {self.n}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature} and {self.top_p}")
 
 
 @dataclasses.dataclass
@@ -86,12 +103,27 @@ class _Row:
     generated: int = 0
     finished: bool = False
     finish_reason: str | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)  # every generated token, an end token included
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # of each generated token
+
+
+@dataclasses.dataclass
+class Completion:
+    """One finished sample: its tokens with their log-probs, its text, and why it ended."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    content: str
+    reasoning: str
+    finish_reason: str | None
+    prompt_tokens: int
 
 
 @dataclasses.dataclass
 class DecodeBatch:
     rows: list[_Row]
     next_tokens: torch.Tensor  # (B,) the tokens sampled last, not yet turned into text
+    next_logprobs: torch.Tensor  # (B,) their log-probs
     attention_mask: torch.Tensor  # (B, T) 0 on the left padding
     positions: torch.Tensor  # (B,) the position id of the next token to feed
     cache: Any  # the LLM's KV cache
@@ -158,19 +190,20 @@ class GenerationEngine:
         out = self.model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                              output_router_logits=False, logits_to_keep=1)
         rows = [self._row(item) for item in items]
-        next_tokens = self._sample(out.logits[:, -1], rows)
-        return DecodeBatch(rows, next_tokens, mask, positions[:, -1] + 1, out.past_key_values, list(items))
+        next_tokens, logprobs = self._sample(out.logits[:, -1], rows)
+        return DecodeBatch(rows, next_tokens, logprobs, mask, positions[:, -1] + 1, out.past_key_values, list(items))
 
     @torch.inference_mode()
     def step(self, batch: DecodeBatch) -> list[Delta | None]:
         """Text for the tokens sampled last (None for rows already finished before this step), then one
         decode forward pass for the next tokens unless every row is done."""
         deltas: list[Delta | None] = []
-        for index, (row, token) in enumerate(zip(batch.rows, batch.next_tokens.tolist())):
+        rows = zip(batch.rows, batch.next_tokens.tolist(), batch.next_logprobs.tolist())
+        for index, (row, token, logprob) in enumerate(rows):
             if not row.finished and index < len(batch.inputs) and batch.inputs[index].cancelled:
                 row.finished, row.finish_reason = True, "cancelled"  # nobody reads it any more
                 self.cancelled_rows += 1
-            deltas.append(None if row.finished else self._advance(row, int(token)))
+            deltas.append(None if row.finished else self._advance(row, int(token), float(logprob)))
         if batch.done:
             return deltas
         feed = batch.next_tokens.clone()
@@ -183,12 +216,41 @@ class GenerationEngine:
                              output_router_logits=False)
         batch.cache = out.past_key_values
         batch.positions = batch.positions + 1
-        batch.next_tokens = self._sample(out.logits[:, -1], batch.rows)
+        batch.next_tokens, batch.next_logprobs = self._sample(out.logits[:, -1], batch.rows)
         return deltas
 
-    def _advance(self, row: _Row, token: int) -> Delta:
+    def generate(self, items: list[GenerationInput]) -> list[list[Completion]]:
+        """Every request run to its end: `sampling.n` completions per request (sample i seeded with
+        seed + i when a seed is given), decoded together in one batch."""
+        rows: list[GenerationInput] = []
+        for item in items:
+            for sample in range(item.sampling.n):
+                seed = item.sampling.seed + sample if item.sampling.seed is not None else None
+                rows.append(dataclasses.replace(item, sampling=dataclasses.replace(item.sampling, seed=seed, n=1)))
+        if not rows:
+            return []
+        batch = self.start(rows)
+        texts = [["", ""] for _ in rows]
+        while True:
+            for index, delta in enumerate(self.step(batch)):
+                if delta is not None:
+                    texts[index][0] += delta.content
+                    texts[index][1] += delta.reasoning
+            if batch.done:
+                break
+        done = [Completion(row.token_ids, row.logprobs, content, reasoning, row.finish_reason, row.prompt_tokens)
+                for row, (content, reasoning) in zip(batch.rows, texts)]
+        grouped, start = [], 0
+        for item in items:
+            grouped.append(done[start:start + item.sampling.n])
+            start += item.sampling.n
+        return grouped
+
+    def _advance(self, row: _Row, token: int, logprob: float) -> Delta:
         """Account one generated token of a live row; the text it completes, and whether the row ends."""
         row.generated += 1
+        row.token_ids.append(token)
+        row.logprobs.append(logprob)
         delta = Delta(prompt_tokens=row.prompt_tokens)
         stopped_by_string = False
         if token in self.end_ids:
@@ -214,10 +276,14 @@ class GenerationEngine:
         delta.completion_tokens = row.generated
         return delta
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """(B, vocab) logits -> (B,) next tokens: greedy for temperature 0, else top-p sampling with the
-        row's own generator (so a seeded request repeats whatever it is batched with)."""
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, vocab) logits -> (B,) next tokens and their log-probs: greedy for temperature 0, else top-p
+        sampling with the row's own generator (so a seeded request repeats whatever it is batched with)."""
         logits = logits.float()
+        temperatures = torch.tensor([row.params.temperature if row.params.temperature >= MIN_TEMPERATURE else 1.0
+                                     for row in rows], device=logits.device)
+        log_probs = torch.log_softmax(logits / temperatures[:, None], dim=-1)  # before masking (see the docstring)
+        logits = logits.clone()
         if len(self.banned):
             logits[:, self.banned] = float("-inf")
         tokens = logits.argmax(dim=-1)
@@ -232,4 +298,4 @@ class GenerationEngine:
                 sorted_probs[before >= row.params.top_p] = 0.0  # keep the smallest set reaching top_p
                 probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
             tokens[index] = torch.multinomial(probs, 1, generator=row.generator)[0]
-        return tokens
+        return tokens, log_probs.gather(1, tokens[:, None])[:, 0]
