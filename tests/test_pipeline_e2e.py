@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,25 +17,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.e2e
+from pipeline_runs import DATA_STEPS, REPO, SMALL, PipelineRun, copy_cached_steps, free_port, last_summary, pipeline
 
-# A smaller crawl than the tiny profile's, same code paths.
-SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthetic_crawl.num_shards=2",
-         "--set", "data.clip_scorer.train_samples=300", "--set", "data.clip_scorer.eval_samples=100",
-         "--set", "data.clip_scorer.max_steps=20", "--set", "data.ocr.num_samples=16",
-         "--set", "data.grounding.num_samples=16", "--set", "data.video.synthetic_clips=1",
-         "--set", "train.vit_pretrain.mim.steps=3", "--set", "train.vit_pretrain.siglip.steps=3",
-         "--set", "train.vit_pretrain.video.steps=2", "--set", "train.vit_pretrain.checkpoint_every=2",
-         # the VLM steps (tests/test_vlm_pipeline.py covers them; the job-submit test runs them too)
-         "--set", "train.vlm.llm_pretrain.steps=4", "--set", "train.vlm.stage0.steps=2",
-         "--set", "train.vlm.stage1.steps=3", "--set", "train.vlm.stage2.steps=2",
-         "--set", "train.vlm.checkpoint_every=1", "--set", "train.vlm.eval.max_items_per_kind=2",
-         "--set", "train.vlm.eval.max_new_tokens=4", "--set", "train.vlm.eval.batch_size=4",
-         "--set", "train.vlm.eval.gap_batches=1", "--set", "train.vlm.holdout_fraction=0.1",
-         "--set", "train.vit_pretrain.holdout_fraction=0.1"]  # the single clip (hash 0.12) stays in training
-ALL_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "rebalance",
-             "ocr_samples", "grounding_samples", "video_samples", "write_shards", "vit_pretrain", "vit_eval")
+pytestmark = pytest.mark.e2e
+ALL_STEPS = (*DATA_STEPS, "vit_pretrain", "vit_eval")
+BEFORE_SHARDS = DATA_STEPS[:DATA_STEPS.index("write_shards")]
 
 
 def expect(ran: set[str], upto: str = "vit_eval") -> dict[str, str]:
@@ -46,19 +31,8 @@ def expect(ran: set[str], upto: str = "vit_eval") -> dict[str, str]:
 
 def run_pipeline(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """The pipeline through vit_eval (unless `args` select otherwise): the data and ViT steps."""
-    env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
     until = [] if {"--until", "--only"} & set(args) else ["--until", "vit_eval"]
-    done = subprocess.run([sys.executable, "pipelines/full.py", *SMALL, *until, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if check and done.returncode != 0:
-        raise AssertionError(f"pipeline failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    return done
-
-
-def last_summary(root: Path) -> dict[str, dict]:
-    latest = sorted((root / "pipeline_runs").iterdir())[-1]
-    summary = json.loads((latest / "summary.json").read_text())
-    return {step["name"]: step for step in summary["steps"]}
+    return pipeline(root, *until, *args, timeout=900, check=check)
 
 
 def statuses(root: Path) -> dict[str, str]:
@@ -90,8 +64,9 @@ def kill_when_staging(root: Path, stage: str, timeout: float = 900) -> None:
         process.wait(timeout=60)
 
 
-def test_killed_rerun_cached_and_knob_change(tmp_path: Path) -> None:
+def test_killed_rerun_cached_and_knob_change(tiny_run: PipelineRun, tmp_path: Path) -> None:
     root = tmp_path / "runs"
+    copy_cached_steps(tiny_run.root, root, BEFORE_SHARDS)  # the shared run's first steps, same keys: cached
     kill_when_staging(root, "write_shards")
     assert staging_leftovers(root), "the killed run should have left its staging folder"
     assert not list((root / "cache" / "write_shards").glob("[!.]*")), "a killed stage must publish nothing"
@@ -100,6 +75,10 @@ def test_killed_rerun_cached_and_knob_change(tmp_path: Path) -> None:
     assert statuses(root) == expect({"write_shards", "vit_pretrain", "vit_eval"})
     assert staging_leftovers(root) == []
     first = last_summary(root)
+    shards = Path(first["write_shards"]["output_dir"]) / "shards"
+    shared = Path(tiny_run.steps["write_shards"]["output_dir"]) / "shards"
+    assert first["write_shards"]["cache_key"] == tiny_run.steps["write_shards"]["cache_key"]
+    assert sorted(p.read_bytes() for p in shards.rglob("*.tar")) == sorted(p.read_bytes() for p in shared.rglob("*.tar"))
     stats = json.loads((Path(first["write_shards"]["output_dir"]) / "shards" / "stats.json").read_text())
     assert stats["tasks"]["caption"]["in"] == 240 and stats["in"] == stats["kept"] + sum(stats["dropped"].values())
     assert set(stats["tasks"]) == {"caption", "ocr", "grounding", "counting", "video"}
@@ -183,14 +162,11 @@ def check_mlflow(root: Path) -> None:
     assert "resolved_config.yaml" in artifacts
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
+def test_ray_job_submit_against_local_head(tiny_run: PipelineRun, tmp_path: Path) -> None:
+    """The data and ViT steps come from the shared run's cache; the LLM, the VLM stages, their evaluations and
+    the endpoint run as a job on a separate Ray head."""
     root = tmp_path / "runs"
+    copy_cached_steps(tiny_run.root, root, ALL_STEPS)
     bin_dir = Path(sys.executable).parent
     env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
                         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # head and client share it
@@ -212,7 +188,9 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
         assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
         assert "succeeded" in submitted.stdout
         ran = statuses(root)
-        assert set(ran.values()) == {"ran"} and {"llm_pretrain", "vlm_stage0", "vlm_stage2", "serve"} <= set(ran)
+        assert {name: ran[name] for name in ALL_STEPS} == {name: "cached" for name in ALL_STEPS}
+        assert {ran[name] for name in ran if name not in ALL_STEPS} == {"ran"}
+        assert {"llm_pretrain", "vlm_stage0", "vlm_eval_stage0", "vlm_stage2", "vlm_eval_stage2", "serve"} <= set(ran)
         # the job has ended; the endpoint it deployed lives on in the cluster
         with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/v1/models", timeout=30) as response:
             assert json.loads(response.read())["data"][0]["id"] == "seedvl"

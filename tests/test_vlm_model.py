@@ -358,8 +358,22 @@ def _generation_prompts(tok: Any) -> tuple[list[list[int]], list[list[Image.Imag
     return prompts, images
 
 
-def test_generate_matches_a_greedy_loop_without_cache(tok: Any, ids: SpecialIds,
-                                                      sharp_model: VisionLanguageModel) -> None:
+def engine_greedy(model: VisionLanguageModel, tok: Any, prompts: list[list[int]], images: list[list[Image.Image]],
+                  steps: int) -> list[list[int]]:
+    """Greedy tokens from the generation engine (nothing banned, as in the manual loop)."""
+    from components.generation.engine import GenerationEngine, GenerationInput, SamplingParams
+
+    engine = GenerationEngine(model, tok)
+    engine.banned = engine.banned[:0]
+    items = []
+    for prompt, pictures in zip(prompts, images):
+        packed = images_to_vit_input(pictures, VIT_CONFIG)
+        items.append(GenerationInput(prompt, packed.pixel_values, packed.grid_hw, SamplingParams(steps, temperature=0)))
+    return [samples[0].token_ids for samples in engine.generate(items)]
+
+
+def test_engine_matches_a_greedy_loop_without_cache(tok: Any, ids: SpecialIds,
+                                                    sharp_model: VisionLanguageModel) -> None:
     prompts, images = _generation_prompts(tok)
     steps = 6
     expected = []
@@ -367,40 +381,11 @@ def test_generate_matches_a_greedy_loop_without_cache(tok: Any, ids: SpecialIds,
         tokens, gap = manual_greedy(sharp_model, prompt, pictures, steps)
         assert gap > 1e-3, "random weights gave a near tie; the comparison would be fragile"
         expected.append(tokens)
-    assert ids.im_end not in expected[0] + expected[1]  # so nothing stops early here
+    assert not {ids.im_end, ids.pad} & set(expected[0] + expected[1])  # so nothing stops early here
     assert len(set(expected[0] + expected[1])) > 2  # not one repeated token
-    all_images = images_to_vit_input(images[0] + images[1], VIT_CONFIG)
-    generated = sharp_model.generate(prompts, all_images.pixel_values, all_images.grid_hw, steps,
-                                     eos_id=ids.im_end, pad_id=ids.pad)
-    assert generated == expected
-    # the same prompts one at a time (no padding) give the same tokens
-    for prompt, pictures, tokens in zip(prompts, images, expected):
-        alone = images_to_vit_input(pictures, VIT_CONFIG)
-        assert sharp_model.generate([prompt], alone.pixel_values, alone.grid_hw, steps,
-                                    eos_id=ids.im_end, pad_id=ids.pad) == [tokens]
-
-
-def test_generate_stops_at_eos(tok: Any, ids: SpecialIds, sharp_model: VisionLanguageModel) -> None:
-    prompts, images = _generation_prompts(tok)
-    steps = 6
-    free = [manual_greedy(sharp_model, prompt, pictures, steps)[0] for prompt, pictures in zip(prompts, images)]
-    # call the first token that the first prompt produces later than at step 0 and not before "eos":
-    # decoding of that prompt must stop right after it
-    stop = next(k for k in range(1, steps) if free[0][k] not in free[0][:k])
-    eos = free[0][stop]
-    assert eos != ids.pad
-    expected = [manual_greedy(sharp_model, prompt, pictures, steps, eos_id=eos)[0]
-                for prompt, pictures in zip(prompts, images)]
-    assert expected[0] == free[0][:stop + 1]
-    all_images = images_to_vit_input(images[0] + images[1], VIT_CONFIG)
-    generated = sharp_model.generate(prompts, all_images.pixel_values, all_images.grid_hw, steps,
-                                     eos_id=eos, pad_id=ids.pad)
-    assert len(generated) == 2
-    for row, tokens in zip(generated, expected):
-        assert row[:len(tokens)] == tokens
-        assert all(t == ids.pad for t in row[len(tokens):])  # a finished row is padded, never continued
-    if eos not in expected[1]:
-        assert generated[1] == expected[1] and len(generated[1]) == steps
+    assert engine_greedy(sharp_model, tok, prompts, images, steps) == expected  # batched, the first left-padded
+    for prompt, pictures, tokens in zip(prompts, images, expected):  # one at a time: the same tokens
+        assert engine_greedy(sharp_model, tok, [prompt], [pictures], steps) == [tokens]
 
 
 # ---------------------------------------------------------------------------------------------------

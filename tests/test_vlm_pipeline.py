@@ -1,7 +1,8 @@
-"""The VLM steps end to end through the real entry point: the byte-level BPE and text-only LLM
-pretraining, stages 0, 1 and 2 on Ray Train + DeepSpeed, the evaluation suite after each stage logged to
-that stage's MLflow run, exports that load without the training stack, the skip-stage-0 ablation as an
-experiment overlay, and every stage surviving a worker killed mid-stage."""
+"""The VLM steps end to end through the real entry point, on the shared tiny run: the byte-level BPE and
+text-only LLM pretraining, stages 0, 1 and 2 on Ray Train + DeepSpeed, each stage's evaluation as its
+own step logged to its own MLflow run, an evaluation setting changed re-evaluating without retraining,
+exports that load without the training stack, the skip-stage-0 ablation as an experiment overlay, every
+stage surviving a worker killed mid-stage, and the final export registered and served."""
 
 from __future__ import annotations
 
@@ -13,40 +14,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline_e2e import SMALL
+from pipeline_runs import REPO, SMALL, VLM_STEPS, PipelineRun, free_port, last_summary, pipeline
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
-
-VLM_STEPS = ("llm_pretrain", "vlm_stage0", "vlm_stage1", "vlm_stage2")
 
 
 def run(root: Path, *args: str) -> dict[str, dict]:
-    env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
-    done = subprocess.run([sys.executable, "pipelines/full.py", *SMALL, "--until", "vlm_stage2", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    if done.returncode != 0:
-        raise AssertionError(f"pipeline failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    latest = sorted((root / "pipeline_runs").iterdir())[-1]
-    return {step["name"]: step for step in json.loads((latest / "summary.json").read_text())["steps"]}
+    pipeline(root, "--until", "vlm_eval_stage2", *args, timeout=1200)
+    return last_summary(root)
 
 
-def test_vlm_stages_eval_export_ablation_and_resume(tmp_path: Path) -> None:
+def test_vlm_stages_eval_export_ablation_and_resume(tiny_run: PipelineRun) -> None:
     from components.vlm.model import load_vlm
 
-    root = tmp_path / "runs"
-    steps = run(root)
-    assert [steps[name]["status"] for name in VLM_STEPS] == ["ran"] * 4
+    root, steps = tiny_run.root, tiny_run.steps
+    assert [steps[name]["status"] for name in VLM_STEPS] == ["ran"] * len(VLM_STEPS)
     for name, count in (("llm_pretrain", 4), ("vlm_stage0", 2), ("vlm_stage1", 3), ("vlm_stage2", 2)):
         assert steps[name]["metrics"]["steps"] == count and steps[name]["metrics"]["restarts"] == 0
-    stage0, stage1 = steps["vlm_stage0"]["metrics"], steps["vlm_stage1"]["metrics"]
-    # the suite ran after every stage; only the stage that starts from a fresh adapter scores its start too
-    for name in ("vlm_stage0", "vlm_stage1", "vlm_stage2"):
+    # the suite ran after every stage, as its own step; only the stage that starts from a fresh adapter scores
+    # its start too
+    for name in ("vlm_eval_stage0", "vlm_eval_stage1", "vlm_eval_stage2"):
         metrics = steps[name]["metrics"]
         assert {"eval/counting_accuracy", "eval/grounding_iou50", "eval/ocr_exact", "eval/caption_f1",
                 "eval/image_use_gap", "eval/n_counting"} <= set(metrics), name
         assert metrics["eval/n_counting"] >= 1
-    assert "eval_untrained/caption_f1" in stage0 and not any(k.startswith("eval_untrained/") for k in stage1)
+    assert "eval_untrained/caption_f1" in steps["vlm_eval_stage0"]["metrics"]
+    assert not any(k.startswith("eval_untrained/") for k in steps["vlm_eval_stage1"]["metrics"])
+    assert not any(k.startswith("eval") for k in steps["vlm_stage1"]["metrics"])  # training steps only train
     assert steps["vlm_stage2"]["metrics"]["samples_kept"] > 0
 
     # stage 0 trains only the adapter; stage 1 everything
@@ -62,27 +56,33 @@ def test_vlm_stages_eval_export_ablation_and_resume(tmp_path: Path) -> None:
     assert saved["stage"] == "stage2" and tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.image_pad_id
     assert not list(export.rglob("*.bin")) and not list(export.rglob("*.pt"))
     assert (export / "llm" / "config.json").is_file() and list((export / "llm").glob("*.safetensors"))
-    examples = (Path(steps["vlm_stage1"]["output_dir"]) / "vlm" / "eval" / "stage1.jsonl").read_text().splitlines()
+    examples = (Path(steps["vlm_eval_stage1"]["output_dir"]) / "eval" / "stage1.jsonl").read_text().splitlines()
     assert examples and {"prediction", "reference", "kind"} <= set(json.loads(examples[0]))
 
-    # ablation: no stage 0, stage 1 starts from a fresh adapter (and scores that start); each stage loses a
-    # worker once mid-stage and resumes from its checkpoint
+    # an evaluation setting changed: every evaluation reruns, nothing trains again
+    changed = run(root, "--set", "train.vlm.eval.max_new_tokens=5")
+    assert {name: changed[name]["status"] for name in VLM_STEPS} == {
+        name: "ran" if name.startswith("vlm_eval_") else "cached" for name in VLM_STEPS}
+    assert changed["vlm_eval_stage1"]["cache_key"] != steps["vlm_eval_stage1"]["cache_key"]
+
+    # ablation: no stage 0, stage 1 starts from a fresh adapter (and its evaluation scores that start); each
+    # stage loses a worker once mid-stage and resumes from its checkpoint
     ablation = run(root, "--experiment", "skip_stage0", "--set", "train.vlm.fail_at_step=1")
-    assert ablation["vlm_stage0"]["status"] == "skipped"
+    assert ablation["vlm_stage0"]["status"] == ablation["vlm_eval_stage0"]["status"] == "skipped"
     assert ablation["llm_pretrain"]["status"] == "cached" and ablation["vit_pretrain"]["status"] == "cached"
-    assert ablation["vlm_stage1"]["status"] == ablation["vlm_stage2"]["status"] == "ran"
+    assert {ablation[name]["status"] for name in ("vlm_stage1", "vlm_eval_stage1", "vlm_stage2")} == {"ran"}
     assert ablation["vlm_stage1"]["cache_key"] != steps["vlm_stage1"]["cache_key"]
     for name, count in (("vlm_stage1", 3), ("vlm_stage2", 2)):
         assert ablation[name]["metrics"]["restarts"] == 1 and ablation[name]["metrics"]["steps"] == count
-    assert "eval_untrained/counting_accuracy" in ablation["vlm_stage1"]["metrics"]
+    assert "eval_untrained/counting_accuracy" in ablation["vlm_eval_stage1"]["metrics"]
 
     check_mlflow(root)
-    check_serving(root)
+    check_serving(tiny_run)
 
 
-def check_serving(root: Path) -> None:
-    """The pipeline's last step registers stage 2's export and serves it (here it ends with the process,
-    serve.keep_alive=false); then the registered version is served on its own and answers the openai client."""
+def check_serving(tiny_run: PipelineRun) -> None:
+    """The shared run's last step registered stage 2's export and served it (it ended with the process,
+    serve.keep_alive=false); the registered version is then served on its own and answers the openai client."""
     import signal
     import threading
     import urllib.request
@@ -90,19 +90,12 @@ def check_serving(root: Path) -> None:
     import openai
     from mlflow.tracking import MlflowClient
 
-    from tests.test_pipeline_e2e import free_port
-
+    root = tiny_run.root
     env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
-    port = free_port()
-    done = subprocess.run([sys.executable, "pipelines/full.py", *SMALL, "--only", "serve", "--set", f"serve.port={port}",
-                           "--set", "serve.keep_alive=false"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    latest = sorted((root / "pipeline_runs").iterdir())[-1]
-    served = {step["name"]: step for step in json.loads((latest / "summary.json").read_text())["steps"]}["serve"]
+    served = tiny_run.steps["serve"]
     assert served["status"] == "ran" and served["metrics"]["smoke_completion_tokens"] >= 1
     endpoint = json.loads((Path(served["output_dir"]) / "endpoint" / "endpoint.json").read_text())
-    assert endpoint["url"] == f"http://127.0.0.1:{port}" and "vlm_stage2" in endpoint["checkpoint"]
+    assert endpoint["url"].startswith("http://127.0.0.1:") and "vlm_stage2" in endpoint["checkpoint"]
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version_by_alias("seedvl", "latest-pipeline")
     assert endpoint["registered"] == f"models:/seedvl/{version.version}"
@@ -146,10 +139,17 @@ def check_mlflow(root: Path) -> None:
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["seed-vl"], output_format="list")
-    stage1 = [r for r in runs if r.data.tags.get("mlflow.runName") == "vlm_stage1" and r.data.tags["cache_hit"] == "false"]
-    assert len(stage1) == 2
+    def trained(name: str) -> list:
+        return [r for r in runs if r.data.tags.get("mlflow.runName") == name and r.data.tags["cache_hit"] == "false"]
+
+    stage1 = trained("vlm_stage1")
+    assert len(stage1) == 2  # the shared run and the ablation; the evaluation change retrained nothing
     for run in stage1:
-        assert {"eval/counting_accuracy", "eval/image_use_gap", "loss_last", "tokens_per_s_mean"} <= set(run.data.metrics)
+        assert {"loss_last", "tokens_per_s_mean"} <= set(run.data.metrics)
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "stage1/loss")
         assert [point.step for point in history] == [1, 2, 3]
-        assert run.data.params["stage1.steps"] == "3"
+        assert run.data.params["stage.steps"] == "3" and "stage2.steps" not in run.data.params
+    evaluations = trained("vlm_eval_stage1")
+    assert len(evaluations) == 3  # the shared run, the evaluation change, the ablation
+    for run in evaluations:
+        assert {"eval/counting_accuracy", "eval/image_use_gap"} <= set(run.data.metrics)

@@ -206,10 +206,10 @@ def sample_loss(model: Any, encoded: Any, vit_cfg: Any) -> tuple[float, int]:
 def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int,
                         examples_path: Path | None = None) -> dict[str, float]:
     """Every evaluation metric of one exported checkpoint."""
-    import json
-
     import ray
 
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not an exported VLM (no config.json)")
     rows, counter = held_out_rows(shards_dir, job)
     answers = answer_items(checkpoint, rows, job.eval, job.system_prompt)
     metrics, examples = score_answers(answers)

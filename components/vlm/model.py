@@ -153,25 +153,6 @@ class VisionLanguageModel(nn.Module):
         embeds = self.embed(input_ids, pixel_values, grid_hw, image_order)
         return causal_lm_loss(self.llm, embeds, position_ids, labels, self.aux_loss_coef)
 
-    @torch.no_grad()
-    def generate(self, input_ids: list[list[int]], pixel_values: torch.Tensor | None, grid_hw: torch.Tensor | None,
-                 max_new_tokens: int, eos_id: int, pad_id: int) -> list[list[int]]:
-        """Greedy decoding with a KV cache for a batch of prompts (left-padded, images in prompt order)."""
-        device = self.adapter.fc1.weight.device
-        longest = max(len(ids) for ids in input_ids)
-        padded = torch.full((len(input_ids), longest), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(padded)
-        for row, ids in enumerate(input_ids):
-            padded[row, longest - len(ids):] = torch.tensor(ids, device=device)
-            mask[row, longest - len(ids):] = 1
-        if pixel_values is not None and grid_hw is not None:
-            pixel_values, grid_hw = pixel_values.to(device), grid_hw.to(device)
-        embeds = self.embed(padded, pixel_values, grid_hw)
-        output = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id,
-                                   output_router_logits=False)
-        return [[t for t in row.tolist()] for row in output]
-
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy where labels are not -100 (logits at t predict labels at t+1)."""

@@ -1,5 +1,7 @@
-"""Tests of the serving engine (components/generation/engine.py) on a tiny random-weight export, no Ray: greedy
-decoding equals `VisionLanguageModel.generate` (text and images, left-padded batches), a row decodes the
+"""Tests of the one generation engine (components/generation/engine.py) on a tiny random-weight export, no
+Ray: greedy decoding equals Hugging Face's `generate` on the same embedded prompts (text and images,
+left-padded batches), the evaluation's answers through the engine equal those of that greedy decoding,
+returned log-probs equal a teacher-forced forward pass, `n` samples per prompt, a row decodes the
 same alone and in any batch, seeded top-p sampling repeats and ignores its batch companions, the banned
 structure ids are never sampled, token limits, stop strings, the end token (forced by swapping rows of an
 untied LM head), and the reasoning/content split."""
@@ -7,6 +9,7 @@ untied LM head), and the reasoning/content split."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -151,6 +154,22 @@ def unbanned(model: Any, tokenizer: Any) -> GenerationEngine:
     return engine
 
 
+@torch.no_grad()
+def hf_greedy(model: Any, prompts: list[list[int]], pixel_values: torch.Tensor | None, grid_hw: torch.Tensor | None,
+              max_new_tokens: int, eos_id: int, pad_id: int) -> list[list[int]]:
+    """The reference: Hugging Face's greedy `generate` over the left-padded prompts' embeddings."""
+    longest = max(len(ids) for ids in prompts)
+    padded = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for row, ids in enumerate(prompts):
+        padded[row, longest - len(ids):] = torch.tensor(ids)
+        mask[row, longest - len(ids):] = 1
+    embeds = model.embed(padded, pixel_values, grid_hw)
+    output = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, output_router_logits=False)
+    return [row.tolist() for row in output]
+
+
 def cut_at_end(tokens: list[int], end_ids: set[int]) -> list[int]:
     for position, token in enumerate(tokens):
         if token in end_ids:
@@ -198,8 +217,8 @@ def test_greedy_tokens_equal_model_generate_with_and_without_images(loaded: tupl
     tokens, deltas, _ = decode(engine, items)
     pixel_values = torch.cat([item.pixel_values for item in items if item.pixel_values is not None])
     grid_hw = torch.cat([item.grid_hw for item in items if item.grid_hw is not None])
-    generated = model.generate([item.prompt_ids for item in items], pixel_values, grid_hw, 16,
-                               eos_id=engine.ids.im_end, pad_id=engine.ids.pad)
+    generated = hf_greedy(model, [item.prompt_ids for item in items], pixel_values, grid_hw, 16,
+                          eos_id=engine.ids.im_end, pad_id=engine.ids.pad)
     for row, (ours, theirs) in enumerate(zip(tokens, generated)):
         assert ours == cut_at_end(theirs, engine.end_ids), row
         assert deltas[row][-1].prompt_tokens == len(items[row].prompt_ids)
@@ -275,7 +294,7 @@ def test_sample_never_picks_a_banned_id_even_when_it_dominates(engine: Generatio
     for _ in range(200):
         logits = torch.randn(len(rows), vocab, generator=generator)
         logits[:, banned] = 12.0 + torch.rand(len(rows), len(banned), generator=generator)
-        tokens = engine._sample(logits, rows).tolist()
+        tokens = engine._sample(logits, rows)[0].tolist()
         seen.update(tokens)
     assert not set(seen) & set(banned)
     assert len(seen) > 20  # the draws do spread over the rest of the vocabulary
@@ -397,7 +416,7 @@ def _advance_all(engine: GenerationEngine, tokenizer: Any, ids: list[int], **sam
     out = []
     for token in ids:
         assert not row.finished
-        out.append(engine._advance(row, token))
+        out.append(engine._advance(row, token, 0.0))
     return out
 
 
@@ -471,3 +490,94 @@ def test_a_cancelled_row_stops_decoding_and_the_others_go_on(engine: GenerationE
     assert batch.rows[0].finish_reason == "cancelled"
     assert seen[1][-1] is not None and seen[1][-1].finish_reason == "length"
     assert seen[1][-1].completion_tokens == 8
+
+
+# ---------------------------------------------------------------------------------------------------
+# Complete generations: log-probs, n samples, seeds, the evaluation's answers
+# ---------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def teacher_forced_logprobs(model: Any, item: GenerationInput, tokens: list[int], temperature: float) -> list[float]:
+    """Log-probs of `tokens` after the prompt in one forward pass over prompt + tokens (no cache, no padding)."""
+    ids = torch.tensor([item.prompt_ids + tokens])
+    embeds = model.embed(ids, item.pixel_values, item.grid_hw)
+    logits = model.llm(inputs_embeds=embeds, use_cache=False).logits[0].float()
+    scale = temperature if temperature > 0 else 1.0
+    log_probs = torch.log_softmax(logits / scale, dim=-1)
+    start = len(item.prompt_ids) - 1  # position t predicts token t + 1
+    return [float(log_probs[start + i, token]) for i, token in enumerate(tokens)]
+
+
+def test_logprobs_equal_a_teacher_forced_pass(loaded: tuple[Any, Any], engine: GenerationEngine,
+                                              tokenizer: Any) -> None:
+    model, _ = loaded
+    items = [image_input(tokenizer, "Describe the image.", [picture((200, 30, 30))], max_tokens=12, temperature=0.8,
+                         top_p=0.9, seed=3),
+             text_input(tokenizer, QUESTIONS[2], max_tokens=12, temperature=0),  # longer: the first row is padded
+             image_input(tokenizer, "How many?", [picture((20, 40, 220)), picture((30, 160, 60), (56, 112))],
+                         max_tokens=12, temperature=1.3, seed=5, n=2)]
+    results = engine.generate(items)
+    assert [len(samples) for samples in results] == [1, 1, 2]
+    checked = 0
+    for item, samples in zip(items, results):
+        for sample in samples:
+            assert len(sample.token_ids) == len(sample.logprobs) >= 1
+            assert sample.prompt_tokens == len(item.prompt_ids)
+            expected = teacher_forced_logprobs(model, item, sample.token_ids, item.sampling.temperature)
+            assert max(abs(a - b) for a, b in zip(sample.logprobs, expected)) < 1e-5
+            checked += len(expected)
+    assert checked >= 20
+
+
+def test_n_samples_are_seeded_distinct_and_repeat(engine: GenerationEngine, tokenizer: Any) -> None:
+    item = image_input(tokenizer, "Describe the image.", [picture((90, 200, 30))], max_tokens=10, temperature=1.5,
+                       seed=11, n=3)
+    first = engine.generate([item])[0]
+    again = engine.generate([text_input(tokenizer, "hi", max_tokens=4, temperature=0), item])[1]  # other company
+    assert [s.token_ids for s in first] == [s.token_ids for s in again]
+    for ours, theirs in zip(first, again):
+        assert ours.logprobs == pytest.approx(theirs.logprobs, abs=1e-5)
+    assert len({tuple(s.token_ids) for s in first}) > 1  # seeds seed, seed+1, seed+2 differ
+    single = dataclasses.replace(item, sampling=dataclasses.replace(item.sampling, seed=12, n=1))
+    assert engine.generate([single])[0][0].token_ids == first[1].token_ids  # sample i is seed + i
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        SamplingParams(max_tokens=4, n=0)
+
+
+def test_evaluation_answers_equal_greedy_decoding(export: Path, loaded: tuple[Any, Any], tokenizer: Any) -> None:
+    """The evaluation's Ray Data callable (now on the engine) answers a batch exactly as greedy decoding
+    of the same prompts did before the move (the model's own greedy generate), cut at the end token."""
+    import io
+
+    import numpy as np
+
+    from components.vlm.evaluate import GreedyAnswerer
+
+    model, _ = loaded
+    pictures = [picture((200, 30, 30)), picture((20, 40, 220), (56, 112))]
+    encoded = []
+    for image in pictures:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    questions = ["<image>\nDescribe the image.", "<image>\nHow many circles are there?", "What is 2 + 2?"]
+    batch = {"key": np.array(["a", "b", "c"]), "kind": np.array(["caption", "counting", "vqa"]),
+             "question": np.array(questions, dtype=object), "reference": np.array(["a red square", "3", "4"]),
+             "turn": np.array([0, 0, 0]),
+             "images": np.array([[encoded[0]], [encoded[1]], []], dtype=object),
+             "timestamps": np.array([[], [], []], dtype=object)}
+    answerer = GreedyAnswerer(str(export), max_new_tokens=8)
+    answerer.engine.banned = answerer.engine.banned[:0]  # the reference bans nothing
+    predictions = answerer(batch)["prediction"].tolist()
+    prompts, images = [], []
+    for question, image in zip(questions, [pictures[0], pictures[1], None]):
+        used = [image] if image is not None else []
+        ids, _ = prompt_ids(tokenizer=tokenizer, question=question,
+                            image_token_counts=[image_token_count(p, VIT) for p in used])
+        prompts.append(ids)
+        images += used
+    packed = images_to_vit_input(images, VIT)
+    ids_of = answerer.engine.ids
+    reference = hf_greedy(model, prompts, packed.pixel_values, packed.grid_hw, 8, ids_of.im_end, ids_of.pad)
+    assert predictions == [answer_text(tokenizer, row) for row in reference]
+    assert any(predictions)
