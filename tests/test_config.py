@@ -124,3 +124,15 @@ def test_vlm_stages_need_an_llm_and_valid_parts() -> None:
     with pytest.raises(ConfigError, match="mix"):
         load_config("tiny", overrides=["train.vlm.stage2.mix={audio: 1.0}"])
     assert not load_config("tiny", experiments=["skip_stage0"])[0].train.vlm.stage0.enabled
+
+
+def test_base_yaml_states_the_dataclass_defaults() -> None:
+    """One source of defaults: the typed configs' defaults are the paper's values, and base.yaml (which
+    documents every key) restates them; a value that differs in one place only fails here."""
+    from components.common.config import LayeredDict, build, flatten, read_yaml, to_dict
+    from components.schema import CONFIG_DIR, PipelineConfig
+
+    layered = LayeredDict()
+    layered.merge(read_yaml(CONFIG_DIR / "base.yaml"), "configs/base.yaml")
+    from_yaml, from_code = flatten(to_dict(build(PipelineConfig, layered))), flatten(to_dict(PipelineConfig()))
+    assert {key: (from_code.get(key), value) for key, value in from_yaml.items() if from_code.get(key) != value} == {}

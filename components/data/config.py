@@ -179,7 +179,7 @@ class OcrConfig:
     """Synthetic OCR samples: scene text, documents, tables and charts with exact text and QA."""
 
     enabled: bool = True
-    num_samples: int = 0
+    num_samples: int = 20000
     kinds: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"scene_text": 0.3, "document": 0.3, "table": 0.2, "chart": 0.2})  # proportions
     min_side: int = 224
@@ -206,7 +206,7 @@ class GroundingConfig:
     """Synthetic grounding (referring expression -> box/point) and counting samples."""
 
     enabled: bool = True
-    num_samples: int = 0  # scenes; each gives one grounding and one counting sample
+    num_samples: int = 20000  # scenes; each gives one grounding and one counting sample
     min_side: int = 224
     max_side: int = 640
     max_aspect: float = 2.0
@@ -244,7 +244,7 @@ class VideoConfig:
     """Video samples: synthetic clips with exact labels plus real files, sampled by the paper's rule."""
 
     enabled: bool = True
-    synthetic_clips: int = 0
+    synthetic_clips: int = 2000
     min_duration_s: float = 8.0
     max_duration_s: float = 30.0
     clip_fps: list[float] = dataclasses.field(default_factory=lambda: [2.0, 5.0, 10.0])

@@ -14,7 +14,7 @@ class BatchingConfig:
     """Ray Serve request batching on the model replica (`@serve.batch`): requests that arrive within
     `batch_wait_timeout_s` of each other decode together, up to `max_batch_size` rows."""
 
-    max_batch_size: int = 8
+    max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.02
 
     def __post_init__(self) -> None:
@@ -30,8 +30,8 @@ class AutoscalingConfig:
 
     enabled: bool = False
     min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 4.0
+    max_replicas: int = 4
+    target_ongoing_requests: float = 8.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -45,8 +45,8 @@ class AutoscalingConfig:
 class ReplicaResources:
     """What one model replica reserves (never part of a cache key)."""
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_cpus: float = 4.0
+    num_gpus: float = 1.0
     torch_threads: int = 0  # 0: torch's default
 
     def __post_init__(self) -> None:
@@ -67,11 +67,11 @@ class MediaConfig:
     allowed_hosts: list[str] = dataclasses.field(default_factory=list)  # exact host names remote_fetch may reach
     fetch_timeout_s: float = 10.0
     max_fetch_bytes: int = 20_000_000
-    max_video_frames: int = 64  # frames per video after sampling or as sent
+    max_video_frames: int = 256  # frames per video after sampling or as sent
     video_fps: float = 1.0
     video_min_frames: int = 16
     video_budgets: list[int] = dataclasses.field(default_factory=lambda: [640, 512, 384, 256, 160, 128])
-    video_max_tokens: int = 81_920
+    video_max_tokens: int = 24576
     video_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -128,7 +128,7 @@ class ServeConfig:
     max_request_bytes: int = 32_000_000  # request bodies above this get 413
     default_max_tokens: int = 256  # when a request does not say
     max_tokens_limit: int = 2048  # the most a request may ask for
-    max_context_tokens: int = 16_384  # prompt tokens (images included) + max_tokens
+    max_context_tokens: int = 32768  # prompt tokens (images included) + max_tokens
     max_pending_requests: int = 64  # per ingress replica; more in flight get 429
     max_queued_requests: int = 256  # Serve's own queue limit in front of each deployment
     num_replicas: int = 1  # model replicas when autoscaling is off

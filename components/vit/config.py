@@ -82,7 +82,7 @@ class TeacherConfig:
     """The MIM teacher: any open_clip image tower with local weights. `weights: scorer` uses the
     data stage's trained scorer (the tiny profile); a path loads an open_clip checkpoint from disk."""
 
-    architecture: str = "ViT-L-14"
+    architecture: str = "EVA02-E-14"
     weights: str = ""
 
 
@@ -105,16 +105,19 @@ class VitPretrainConfig:
     embed_dim: int = 768  # the shared image-text space of the contrastive phases
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     text: TextTowerConfig = dataclasses.field(default_factory=TextTowerConfig)
-    mim: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
-    siglip: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
-    video: PhaseConfig = dataclasses.field(default_factory=PhaseConfig)
+    mim: PhaseConfig = dataclasses.field(default_factory=lambda: PhaseConfig(
+        steps=10000, images_per_batch=64, warmup_steps=500))
+    siglip: PhaseConfig = dataclasses.field(default_factory=lambda: PhaseConfig(
+        steps=10000, images_per_batch=64, warmup_steps=500))
+    video: PhaseConfig = dataclasses.field(default_factory=lambda: PhaseConfig(
+        steps=2000, images_per_batch=16, learning_rate=5e-05, warmup_steps=100, frames_per_clip=8))
     holdout_fraction: float = 0.1  # caption pairs kept out of training, for retrieval evaluation
-    num_workers: int = 2  # Ray Train workers (data parallel, ZeRO across them)
-    use_gpu: bool = False
-    checkpoint_every: int = 20  # steps
-    max_failures: int = 2  # Ray Train restarts from the last checkpoint this many times
+    num_workers: int = 8  # Ray Train workers (data parallel, ZeRO across them)
+    use_gpu: bool = True
+    checkpoint_every: int = 500  # steps
+    max_failures: int = 3  # Ray Train restarts from the last checkpoint this many times
     weight_decay: float = 0.05
-    deepspeed: DeepSpeedSettings = dataclasses.field(default_factory=DeepSpeedSettings)
+    deepspeed: DeepSpeedSettings = dataclasses.field(default_factory=lambda: DeepSpeedSettings(bf16=True))
     fail_at_step: int = -1  # testing only: the last worker exits once at this global step (-1: never)
     resources: Resources = dataclasses.field(default_factory=Resources)
 
@@ -136,5 +139,5 @@ class VitEvalConfig:
     """Zero-shot image-text retrieval on the held-out caption pairs, untrained vs pretrained."""
 
     enabled: bool = True
-    max_pairs: int = 500
+    max_pairs: int = 1000
     resources: Resources = dataclasses.field(default_factory=Resources)

@@ -51,11 +51,11 @@ class LlmPretrainConfig:
     """Text-only pretraining of the built LLM on the corpus's text (captions, questions, answers)."""
 
     enabled: bool = True
-    steps: int = 200
-    learning_rate: float = 1e-3
-    warmup_steps: int = 10
-    max_tokens: int = 512  # per packed sequence
-    packs_per_step: int = 8  # per worker
+    steps: int = 2000
+    learning_rate: float = 0.0003
+    warmup_steps: int = 100
+    max_tokens: int = 4096  # per packed sequence
+    packs_per_step: int = 4  # per worker
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.max_tokens < 16 or self.packs_per_step < 1:
@@ -98,11 +98,11 @@ class VlmEvalConfig:
     """The evaluation suite run after every stage on held-out samples."""
 
     enabled: bool = True
-    max_items_per_kind: int = 64
-    max_new_tokens: int = 48  # at least; a batch decodes as far as its longest reference answer (+4) needs
-    batch_size: int = 8  # items per greedy-decoding batch (a Ray Data batch)
+    max_items_per_kind: int = 200
+    max_new_tokens: int = 64  # at least; a batch decodes as far as its longest reference answer (+4) needs
+    batch_size: int = 16  # items per greedy-decoding batch (a Ray Data batch)
     num_gpus: float = 0.0  # per evaluation actor/task; with a GPU the model runs there in bf16
-    gap_batches: int = 4  # batches of held-out answers for the image-use gap (true vs shuffled images)
+    gap_batches: int = 8  # batches of held-out answers for the image-use gap (true vs shuffled images)
     resources: Resources = dataclasses.field(default_factory=Resources)
 
 
@@ -115,17 +115,20 @@ class VlmConfig:
     holdout_fraction: float = 0.05  # samples kept out of every stage, for the evaluation
     system_prompt: str = ""  # prepended to every training sample when set
     llm_pretrain: LlmPretrainConfig = dataclasses.field(default_factory=LlmPretrainConfig)
-    stage0: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(trainable=["adapter"]))
-    stage1: StageConfig = dataclasses.field(default_factory=StageConfig)
+    stage0: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(
+        trainable=["adapter"], steps=1000, learning_rate=0.001, warmup_steps=50, max_tokens=8192))
+    stage1: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(
+        steps=10000, warmup_steps=500, max_tokens=8192))
     stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(
-        max_tokens=16384, mix={"caption": 1.0, "ocr": 1.0, "grounding": 1.0, "counting": 1.0, "video": 1.0}))
+        steps=2000, learning_rate=5e-05, warmup_steps=100, max_tokens=32768, max_images=128, frames_per_clip=16,
+        mix={"caption": 1.0, "ocr": 1.0, "grounding": 1.0, "counting": 1.0, "video": 1.0}))
     eval: VlmEvalConfig = dataclasses.field(default_factory=VlmEvalConfig)
-    num_workers: int = 2
-    use_gpu: bool = False
-    checkpoint_every: int = 50
-    max_failures: int = 2
+    num_workers: int = 8
+    use_gpu: bool = True
+    checkpoint_every: int = 500
+    max_failures: int = 3
     weight_decay: float = 0.0
-    deepspeed: DeepSpeedSettings = dataclasses.field(default_factory=DeepSpeedSettings)
+    deepspeed: DeepSpeedSettings = dataclasses.field(default_factory=lambda: DeepSpeedSettings(bf16=True))
     fail_at_step: int = -1  # testing only: the last worker exits once at this step of every stage (-1: never)
     resources: Resources = dataclasses.field(default_factory=Resources)
 
