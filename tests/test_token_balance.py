@@ -4,6 +4,7 @@ within the list-scheduling bound, and never worse than the count-balanced baseli
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,73 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="group_size"):
         redistribute([[1.0]], 0)
     assert imbalance([0.0, 0.0]) == 1.0
+
+
+def _balanced_worker(rank: int, world: int, port: int, results: Any) -> None:
+    """One of two gloo processes: the same tiny ViT + adapter on each; worker 0 loads three large images,
+    worker 1 one small one (or none). Balanced features and gradients must equal computing locally."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from components.vit.config import SeedViTConfig
+    from components.vit.model import SeedViT
+    from components.vlm.model import MlpAdapter
+    from components.vlm.token_balance import balanced_image_features
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same weights on both workers, as data parallelism keeps them
+    config = SeedViTConfig(width=32, depth=1, num_heads=2, min_pixels=3136, max_pixels=50176)
+    module = torch.nn.Module()
+    module.vit, module.adapter = SeedViT(config), MlpAdapter(32, 24)
+    module.image_embeddings = lambda pixels, grid: module.adapter(module.vit(pixels, grid).pooled)
+    outcome = {}
+    for case, grids in (("skewed", {0: [(8, 8), (8, 6), (6, 8)], 1: [(4, 4)]}), ("empty", {0: [(4, 6), (6, 4)], 1: []})):
+        generator = torch.Generator().manual_seed(rank + 7)
+        mine = grids[rank]
+        pixels = torch.randn(sum(h * w for h, w in mine), config.patch_dim, generator=generator) if mine else None
+        grid = torch.tensor(mine) if mine else None
+        module.zero_grad()
+        result = balanced_image_features(module, pixels, grid, group_size=2, merge_size=2)
+        weights = torch.randn(result.features.shape, generator=generator)
+        (result.features * weights).sum().backward()
+        balanced = (result.features.detach().clone(),
+                    [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()])
+        module.zero_grad()
+        if mine:  # the same loss computed where the images live; gradients summed over workers as DDP does
+            local = module.image_embeddings(pixels, grid)
+            (local * weights).sum().backward()
+            assert torch.allclose(local.detach(), balanced[0], atol=1e-5), case
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+        for g in grads:
+            dist.all_reduce(g)
+        summed_balanced = [g.clone() for g in balanced[1]]
+        for g in summed_balanced:
+            dist.all_reduce(g)
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, summed_balanced)), case
+        outcome[case] = (result.patches_before, result.patches_after)
+    results[rank] = outcome
+    dist.destroy_process_group()
+
+
+def test_balanced_features_and_gradients_equal_local_ones_over_two_processes() -> None:
+    import multiprocessing
+
+    from pipeline_runs import free_port
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Manager().dict()
+    port = free_port()
+    workers = [context.Process(target=_balanced_worker, args=(rank, 2, port, results)) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=180)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    before, after = results[0]["skewed"]
+    assert before == [64 + 48 + 48, 16] and sorted(after) == [80, 96]  # 64 | 48 + 48 first, then 16 to the lighter
+    before, after = results[0]["empty"]
+    assert before == [48, 0] and after == [24, 24]

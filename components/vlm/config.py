@@ -107,6 +107,20 @@ class VlmEvalConfig:
 
 
 @dataclasses.dataclass
+class TokenBalanceConfig:
+    """Visual-token redistribution in the data-parallel training step (`components/vlm/token_balance.py`):
+    each step's images are pooled within groups of `group_size` workers and run through the ViT where
+    the greedy plan puts them, so no worker waits on one that drew a few huge images."""
+
+    enabled: bool = True
+    group_size: int = 192  # workers per group (the paper's); images never leave their group
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise ValueError(f"token_balance.group_size must be >= 1, got {self.group_size}")
+
+
+@dataclasses.dataclass
 class VlmConfig:
     """`train.vlm`: everything the VLM steps read."""
 
@@ -129,6 +143,7 @@ class VlmConfig:
     max_failures: int = 3
     weight_decay: float = 0.0
     deepspeed: DeepSpeedSettings = dataclasses.field(default_factory=lambda: DeepSpeedSettings(bf16=True))
+    token_balance: TokenBalanceConfig = dataclasses.field(default_factory=TokenBalanceConfig)
     fail_at_step: int = -1  # testing only: the last worker exits once at this step of every stage (-1: never)
     resources: Resources = dataclasses.field(default_factory=Resources)
 
@@ -142,7 +157,7 @@ class VlmConfig:
     def job(self) -> TrainJob:
         return TrainJob(num_workers=self.num_workers, use_gpu=self.use_gpu, checkpoint_every=self.checkpoint_every,
                         max_failures=self.max_failures, weight_decay=self.weight_decay, deepspeed=self.deepspeed,
-                        fail_at_step=self.fail_at_step, resources=self.resources)
+                        token_balance=self.token_balance, fail_at_step=self.fail_at_step, resources=self.resources)
 
 
 @dataclasses.dataclass
@@ -155,6 +170,7 @@ class TrainJob:
     max_failures: int
     weight_decay: float
     deepspeed: DeepSpeedSettings
+    token_balance: TokenBalanceConfig
     fail_at_step: int
     resources: Resources
 

@@ -125,12 +125,18 @@ class VisionLanguageModel(nn.Module):
         return self.adapter(self.vit(pixel_values, grid_hw).pooled)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              grid_hw: torch.Tensor | None = None, image_order: torch.Tensor | None = None) -> torch.Tensor:
+              grid_hw: torch.Tensor | None = None, image_order: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the image features written over the `<|image_pad|>` positions, in order.
-        `image_order` (optional) permutes whole images first (the image-use gap's shuffled control)."""
+        `image_order` (optional) permutes whole images first (the image-use gap's shuffled control);
+        `image_features` (optional) are features computed already (visual-token redistribution)."""
         embeds = self.llm.get_input_embeddings()(input_ids)
         slots = input_ids == self.image_pad_id
         num_slots = int(slots.sum())
+        if image_features is not None:
+            if image_features.shape[0] != num_slots:
+                raise ValueError(f"{image_features.shape[0]} image tokens for {num_slots} placeholder tokens")
+            return embeds.masked_scatter(slots.unsqueeze(-1), image_features.to(embeds.dtype)) if num_slots else embeds
         if pixel_values is None or grid_hw is None or len(grid_hw) == 0:
             if num_slots:
                 raise ValueError(f"{num_slots} image placeholder tokens but no images")
@@ -146,11 +152,11 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, grid_hw: torch.Tensor | None = None,
-                image_order: torch.Tensor | None = None) -> VlmLoss:
+                image_order: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> VlmLoss:
         """Packed batch [B, T]: next-token loss on the answer tokens, plus the balancing loss. The B packs
         run as one row (position ids keep the samples apart), and logits are made only where a label
         follows, so a long context with a large vocabulary never materialises [B, T, vocab] logits."""
-        embeds = self.embed(input_ids, pixel_values, grid_hw, image_order)
+        embeds = self.embed(input_ids, pixel_values, grid_hw, image_order, image_features)
         return causal_lm_loss(self.llm, embeds, position_ids, labels, self.aux_loss_coef)
 
 

@@ -125,7 +125,7 @@ def last_vit_export(vit_dir: Path) -> Path:
 
 llm_pretrain: Component[LlmPretrainJob] = component(
     name="llm_pretrain", version="2", config="train.vlm", inputs=("shards",), outputs=("llm",),
-    key_exclude=RUN_ONLY, view=llm_pretrain_view)(run_llm_pretrain)
+    key_exclude=(*RUN_ONLY, "token_balance"), view=llm_pretrain_view)(run_llm_pretrain)  # text only: no images
 
 
 def stage_component(stage: str) -> Component[VlmStageJob]:

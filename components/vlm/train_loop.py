@@ -22,7 +22,8 @@ from components.training.shards import DropCounter
 from components.training.worker import (Progress, StepLoop, TrainLog, WorkerInfo, all_reduce_sums, all_workers_counts,
                                         export_on_rank0, load_engine_state, make_engine, restore, run_steps,
                                         start_worker, warmup_cosine)
-from components.vlm.config import LlmPretrainConfig, LlmPretrainJob, StageConfig, VlmStageJob
+from components.vlm.config import LlmPretrainConfig, LlmPretrainJob, StageConfig, TokenBalanceConfig, VlmStageJob
+from components.vlm.token_balance import balanced_image_features
 
 log = logging.getLogger(__name__)
 STAGE_SEEDS = {"llm_pretrain": 0, "stage0": 1, "stage1": 2, "stage2": 3}  # each stage draws its own data order
@@ -157,8 +158,9 @@ class StageStep:
     step's metrics summed or averaged over all workers."""
 
     def __init__(self, engine: Any, feed: PackFeed, stage: StageConfig | LlmPretrainConfig, vit_cfg: Any,
-                 worker: WorkerInfo) -> None:
+                 worker: WorkerInfo, balance: TokenBalanceConfig | None = None) -> None:
         self.engine, self.feed, self.stage, self.vit_cfg, self.worker = engine, feed, stage, vit_cfg, worker
+        self.balance = balance if balance is not None and balance.enabled else None
 
     def __call__(self, step: int) -> dict[str, float]:
         from components.vlm.data import images_to_vit_input, to_device
@@ -169,19 +171,31 @@ class StageStep:
         device, engine = self.worker.device, self.engine
         packs = self.feed.next_packs(self.stage.packs_per_step)
         batch = {k: v.to(device) for k, v in collate(packs).items()}
-        num_images, num_patches = 0, 0
+        num_images, num_patches, loads = 0, 0, {}
         if self.vit_cfg is None:  # text only
             embeds = engine.module.get_input_embeddings()(batch["input_ids"])
             terms = causal_lm_loss(engine, embeds, batch["position_ids"], batch["labels"],
                                    float(getattr(engine.module.config, "router_aux_loss_coef", 0.0)))
+            loss = terms.loss
         else:
             images = [image for pack in packs for image in pack.media]
             packed = images_to_vit_input(images, self.vit_cfg)
             pixel_values, grid_hw = to_device(packed, device)
-            terms = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                           pixel_values=pixel_values, grid_hw=grid_hw)
             num_images, num_patches = len(images), packed.num_patches if packed is not None else 0
-        engine.backward(terms.loss)
+            if self.balance is not None:
+                balanced = balanced_image_features(engine.module, pixel_values, grid_hw, self.balance.group_size,
+                                                   self.vit_cfg.merge_size)
+                terms = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               labels=batch["labels"], image_features=balanced.features)
+                loss = terms.loss + 0.0 * balanced.features.sum()  # see balanced_image_features
+                loads = vit_load_metrics(balanced.patches_before, balanced.patches_after)
+            else:
+                terms = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               labels=batch["labels"], pixel_values=pixel_values, grid_hw=grid_hw)
+                loss = terms.loss
+                patches = all_gather_floats(float(num_patches))
+                loads = vit_load_metrics(patches, patches)
+        engine.backward(loss)
         engine.step()
         elapsed = time.perf_counter() - started
         real_tokens = sum(pack.num_tokens - pack.num_padding for pack in packs)
@@ -192,7 +206,25 @@ class StageStep:
         return {"loss": lm_sum / world, "aux_loss": aux_sum / world, "lr": engine.get_lr()[0],
                 "answer_tokens": answers, "tokens_per_s": tokens / elapsed, "padding": padding_sum / world,
                 "images_per_s": images_total / elapsed, "vit_patches_per_s": patches_total / elapsed,
-                "step_seconds": elapsed, **self.feed.counter.as_metrics("samples_")}
+                "step_seconds": elapsed, **loads, **self.feed.counter.as_metrics("samples_")}
+
+
+def all_gather_floats(value: float) -> list[float]:
+    """Every worker's value, in rank order."""
+    gathered: list[Any] = [value]
+    if torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, value)
+    return [float(v) for v in gathered]
+
+
+def vit_load_metrics(before: list[float], after: list[float]) -> dict[str, float]:
+    """The step's ViT load over workers: the largest and the mean number of patches a worker loaded, and
+    the largest it ran the ViT on (the same without redistribution); a step waits on its largest."""
+    mean = sum(before) / max(1, len(before))
+    return {"vit_patches_max_loaded": max(before, default=0.0), "vit_patches_mean": mean,
+            "vit_patches_max_computed": max(after, default=0.0),
+            "vit_load_imbalance": max(after, default=0.0) / mean if mean > 0 else 1.0}
 
 
 def make_feed(loop_config: dict[str, Any], job: LlmPretrainJob | VlmStageJob, tokenizer: Any, vit_cfg: Any,
@@ -238,7 +270,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_log.start(progress, trainable=trainable)
     started = time.perf_counter()
     loop = StepLoop(job.name, job.stage.steps, job.job.checkpoint_every, job.job.fail_at_step)
-    run_steps(loop, engine, progress, StageStep(engine, feed, job.stage, None if text_only else vit_cfg, worker),
+    step = StageStep(engine, feed, job.stage, None if text_only else vit_cfg, worker, job.job.token_balance)
+    run_steps(loop, engine, progress, step,
               lambda: {"positions": stream.positions, "draws": stream.draws, "drops": dict(feed.counter)},
               worker, train_log, out_dir)
     samples = all_workers_counts(feed.counter)
