@@ -116,6 +116,10 @@ def load_config(
     env_root = os.environ.get("SEEDVL_RUN_ROOT")
     if env_root:
         layered.merge({"run": {"root": env_root}}, "$SEEDVL_RUN_ROOT")
+    # Not MLflow's own MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() exports that one to the process.
+    env_tracking = os.environ.get("SEEDVL_TRACKING_URI")
+    if env_tracking:
+        layered.merge({"mlflow": {"tracking_uri": env_tracking}}, "$SEEDVL_TRACKING_URI")
     for override in overrides or []:
         layered.merge(parse_override(override), f"--set {override}")
     config = build(PipelineConfig, layered)

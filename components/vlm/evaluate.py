@@ -208,7 +208,8 @@ def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, cfg: VlmConfig, fram
     rows, counter = held_out_rows(shards_dir, cfg, frames_per_clip)
     answers = answer_items(checkpoint, rows, cfg.eval, cfg.system_prompt)
     metrics, examples = score_answers(answers)
-    gap_task = ray.remote(image_use_gap).options(num_cpus=cfg.eval.resources.num_cpus, num_gpus=cfg.eval.num_gpus)
+    gap_task = ray.remote(image_use_gap).options(num_cpus=cfg.eval.resources.num_cpus, num_gpus=cfg.eval.num_gpus,
+                                                   **cfg.eval.resources.placement_kwargs())
     metrics |= ray.get(gap_task.remote(checkpoint, shards_dir, cfg, frames_per_clip, max_tokens, seed))
     metrics["held_out_samples"] = float(counter.get("kept", 0))
     if examples_path is not None:
