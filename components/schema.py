@@ -64,7 +64,13 @@ class PipelineConfig:
 
     @property
     def artifact_location(self) -> str:
-        return self.mlflow.artifact_location or (self.root / "mlartifacts").as_uri()
+        """Where new experiments keep artifacts: the configured location; '' for a tracking server, which
+        then decides (`mlflow-artifacts:/` when it proxies them, `--serve-artifacts`); else a local folder."""
+        if self.mlflow.artifact_location:
+            return self.mlflow.artifact_location
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return ""
+        return (self.root / "mlartifacts").as_uri()
 
 
 def available(kind: str) -> list[str]:
