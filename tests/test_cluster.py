@@ -117,6 +117,32 @@ def test_pod_templates_are_valid_kubernetes(name: str) -> None:
 
 def test_core_objects_are_valid_kubernetes() -> None:
     assert core_errors(load("storage.yaml")) == ""
+    for document in yaml.safe_load_all((REPO / "infra" / "mlflow.yaml").read_text()):
+        assert core_errors(document) == "", f"infra/mlflow.yaml: {document['kind']} {document['metadata']['name']}"
+
+
+def test_team_mlflow_is_where_the_cluster_looks_for_it() -> None:
+    """infra/mlflow.yaml serves, on PostgreSQL with proxied artifacts, at the URI the RayJob and the
+    RayService give the pipeline and the app (SEEDVL_TRACKING_URI)."""
+    documents = {(d["kind"], d["metadata"]["name"]): d
+                 for d in yaml.safe_load_all((REPO / "infra" / "mlflow.yaml").read_text())}
+    service = documents[("Service", "mlflow")]
+    (port,) = service["spec"]["ports"]
+    in_cluster = f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:{port['port']}"
+    job_env = yaml.safe_load(load("rayjob.yaml")["spec"]["runtimeEnvYAML"])["env_vars"]
+    (app,) = serve_config()["applications"]
+    assert job_env["SEEDVL_TRACKING_URI"] == app["runtime_env"]["env_vars"]["SEEDVL_TRACKING_URI"] == in_cluster
+    (container,) = documents[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--backend-store-uri") + 1].startswith("postgresql+psycopg2://")
+    assert "--serve-artifacts" in args and args[args.index("--artifacts-destination") + 1].startswith("s3://")
+    assert in_cluster.removeprefix("http://") in args[args.index("--allowed-hosts") + 1].split(",")
+    assert container["image"].rsplit("/", 1)[-1].split(":")[0] == "openseedvl-mlflow"
+    assert (REPO / "infra" / "Dockerfile.mlflow").is_file()
+    postgres = documents[("StatefulSet", "postgres")]["spec"]["template"]["spec"]["containers"][0]
+    host = args[args.index("--backend-store-uri") + 1].split("@", 1)[1].split(":")[0]
+    assert host == "postgres.mlflow.svc.cluster.local" and documents[("Service", "postgres")]
+    assert all("valueFrom" in e for e in postgres["env"] + container["env"] if "PASSWORD" in e["name"]), "no inline passwords"
 
 
 def test_validators_reject_what_the_api_server_would() -> None:

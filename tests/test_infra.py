@@ -14,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
-DOCKERFILES = sorted(INFRA.glob("Dockerfile.*"))
+ALL_DOCKERFILES = sorted(INFRA.glob("Dockerfile.*"))
+DOCKERFILES = [INFRA / f"Dockerfile.{kind}" for kind in ("cpu", "gpu", "serve")]  # the project's Ray images
 SECRET_WORDS = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
 
 
@@ -40,11 +41,12 @@ def instructions(path: Path) -> list[tuple[str, str]]:
             for line in text.splitlines() if line.strip()]
 
 
-def test_the_three_images_exist() -> None:
-    assert {p.name for p in DOCKERFILES} == {"Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.serve"}
+def test_the_images_exist() -> None:
+    assert {p.name for p in ALL_DOCKERFILES} == {"Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.serve",
+                                                  "Dockerfile.mlflow"}
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", ALL_DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     result = subprocess.run([hadolint(), "--no-color", "--failure-threshold", "info", str(dockerfile)],
                             capture_output=True, text=True, timeout=60)
@@ -101,7 +103,7 @@ def test_dockerignore_keeps_the_context_small_and_secret_free() -> None:
                if line.strip() and not line.startswith("#")}
     for needed in (".git", ".venv", "runs", ".env", "**/*.pem", "**/*.key", "**/__pycache__"):
         assert needed in ignored, f".dockerignore must exclude {needed}"
-    copied = {s for p in DOCKERFILES for k, a in instructions(p) if k == "COPY"
+    copied = {s for p in ALL_DOCKERFILES for k, a in instructions(p) if k == "COPY"
               for s in [s for s in a.split() if not s.startswith("--")][:-1]}
     assert not copied & ignored, f"the images COPY paths that .dockerignore excludes: {copied & ignored}"
 
@@ -117,3 +119,16 @@ def test_install_script_names_an_unknown_extra_and_the_choices() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "no extras ['tset'] in pyproject.toml; choose from ['test']" in result.stderr
+
+
+def test_mlflow_image_runs_the_pinned_mlflow_server_as_non_root() -> None:
+    steps = instructions(INFRA / "Dockerfile.mlflow")
+    (base,) = [a for kind, a in steps if kind == "FROM"]
+    assert re.fullmatch(r"python:3\.11-slim-\w+", base)
+    (install,) = [a for kind, a in steps if kind == "RUN"]
+    assert "-c /tmp/constraints.txt mlflow psycopg2-binary boto3" in install
+    for package in ("mlflow", "psycopg2-binary", "boto3"):
+        pinned(package)  # every package the image installs has its version in constraints.txt
+    users = [a for kind, a in steps if kind == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert ("ENTRYPOINT", '["mlflow", "server"]') in steps
