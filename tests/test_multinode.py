@@ -64,7 +64,7 @@ def test_two_node_run_matches_a_single_node_run(tmp_path: Path, monkeypatch: pyt
     bin_dir = Path(sys.executable).parent
     local_env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
                               "HF_HUB_OFFLINE": "1"}
-    for name in ("RAY_ADDRESS", "SEEDVL_RUN_ROOT", "SEEDVL_TRACKING_URI"):
+    for name in ("RAY_ADDRESS", "SEEDVL_RUN_ROOT", "SEEDVL_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         local_env.pop(name, None)
     env = local_env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # both nodes and the client
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):

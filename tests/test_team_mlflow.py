@@ -76,6 +76,8 @@ def test_pipeline_logs_to_the_team_server(team_mlflow: tuple[str, Path], tmp_pat
     root = tmp_path / "runs"
     env = os.environ | {"SEEDVL_TRACKING_URI": uri, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
                         "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "SEEDVL_RUN_ROOT", "MLFLOW_TRACKING_URI"):  # an earlier test's leftovers
+        env.pop(name, None)
     command = [sys.executable, "pipelines/full.py", "--until", "ingest", "--set", f"run.root={root}",
                "--set", "ray.num_cpus=2", "--set", "data.synthetic_crawl.num_samples=40",
                "--set", "data.synthetic_crawl.num_shards=2"]

@@ -391,9 +391,11 @@ def app_builder(args: dict[str, Any]) -> Application:
 
     unknown = sorted(set(args) - {"checkpoint", "profile", "model_id", "set"})
     if unknown or "checkpoint" not in args:
-        raise ConfigError(f"app_builder args {sorted(args)}: give checkpoint (a folder or models:/<name>/<version|@alias>) "
-                          f"and optionally profile, model_id and set (a list of key.path=value); unknown: {unknown}")
+        raise ConfigError(f"app_builder args {sorted(args)}: give checkpoint (a folder or "
+                          "models:/<name>/<version|@alias>) and optionally profile, model_id and set (a list of "
+                          f"key.path=value); unknown: {unknown}")
     overrides = args.get("set") or []
-    config, _ = load_config(args.get("profile", "tiny"), overrides=[overrides] if isinstance(overrides, str) else list(overrides))
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    config, _ = load_config(args.get("profile", "tiny"), overrides=overrides)
     resolved = resolve_model(args["checkpoint"], config.tracking_uri, config.root / "serving" / "registry")
     return build_app(resolved.folder, config.serve, args.get("model_id", config.serve.model_name))
