@@ -69,8 +69,17 @@ def test_two_node_run_matches_a_single_node_run(tmp_path: Path, monkeypatch: pyt
     env = local_env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # both nodes and the client
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         monkeypatch.setenv(name, env[name])  # this process queries the state API
-    from ray.util.state import list_nodes, list_tasks
     shared = Path(tempfile.mkdtemp(prefix="seedvl-2n-", dir="/tmp"))  # both nodes see it (one host)
+    try:
+        run_and_compare(shared, tmp_path, env, local_env)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], local_env: dict[str, str]) -> None:
+    from ray.util.state import list_nodes, list_tasks
+
+    bin_dir = Path(sys.executable).parent
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     gcs_port, dashboard_port = free_port(), free_port()
     head = start([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1",
@@ -116,18 +125,15 @@ def test_two_node_run_matches_a_single_node_run(tmp_path: Path, monkeypatch: pyt
                 stop(process)
         shutil.rmtree(ray_temp, ignore_errors=True)
 
-    try:
-        local_root = shared / "local"
-        single = subprocess.run([sys.executable, "pipelines/full.py", *CONFIG, "--set", f"run.root={local_root}",
-                                 "--set", "ray.num_cpus=2"],
-                                cwd=REPO, env=local_env | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                                timeout=900)
-        assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
-        on_cluster, alone = last_summary(cluster_root), last_summary(local_root)
-        assert list(on_cluster) == list(alone) == ["synthetic_crawl", "ingest", UNTIL]
-        for name in on_cluster:
-            assert on_cluster[name]["cache_key"] == alone[name]["cache_key"], name
-            assert table_rows(Path(on_cluster[name]["output_dir"])) == table_rows(Path(alone[name]["output_dir"])), name
-        assert table_rows(Path(on_cluster[UNTIL]["output_dir"]))  # not two empty outputs
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
+    local_root = shared / "local"
+    single = subprocess.run([sys.executable, "pipelines/full.py", *CONFIG, "--set", f"run.root={local_root}",
+                             "--set", "ray.num_cpus=2"],
+                            cwd=REPO, env=local_env | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=900)
+    assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
+    on_cluster, alone = last_summary(cluster_root), last_summary(local_root)
+    assert list(on_cluster) == list(alone) == ["synthetic_crawl", "ingest", UNTIL]
+    for name in on_cluster:
+        assert on_cluster[name]["cache_key"] == alone[name]["cache_key"], name
+        assert table_rows(Path(on_cluster[name]["output_dir"])) == table_rows(Path(alone[name]["output_dir"])), name
+    assert table_rows(Path(on_cluster[UNTIL]["output_dir"]))  # not two empty outputs
