@@ -14,9 +14,9 @@ setup: $(STAMP)
 
 # constraints.txt pins torch==2.13.0 (the CPU wheel on CPU machines, the CUDA one on GPU machines) so
 # that no dependency can pull a newer torch and its CUDA packages.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt infra/install.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	infra/install.sh $(PY) test   # the same script the images in infra/ run
 	touch $(STAMP)
 
 pipeline: setup

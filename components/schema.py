@@ -64,7 +64,13 @@ class PipelineConfig:
 
     @property
     def artifact_location(self) -> str:
-        return self.mlflow.artifact_location or (self.root / "mlartifacts").as_uri()
+        """Where new experiments keep artifacts: the configured location; '' for a tracking server, which
+        then decides (`mlflow-artifacts:/` when it proxies them, `--serve-artifacts`); else a local folder."""
+        if self.mlflow.artifact_location:
+            return self.mlflow.artifact_location
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return ""
+        return (self.root / "mlartifacts").as_uri()
 
 
 def available(kind: str) -> list[str]:
@@ -116,6 +122,10 @@ def load_config(
     env_root = os.environ.get("SEEDVL_RUN_ROOT")
     if env_root:
         layered.merge({"run": {"root": env_root}}, "$SEEDVL_RUN_ROOT")
+    # Not MLflow's own MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() exports that one to the process.
+    env_tracking = os.environ.get("SEEDVL_TRACKING_URI")
+    if env_tracking:
+        layered.merge({"mlflow": {"tracking_uri": env_tracking}}, "$SEEDVL_TRACKING_URI")
     for override in overrides or []:
         layered.merge(parse_override(override), f"--set {override}")
     config = build(PipelineConfig, layered)

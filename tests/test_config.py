@@ -66,7 +66,7 @@ def test_value_checks_run_at_load() -> None:
 
 
 def test_unknown_profile_and_bad_override_syntax() -> None:
-    with pytest.raises(ConfigError, match=r"no profile named 'tinny'.*\['full', 'small', 'tiny'\]"):
+    with pytest.raises(ConfigError, match=r"no profile named 'tinny'.*\['full', 'paper', 'small', 'tiny'\]"):
         load_config("tinny")
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config("tiny", overrides=["data.shards.prefix"])

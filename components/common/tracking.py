@@ -61,7 +61,8 @@ class NullTracker:
 
 
 class MlflowTracker:
-    """Runs in one MLflow experiment, created with our artifact location when it is new."""
+    """Runs in one MLflow experiment, created with our artifact location when it is new (none: the
+    tracking server's default, so a team server proxies the artifacts)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_location: str) -> None:
         from mlflow.tracking import MlflowClient
@@ -69,7 +70,7 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location or None)
         else:
             self.experiment_id = found.experiment_id
         self.tracking_uri = tracking_uri

@@ -240,8 +240,10 @@ def write_shards(ctx: StageContext[ShardsConfig]) -> StageResult:
             read_kept(table).map_batches(
                 to_shard_rows, fn_kwargs={"num_shards": num_shards}, batch_format="pyarrow",
                 batch_size=cfg.resources.batch_size, num_cpus=cfg.resources.num_cpus,
+                **cfg.resources.placement_kwargs(),
             ).map_batches(write_fragments, fn_kwargs={"folder": str(fragments)}, batch_format="pyarrow",
-                          batch_size=None, num_cpus=cfg.resources.num_cpus).materialize()
+                          batch_size=None, num_cpus=cfg.resources.num_cpus,
+                          **cfg.resources.placement_kwargs()).materialize()
         groups = [{"task": task.name, "shard": int(shard.name)} for task in sorted(fragments.iterdir())
                   for shard in sorted(task.iterdir())]
         written = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(

@@ -30,6 +30,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from components.common.placement import image_selector
 from components.serve.config import ServeConfig
 from components.generation.engine import Delta, GenerationEngine, GenerationInput
 from components.serve.protocol import (
@@ -359,6 +360,10 @@ def deployment_options(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Any]
     else:
         model["num_replicas"] = cfg.num_replicas
     ingress_actor: dict[str, Any] = {"num_cpus": 0}  # the key, if any, comes from the replica's own environment
+    selector = image_selector(cfg.resources.image)  # on a cluster labelled by image; empty on a local Ray
+    if selector:
+        model["ray_actor_options"]["label_selector"] = selector
+        ingress_actor["label_selector"] = selector
     ingress = {"num_replicas": cfg.ingress_replicas, "ray_actor_options": ingress_actor,
                "max_ongoing_requests": 2 * cfg.max_pending_requests, "max_queued_requests": cfg.max_queued_requests}
     return model, ingress
@@ -375,12 +380,22 @@ def build_app(checkpoint: str | Path, cfg: ServeConfig, model_id: str, instance:
     return ChatIngress.options(**ingress_options).bind(model, str(checkpoint), cfg, model_id, instance)
 
 
-def app_builder(args: dict[str, str]) -> Application:
+def app_builder(args: dict[str, Any]) -> Application:
     """For `serve run components.serve.app:app_builder checkpoint=<folder> [profile=tiny] [model_id=seedvl]`
-    (`checkpoint` may also be `models:/<name>/<version>`; config comes from the profile's `serve`)."""
+    (`checkpoint` may also be `models:/<name>/<version>`; config comes from the profile's `serve`). In a
+    Serve config file (cluster/rayservice.yaml), `args.set` is a list of `key.path=value` overrides, as
+    `--set` on the command line."""
+    from components.common.config import ConfigError
     from components.schema import load_config
     from components.serve.registry import resolve_model
 
-    config, _ = load_config(args.get("profile", "tiny"))
+    unknown = sorted(set(args) - {"checkpoint", "profile", "model_id", "set"})
+    if unknown or "checkpoint" not in args:
+        raise ConfigError(f"app_builder args {sorted(args)}: give checkpoint (a folder or "
+                          "models:/<name>/<version|@alias>) and optionally profile, model_id and set (a list of "
+                          f"key.path=value); unknown: {unknown}")
+    overrides = args.get("set") or []
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    config, _ = load_config(args.get("profile", "tiny"), overrides=overrides)
     resolved = resolve_model(args["checkpoint"], config.tracking_uri, config.root / "serving" / "registry")
     return build_app(resolved.folder, config.serve, args.get("model_id", config.serve.model_name))

@@ -48,10 +48,14 @@ class ReplicaResources:
     num_cpus: float = 4.0
     num_gpus: float = 1.0
     torch_threads: int = 0  # 0: torch's default
+    image: str = ""  # the infra/ image replicas run in on a cluster (openseedvl-serve); ignored locally
 
     def __post_init__(self) -> None:
+        from components.common.placement import check_image_name
+
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError(f"num_cpus and num_gpus must be >= 0, got {self.num_cpus}, {self.num_gpus}")
+        check_image_name(self.image)
 
 
 @dataclasses.dataclass

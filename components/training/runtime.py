@@ -63,7 +63,8 @@ def launch(name: str, train_loop: Callable[[dict[str, Any]], None], loop_config:
         train_loop_config={"threads": max(1, int(job.resources.num_cpus)), **loop_config},
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
-                                     resources_per_worker={"CPU": job.resources.num_cpus}),
+                                     resources_per_worker={"CPU": job.resources.num_cpus},
+                                     label_selector=job.resources.label_selector() or None),  # image, on a cluster
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=job.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))

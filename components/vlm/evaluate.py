@@ -213,7 +213,8 @@ def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, see
     rows, counter = held_out_rows(shards_dir, job)
     answers = answer_items(checkpoint, rows, job.eval, job.system_prompt)
     metrics, examples = score_answers(answers)
-    gap_task = ray.remote(image_use_gap).options(num_cpus=job.eval.resources.num_cpus, num_gpus=job.eval.num_gpus)
+    gap_task = ray.remote(image_use_gap).options(num_cpus=job.eval.resources.num_cpus, num_gpus=job.eval.num_gpus,
+                                                   **job.eval.resources.placement_kwargs())
     metrics |= ray.get(gap_task.remote(checkpoint, shards_dir, job, seed))
     metrics["held_out_samples"] = float(counter.get("kept", 0))
     if examples_path is not None:

@@ -1,0 +1,139 @@
+"""A real two-node Ray run: a head and a second node started as separate `ray start` processes on this
+machine (1 CPU each, their own ports), the pipeline submitted with `ray job submit` through the first
+data steps with `run.root` on a folder both nodes see; the data tasks ran on both nodes, and every step
+has the cache key and the output rows of a single-node run of the same config. Everything is stopped by
+process group; nothing else on the machine is touched (no `ray stop`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from test_pipeline_e2e import free_port, last_summary, wait_for_dashboard
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+UNTIL = "basic_filters"
+CONFIG = ["--until", UNTIL, "--set", "data.synthetic_crawl.num_samples=60", "--set", "data.synthetic_crawl.num_shards=4"]
+
+
+def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def node_ports() -> list[str]:
+    """Every port a Ray node binds by default on its own, so a second node on this host collides with none."""
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
+def table_rows(folder: Path) -> list[str]:
+    """The rows of every parquet file under `folder`, as sorted JSON lines: the content, whatever the blocks."""
+    rows = []
+    for path in sorted(folder.rglob("*.parquet")):
+        for row in pq.read_table(path).to_pylist():
+            rows.append(json.dumps({k: (hashlib.sha256(v).hexdigest() if isinstance(v, bytes) else v)
+                                    for k, v in row.items()}, sort_keys=True, default=str))
+    return sorted(rows)
+
+
+def test_two_node_run_matches_a_single_node_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = Path(sys.executable).parent
+    local_env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+                              "HF_HUB_OFFLINE": "1"}
+    for name in ("RAY_ADDRESS", "SEEDVL_RUN_ROOT", "SEEDVL_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        local_env.pop(name, None)
+    env = local_env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # both nodes and the client
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        monkeypatch.setenv(name, env[name])  # this process queries the state API
+    shared = Path(tempfile.mkdtemp(prefix="seedvl-2n-", dir="/tmp"))  # both nodes see it (one host)
+    try:
+        run_and_compare(shared, tmp_path, env, local_env)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], local_env: dict[str, str]) -> None:
+    from ray.util.state import list_nodes, list_tasks
+
+    bin_dir = Path(sys.executable).parent
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    gcs_port, dashboard_port = free_port(), free_port()
+    head = start([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1",
+                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                  f"--ray-client-server-port={free_port()}", f"--temp-dir={ray_temp}", *node_ports()],
+                 env, tmp_path / "head.log")
+    worker = None
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        wait_for_dashboard(address, head)
+        import ray._private.services as services
+
+        host = services.get_node_ip_address()  # Ray registers nodes under this address, not 127.0.0.1
+        worker = start([str(bin_dir / "ray"), "start", "--block", f"--address={host}:{gcs_port}", "--num-cpus=1",
+                        f"--temp-dir={ray_temp}", *node_ports()], env, tmp_path / "worker.log")
+        deadline, error = time.monotonic() + 120, None
+        while True:
+            try:
+                alive = [n for n in list_nodes(address=address, raise_on_missing_output=False) if n.state == "ALIVE"]
+            except Exception as caught:  # noqa: BLE001 - the state API answers once the head is fully up
+                alive, error = [], caught
+            if len(alive) == 2:
+                break
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the second node did not join: {alive} {error!r}"
+            time.sleep(2)
+
+        cluster_root = shared / "cluster"
+        submitted = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             "python", "pipelines/full.py", *CONFIG, "--set", f"run.root={cluster_root}"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+
+        tasks = list_tasks(address=address, filters=[("state", "=", "FINISHED")], detail=True, limit=10000,
+                           raise_on_missing_output=False)
+        data_nodes = {t.node_id for t in tasks if t.func_or_class_name == "_map_task"}  # Ray Data's map tasks
+        seen = sorted({(t.func_or_class_name, t.node_id[:8] if t.node_id else None) for t in tasks})
+        assert len(data_nodes) == 2, f"the data tasks ran on {len(data_nodes)} node(s): {seen}"
+    finally:
+        for process in (worker, head):
+            if process is not None:
+                stop(process)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+    local_root = shared / "local"
+    single = subprocess.run([sys.executable, "pipelines/full.py", *CONFIG, "--set", f"run.root={local_root}",
+                             "--set", "ray.num_cpus=2"],
+                            cwd=REPO, env=local_env | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=900)
+    assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
+    on_cluster, alone = last_summary(cluster_root), last_summary(local_root)
+    assert list(on_cluster) == list(alone) == ["synthetic_crawl", "ingest", UNTIL]
+    for name in on_cluster:
+        assert on_cluster[name]["cache_key"] == alone[name]["cache_key"], name
+        assert table_rows(Path(on_cluster[name]["output_dir"])) == table_rows(Path(alone[name]["output_dir"])), name
+    assert table_rows(Path(on_cluster[UNTIL]["output_dir"]))  # not two empty outputs
