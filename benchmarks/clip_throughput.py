@@ -42,7 +42,7 @@ from results_file import record
 import numpy as np
 import pyarrow as pa
 
-from components.data.clip_model import ClipBundle, decode_rgb, load_clip, pair_scores
+from components.common.clip_model import ClipBundle, decode_rgb, load_clip, pair_scores
 from components.data.config import ClipFilterConfig, SyntheticCrawlConfig
 from components.data.synthetic_crawl import clean_size, encode, random_scene, render
 

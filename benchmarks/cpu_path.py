@@ -69,12 +69,12 @@ from components.data.basic_filters import apply_basic_filters, drop_reason
 from components.data.config import BasicFiltersConfig, DedupConfig, IngestConfig, NoiseRates, ShardsConfig, \
     SyntheticCrawlConfig
 from components.data.dedup import add_hashes, label_metrics, mark_duplicates, plan_drops, thumbnail
-from components.data.dedup_core import content_hash, phash64
+from components.data.lib.dedup_core import content_hash, phash64
 from components.data.ingest import inspect_image, read_files
-from components.data.shard_writer import to_shard_rows, write_fragments, write_shard, write_tar
-from components.data.sources import ReadTask
+from components.data.write_shards import to_shard_rows, write_fragments, write_shard, write_tar
+from components.data.lib.sources import ReadTask
 from components.data.synthetic_crawl import CrawlSample, corrupt, generate_shard, write_img2dataset_shard
-from components.data.table import KEPT_SCHEMA
+from components.data.lib.table import KEPT_SCHEMA
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "cpu_path.json"

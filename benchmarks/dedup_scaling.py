@@ -19,7 +19,7 @@ from results_file import record
 
 import numpy as np
 
-from components.data.dedup_core import LSHStats, find_duplicate_groups
+from components.data.lib.dedup_core import LSHStats, find_duplicate_groups
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "dedup_scaling.json"

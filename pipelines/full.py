@@ -34,7 +34,7 @@ from components.data.grounding_samples import grounding_samples  # noqa: E402
 from components.data.ingest import ingest  # noqa: E402
 from components.data.ocr_samples import ocr_samples  # noqa: E402
 from components.data.rebalance import rebalance  # noqa: E402
-from components.data.shard_writer import write_shards  # noqa: E402
+from components.data.write_shards import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
 from components.data.video_samples import video_samples  # noqa: E402
 from components.serve.deploy import keep_endpoint_up, serve_step  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.data.table import SAMPLE_SCHEMA, data_dir, write_stats
+from components.data.lib.table import SAMPLE_SCHEMA, data_dir, write_stats
 
 
 def caption_table(folder: Path, captions: list[str]) -> Path:

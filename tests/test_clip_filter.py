@@ -49,7 +49,7 @@ def test_mark_low_scores_and_label_metrics() -> None:
 
 
 def test_open_clip_loads_our_config_and_refuses_missing_weights(tmp_path: Path) -> None:
-    from components.data.clip_model import load_clip, pair_scores
+    from components.common.clip_model import load_clip, pair_scores
     from components.data.synthetic_crawl import random_scene, render
 
     bundle = load_clip("seedvl-tiny-clip")

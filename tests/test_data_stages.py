@@ -20,9 +20,9 @@ from components.data.basic_filters import basic_filters, drop_reason
 from components.data.config import (BasicFiltersConfig, IngestConfig, NoiseRates, ShardsConfig, SourceConfig,
                                     SyntheticCrawlConfig)
 from components.data.ingest import ingest
-from components.data.shard_writer import list_shards, write_shards
+from components.data.write_shards import list_shards, write_shards
 from components.data.synthetic_crawl import generate_shard, synthetic_crawl
-from components.data.table import read_stats
+from components.data.lib.table import read_stats
 
 CRAWL = SyntheticCrawlConfig(num_samples=240, num_shards=3, max_side=320, noise=NoiseRates(
     mismatched_caption=0.1, exact_duplicate=0.06, near_duplicate=0.1, tiny_image=0.05, extreme_aspect=0.05,

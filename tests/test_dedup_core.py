@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from components.data.dedup_core import (
+from components.data.lib.dedup_core import (
     HammingIndex,
     LSHStats,
     band_layout,

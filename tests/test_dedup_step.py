@@ -71,7 +71,7 @@ def _sample_table(folder, named_images: list[tuple[str, Image.Image]]):
 
     import pyarrow.parquet as pq
 
-    from components.data.table import SAMPLE_SCHEMA, data_dir, write_stats
+    from components.data.lib.table import SAMPLE_SCHEMA, data_dir, write_stats
 
     rows = [{"key": key, "image": _jpeg(image), "image_ext": "jpg", "caption": f"scene {key}", "width": image.width,
              "height": image.height, "source": "t", "meta": "{}", "drop_reason": None} for key, image in named_images]
@@ -87,8 +87,8 @@ def test_dedup_against_earlier_shards(tmp_path, local_ray) -> None:
     from components.common.executor import run_into
     from components.data.config import DedupConfig, ShardsConfig
     from components.data.dedup import against_fingerprint, dedup
-    from components.data.shard_writer import write_shards
-    from components.data.table import read_columns, data_dir
+    from components.data.write_shards import write_shards
+    from components.data.lib.table import read_columns, data_dir
 
     first = _sample_table(tmp_path / "first", [("old-a", _scene(1)), ("old-b", _scene(2))])
     run_into(dedup, DedupConfig(), {"samples": first}, tmp_path / "dedup1", seed=0)

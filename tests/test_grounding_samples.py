@@ -16,7 +16,7 @@ from components.common.executor import run_into
 from components.data.config import GroundingConfig
 from components.data.grounding_samples import grounding_samples
 from components.data.synthetic_crawl import COLOURS
-from components.data.table import data_dir, read_stats
+from components.data.lib.table import data_dir, read_stats
 
 
 def test_step_rows_answer_from_the_pixels(tmp_path: Path, local_ray: None) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from components.common.coords import normalise_box, point_to_pixels
-from components.data.grounding_synthesis import (
+from components.data.synthesis.grounding import (
     LAYOUTS,
     MIN_IMAGE_SIDE,
     SAME_COLOUR_GAP,

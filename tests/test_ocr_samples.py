@@ -13,7 +13,7 @@ from components.common.executor import run_into
 from components.common.resources import Resources
 from components.data.config import OcrConfig
 from components.data.ocr_samples import TRANSCRIBE, ocr_fingerprint, ocr_samples
-from components.data.table import data_dir, read_stats
+from components.data.lib.table import data_dir, read_stats
 
 
 def test_step_rows_carry_exact_text_and_qa(tmp_path: Path, local_ray: None) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data import ocr_synthesis
-from components.data.ocr_synthesis import (
+from components.data.synthesis import ocr as ocr_synthesis
+from components.data.synthesis.ocr import (
     MIN_HEIGHT,
     MIN_LUMA_CONTRAST,
     MIN_WIDTH,

@@ -115,7 +115,7 @@ def assert_shards_complete(folder: Path, stats: dict) -> None:
     """After a kill and rerun: exactly the shards the stats list, each sample once, none missing."""
     import tarfile
 
-    from components.data.shard_writer import list_shards
+    from components.data.write_shards import list_shards
 
     shards = list_shards(folder)
     assert sorted(str(p.relative_to(folder)) for p in shards) == sorted(stats["per_shard"])

@@ -14,7 +14,7 @@ from components.common.executor import run_into
 from components.data.config import RebalanceConfig, ShardsConfig
 from components.data.rebalance import (NO_CONCEPT, caption_concepts, concept_patterns, frequent_words,
                                        meta_concepts, plan_rebalance, rebalance)
-from components.data.shard_writer import list_shards, write_shards
+from components.data.write_shards import list_shards, write_shards
 
 
 def test_vocabulary_matches_whole_words_and_plurals() -> None:

@@ -132,7 +132,7 @@ def test_plain_and_streamed_answers_agree_with_an_image(client: Any) -> None:
 
 
 def test_video_as_timestamped_frames_and_as_a_file(client: Any) -> None:
-    from components.data.avi_writer import encode_mjpeg_avi
+    from components.data.synthesis.avi_writer import encode_mjpeg_avi
 
     frames = [picture((40 * i, 100, 200 - 40 * i)) for i in range(4)]
     parts: list[dict[str, Any]] = []

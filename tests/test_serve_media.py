@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from components.data.avi_writer import encode_mjpeg_avi
-from components.data.video import sample_video, uniform_indices
+from components.data.synthesis.avi_writer import encode_mjpeg_avi
+from components.common.video import sample_video, uniform_indices
 from components.serve.config import MediaConfig
 from components.serve.media import MediaError, decode_image_url, decode_video_url, to_rgb
 

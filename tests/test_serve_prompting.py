@@ -59,7 +59,7 @@ def text_part(text: str) -> dict[str, Any]:
 
 
 def video_data_url(num_frames: int = 12, fps: float = 2.0) -> str:
-    from components.data.avi_writer import encode_mjpeg_avi
+    from components.data.synthesis.avi_writer import encode_mjpeg_avi
 
     clip = encode_mjpeg_avi([picture((10 * i, 80, 120)) for i in range(num_frames)], fps=fps)
     return "data:video/x-msvideo;base64," + base64.b64encode(clip).decode()

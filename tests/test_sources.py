@@ -15,7 +15,7 @@ from PIL import Image
 from components.data.config import SourceConfig
 from components.data.ingest import validate
 from components.common.webdataset_tar import split_member_name
-from components.data.sources import plan_reads, read_task
+from components.data.lib.sources import plan_reads, read_task
 
 MAX_PIXELS = 178_956_970
 

@@ -14,8 +14,8 @@ from sample_tables import caption_table
 
 from components.common.executor import run_into
 from components.data.config import ShardsConfig, VideoConfig, VideoSourceConfig
-from components.data.shard_writer import list_shards, write_shards
-from components.data.table import data_dir, read_columns, read_stats
+from components.data.write_shards import list_shards, write_shards
+from components.data.lib.table import data_dir, read_columns, read_stats
 from components.data.video_samples import video_samples
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.data.video import (
+from components.common.video import (
     SamplingPlan,
     VideoDecodeError,
     frame_size_for_budget,

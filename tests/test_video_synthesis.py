@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data.avi_writer import encode_mjpeg_avi, frame_rate_fraction, write_mjpeg_avi
+from components.data.synthesis.avi_writer import encode_mjpeg_avi, frame_rate_fraction, write_mjpeg_avi
 from components.data.synthetic_crawl import BACKGROUNDS, COLOURS
-from components.data.video import PATCH, plan_sampling, probe_video, sample_video
-from components.data.video_synthesis import (
+from components.common.video import PATCH, plan_sampling, probe_video, sample_video
+from components.data.synthesis.video import (
     EVENT_KINDS,
     SyntheticClip,
     format_seconds,

@@ -62,7 +62,7 @@ def random_scorer(folder: Path) -> Path:
     """A randomly initialised tiny open_clip model saved as the scorer step saves it (teacher and text tower)."""
     from safetensors.torch import save_file
 
-    from components.data.clip_model import load_clip
+    from components.common.clip_model import load_clip
 
     folder.mkdir(parents=True)
     torch.manual_seed(0)

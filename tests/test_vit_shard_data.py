@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from components.data.shard_writer import sample_json, write_tar
+from components.data.write_shards import sample_json, write_tar
 from components.training.shards import (MAX_EMPTY_EPOCHS, DropCounter, RawSample, ShardStream, is_held_out,
                                         read_shard)
 from components.vit.shard_data import MAX_CONSECUTIVE_DROPS, decode, decoded, held_out_pairs

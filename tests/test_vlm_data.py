@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data.shard_writer import sample_json, write_tar
+from components.data.write_shards import sample_json, write_tar
 from components.vit.config import SeedViTConfig
 from components.vit.preprocess import image_to_patches
 from components.training.shards import DropCounter, RawSample, ShardStream, is_held_out, read_shard, task_shards

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import BasicFiltersConfig
-from components.data.table import data_dir, drop_metrics, plot_counts, read_kept, write_stats
+from components.data.lib.table import data_dir, drop_metrics, plot_counts, read_kept, write_stats
 
 
 def drop_reason(width: int, height: int, caption: str | None, cfg: BasicFiltersConfig) -> str | None:

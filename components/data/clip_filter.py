@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import ClipFilterConfig
-from components.data.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
+from components.data.lib.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
 DROP_REASON = "clip_score_low"
 MISMATCH_LABEL = "mismatched_caption"
@@ -30,13 +30,13 @@ class ClipScoreBatch:
     def __init__(self, architecture: str, weights: str, threads: int) -> None:
         import torch
 
-        from components.data.clip_model import load_clip
+        from components.common.clip_model import load_clip
 
         torch.set_num_threads(max(1, threads))
         self.bundle = load_clip(architecture, weights)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from components.data.clip_model import decode_rgb, pair_scores
+        from components.common.clip_model import decode_rgb, pair_scores
 
         images = [decode_rgb(data) for data in batch.column("image").to_pylist()]
         captions = batch.column("caption").to_pylist()

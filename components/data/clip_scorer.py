@@ -60,7 +60,7 @@ def train_scorer(cfg: ClipScorerConfig, out_dir: str, seed: int) -> dict[str, fl
     import torch
     from safetensors.torch import save_file
 
-    from components.data.clip_model import load_clip, pair_scores
+    from components.common.clip_model import load_clip, pair_scores
 
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))

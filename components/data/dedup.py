@@ -32,9 +32,9 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component, file_stats
 from components.data.config import DedupConfig
-from components.data.dedup_core import (LSHStats, choose_representatives, connected_roots,
+from components.data.lib.dedup_core import (LSHStats, choose_representatives, connected_roots,
                                         content_hash, distinct, near_pairs, phash64)
-from components.data.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
+from components.data.lib.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
 DUPLICATE_LABELS = ("exact_duplicate", "near_duplicate")
 THUMB_SIDE = 8

@@ -17,10 +17,10 @@ import pyarrow as pa
 from components.common.contract import StageContext, StageResult, component
 from components.common.coords import format_box, format_point
 from components.data.config import GroundingConfig
-from components.data.grounding_synthesis import GroundingSample, render_grounding_sample
-from components.data.table import drop_metrics, plot_counts
+from components.data.synthesis.grounding import GroundingSample, render_grounding_sample
+from components.data.lib.table import drop_metrics, plot_counts
 from components.data.synthetic_crawl import native_size
-from components.data.tasks import encode_image, rows_to_task_table, sample_rng, synthesize, task_row
+from components.data.lib.tasks import encode_image, rows_to_task_table, sample_rng, synthesize, task_row
 
 STAGE = "grounding_samples"
 

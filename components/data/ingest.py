@@ -20,8 +20,8 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import IngestConfig, SourceConfig
-from components.data.sources import RawRecord, ReadTask, fingerprint, plan_reads, read_task
-from components.data.table import data_dir, drop_metrics, plot_counts, rows_to_table, write_stats
+from components.data.lib.sources import RawRecord, ReadTask, fingerprint, plan_reads, read_task
+from components.data.lib.table import data_dir, drop_metrics, plot_counts, rows_to_table, write_stats
 
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 RECORDS_PER_BLOCK = 256

@@ -17,10 +17,10 @@ import pyarrow as pa
 from components.common.contract import StageContext, StageResult, component
 from components.common.coords import normalise_box
 from components.data.config import OcrConfig
-from components.data.ocr_synthesis import available_fonts, render_ocr_sample
-from components.data.table import drop_metrics, plot_counts
+from components.data.synthesis.ocr import available_fonts, render_ocr_sample
+from components.data.lib.table import drop_metrics, plot_counts
 from components.data.synthetic_crawl import native_size
-from components.data.tasks import encode_image, rows_to_task_table, sample_rng, synthesize, task_row
+from components.data.lib.tasks import encode_image, rows_to_task_table, sample_rng, synthesize, task_row
 
 STAGE = "ocr_samples"
 TRANSCRIBE = "Read all the text in the image."

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from components.common.cache import write_json_atomic
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import RebalanceConfig
-from components.data.table import data_dir, drop_metrics, read_columns, read_kept, write_stats
+from components.data.lib.table import data_dir, drop_metrics, read_columns, read_kept, write_stats
 
 NO_CONCEPT = "(none)"
 STOPWORDS = frozenset(

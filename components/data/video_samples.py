@@ -23,12 +23,12 @@ import pyarrow as pa
 from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component, file_stats
-from components.data.avi_writer import write_bytes_atomic
+from components.data.synthesis.avi_writer import write_bytes_atomic
 from components.data.config import VideoConfig, VideoSourceConfig
-from components.data.table import data_dir, drop_metrics, plot_counts, write_stats
-from components.data.tasks import encode_image, rows_to_task_table, task_row
-from components.data.video import SampledVideo, VideoDecodeError, sample_video, timestamp_prefix
-from components.data.video_synthesis import SyntheticClip, render_clip
+from components.data.lib.table import data_dir, drop_metrics, plot_counts, write_stats
+from components.data.lib.tasks import encode_image, rows_to_task_table, task_row
+from components.common.video import SampledVideo, VideoDecodeError, sample_video, timestamp_prefix
+from components.data.synthesis.video import SyntheticClip, render_clip
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 DESCRIBE = "Describe what happens in the video, with times."

@@ -12,7 +12,7 @@ Safety rules, in the order they apply:
   refused whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says: the bytes are read through a buffer that
   raises on any read past their end, and PNGs are CRC-checked to their IEND chunk first.
 - Videos: written to a temporary file (always deleted) and sampled with the data pipeline's dynamic
-  frame-resolution rule (`components.data.video.plan_sampling`); a plan of more than `max_video_frames`
+  frame-resolution rule (`components.common.video.plan_sampling`); a plan of more than `max_video_frames`
   frames is cut to that many before decoding, the centre frame of each of that many equal slices (the same
   rule the sampler uses).
 """
@@ -34,7 +34,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from components.data.video import (
+from components.common.video import (
     SamplingPlan,
     VideoDecodeError,
     frame_size_for_budget,

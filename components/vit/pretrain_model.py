@@ -39,7 +39,7 @@ class Teacher:
 
     def __init__(self, config: TeacherConfig, scorer_dir: str | None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
-        from components.data.clip_model import load_clip
+        from components.common.clip_model import load_clip
 
         bundle = load_clip(config.architecture, resolve_weights(config.weights, scorer_dir))
         self.visual, self.preprocess = bundle.model.visual, bundle.preprocess
@@ -78,7 +78,7 @@ class TextTower(nn.Module):
 
     def __init__(self, config: TextTowerConfig, scorer_dir: str | None) -> None:
         super().__init__()
-        from components.data.clip_model import load_clip
+        from components.common.clip_model import load_clip
 
         bundle = load_clip(config.architecture, resolve_weights(config.weights, scorer_dir))
         clip = bundle.model

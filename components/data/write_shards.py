@@ -33,8 +33,8 @@ import pyarrow as pa
 from components.common.cache import write_json_atomic
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import ShardsConfig
-from components.data.table import KEPT_SCHEMA, check_counts_add_up, data_dir, read_columns, read_kept, read_stats
-from components.data.tasks import TASK_SCHEMA, TASK_TYPES
+from components.data.lib.table import KEPT_SCHEMA, check_counts_add_up, data_dir, read_columns, read_kept, read_stats
+from components.data.lib.tasks import TASK_SCHEMA, TASK_TYPES
 
 SCHEMA_VERSION = 2
 TASK_INPUTS = ("ocr", "grounding", "video")  # optional inputs: task tables (tasks.py) of the synthesis steps

@@ -94,7 +94,7 @@ def synthesize(ctx: Any, stage: str, num_samples: int, render_rows: Callable[...
     index), so the output does not depend on how Ray splits the work."""
     import ray.data
 
-    from components.data.table import data_dir, write_stats
+    from components.data.lib.table import data_dir, write_stats
 
     table = ctx.outputs["samples"]
     blocks = max(1, -(-num_samples // resources.batch_size))  # one block per batch: rendering is the work

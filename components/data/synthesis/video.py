@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.data.avi_writer import jpeg_bytes, mjpeg_avi_from_jpegs
+from components.data.synthesis.avi_writer import jpeg_bytes, mjpeg_avi_from_jpegs
 from components.data.synthetic_crawl import BACKGROUNDS, COLOURS, SHAPES, DrawnObject, Scene, render
 
 EVENT_KINDS = ("appears", "disappears", "changes_colour", "moves")
