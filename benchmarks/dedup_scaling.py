@@ -2,11 +2,15 @@
 
     .venv/bin/python benchmarks/dedup_scaling.py [--sizes 10000,100000,1000000] [--threshold 8]
                                                  [--bands N] [--max-bucket 1000] [--seed 0]
+                                                 [--faiss-max 100000]
 
 Each size gets n uniformly random hashes of which 5% are near copies of others (1..threshold random
 bits flipped). Timed: `find_duplicate_groups` end to end (collapsing identical hashes, the LSH
 tables, verification, union-find, grouping). The per-hash cost relative to the first row says how
-close to linear it is. Prints a table and records it in benchmarks/results/dedup_scaling.json.
+close to linear it is. When faiss-cpu is importable, its exact multi-index hashing
+(`IndexBinaryMultiHash`: 3 substrings of 21 bits probed with up to 2 bit flips, so every pair
+within 8 is found) self-joins the same hashes up to --faiss-max, on one thread like ours, as the
+library alternative (issue 19). Prints a table and records it in benchmarks/results/dedup_scaling.json.
 """
 
 from __future__ import annotations
@@ -61,6 +65,26 @@ def run_size(n: int, threshold: int, bands: int | None, max_bucket: int, seed: i
             "groups": len(groups), "planted_recall": round(planted_recall(groups, n, sources, copies), 4)}
 
 
+def faiss_pairs(hashes: np.ndarray, threshold: int) -> tuple[float, int] | None:
+    """(seconds, distinct pairs within threshold) by faiss's binary multi-index hashing; None
+    without faiss. 3 tables of 21 bits probed with up to floor(threshold / 3) flips cover every
+    pair: a pair within the threshold differs in at most that many bits in one of the 3 substrings."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    faiss.omp_set_num_threads(1)
+    codes = hashes.astype("<u8").view(np.uint8).reshape(-1, 8)  # (n, 8) bytes, 64-bit codes
+    started = time.perf_counter()
+    index = faiss.IndexBinaryMultiHash(64, 3, 21)
+    index.nflip = threshold // 3
+    index.add(codes)
+    limits, _, found = index.range_search(codes, threshold + 1)  # distances < radius
+    seconds = time.perf_counter() - started
+    rows = np.repeat(np.arange(hashes.size), np.diff(limits.astype(np.int64)))
+    return seconds, int(np.count_nonzero(rows < found))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated numbers of hashes")
@@ -68,6 +92,7 @@ def main() -> None:
     parser.add_argument("--bands", type=int, default=None, help="force a layout; default: choose_bands per size")
     parser.add_argument("--max-bucket", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faiss-max", type=int, default=100_000, help="largest size faiss is run on (0: never)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     run_size(1000, args.threshold, args.bands, args.max_bucket, args.seed)  # warm-up, not recorded
@@ -76,12 +101,22 @@ def main() -> None:
         rows.append(run_size(n, args.threshold, args.bands, args.max_bucket, args.seed))
         first = rows[0]["us_per_hash"]
         rows[-1]["ratio_vs_first"] = round(rows[-1]["us_per_hash"] / first, 2) if first else None
+        if len(rows) > 1:
+            rows[-1]["seconds_vs_previous"] = round(rows[-1]["seconds"] / max(rows[-2]["seconds"], 1e-9), 1)
+        measured = faiss_pairs(planted_hashes(n, args.threshold, args.seed)[0], args.threshold) \
+            if n <= args.faiss_max else None
+        if measured is not None:
+            rows[-1]["faiss_mih_seconds"] = round(measured[0], 3)
+            rows[-1]["faiss_mih_pairs"] = measured[1]
     print(f"\nthreshold {args.threshold}, {PLANTED_FRACTION:.0%} planted near copies, max_bucket {args.max_bucket}")
     print(f"{'n':>9} {'seconds':>8} {'us/hash':>8} {'ratio':>6} {'bands':>5} {'tables':>6} {'candidates':>12} "
-          f"{'groups':>7} {'recall':>7}")
+          f"{'groups':>7} {'recall':>7} {'x prev':>6} {'faiss s':>8} {'pairs ours/faiss':>17}")
     for r in rows:
+        faiss_s = f"{r['faiss_mih_seconds']:>8.2f}" if "faiss_mih_seconds" in r else f"{'-':>8}"
+        pairs = f"{r['verified_pairs']}/{r.get('faiss_mih_pairs', '-')}"
         print(f"{r['n']:>9} {r['seconds']:>8.2f} {r['us_per_hash']:>8.2f} {r['ratio_vs_first']:>6.2f} {r['bands']:>5} "
-              f"{r['tables']:>6} {r['candidate_pairs']:>12,} {r['groups']:>7} {r['planted_recall']:>7.4f}")
+              f"{r['tables']:>6} {r['candidate_pairs']:>12,} {r['groups']:>7} {r['planted_recall']:>7.4f} "
+              f"{r.get('seconds_vs_previous', '-'):>6} {faiss_s} {pairs:>17}")
     record(RESULTS, {"threshold": args.threshold, "bands": args.bands, "max_bucket": args.max_bucket,
                      "seed": args.seed, "planted_fraction": PLANTED_FRACTION, "numpy": np.__version__}, rows)
 
