@@ -10,6 +10,8 @@ can use it (`mode: calibrated`). Output: `scorer/model.safetensors`, `scorer/sco
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import random
 import time
@@ -19,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from components.common.contract import StageContext, StageResult, component
-from components.data.config import ClipScorerConfig, SyntheticCrawlConfig
-from components.data.synthetic_crawl import clean_size, random_scene, render
+from components.data.config import ClipScorerConfig, NoiseRates, SyntheticCrawlConfig
+from components.data.synthetic_crawl import clean_size, generate_shard, random_scene, render
 
 
 def render_pairs(count: int, seed: int, max_side: int) -> tuple[list[Any], list[str]]:
@@ -34,6 +36,34 @@ def render_pairs(count: int, seed: int, max_side: int) -> tuple[list[Any], list[
         images.append(render(scene))
         captions.append(scene.caption())
     return images, captions
+
+
+def calibration_pairs(crawl: SyntheticCrawlConfig, count: int, seed: int) -> tuple[list[Any], list[str], list[str]]:
+    """`count` held-out crawl-like images with their true captions and mismatched ones.
+
+    The images are the rows of a fresh crawl (its generator and settings, another seed) that reach
+    the CLIP filter with a true caption: clean samples and near/exact duplicates, in the crawl's
+    proportion among such rows. Each mismatched caption is another random scene's, of the same size,
+    as the crawl makes its `mismatched_caption` noise.
+    """
+    from PIL import Image
+
+    rates = dataclasses.asdict(crawl.noise)
+    kept = ("exact_duplicate", "near_duplicate")
+    share = 1.0 - sum(v for k, v in rates.items() if k not in kept)  # rows with a true caption
+    look = dataclasses.replace(crawl, noise=NoiseRates(**{k: (v / share if k in kept else 0.0) for k, v in rates.items()}))
+    rng = random.Random(f"calibration-{seed}")
+    images, true_captions, false_captions = [], [], []
+    for sample in generate_shard(look, shard=0, count=count, seed=seed):
+        image = Image.open(io.BytesIO(sample.image)).convert("RGB")
+        caption = sample.caption.decode()
+        other = random_scene(rng, image.width, image.height)
+        while other.caption() == caption:
+            other = random_scene(rng, image.width, image.height)
+        images.append(image)
+        true_captions.append(caption)
+        false_captions.append(other.caption())
+    return images, true_captions, false_captions
 
 
 def best_threshold(true_scores: np.ndarray, false_scores: np.ndarray, false_rate: float = 0.5) -> dict[str, float]:
@@ -60,7 +90,7 @@ def train_scorer(cfg: ClipScorerConfig, out_dir: str, seed: int) -> dict[str, fl
     import torch
     from safetensors.torch import save_file
 
-    from components.data.clip_model import load_clip, pair_scores
+    from components.data.clip_model import load_clip, scores_against
 
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, int(cfg.resources.num_cpus)))
@@ -88,11 +118,9 @@ def train_scorer(cfg: ClipScorerConfig, out_dir: str, seed: int) -> dict[str, fl
         step += 1
     train_seconds = time.perf_counter() - started
     model.eval()
-    eval_images, eval_captions = render_pairs(cfg.eval_samples, seed=seed * 1000 + 2, max_side=cfg.render_max_side)
-    shuffled = eval_captions[1:] + eval_captions[:1]
-    keep = [i for i in range(len(eval_captions)) if shuffled[i] != eval_captions[i]]
-    true_scores = pair_scores(bundle, [eval_images[i] for i in keep], [eval_captions[i] for i in keep])
-    false_scores = pair_scores(bundle, [eval_images[i] for i in keep], [shuffled[i] for i in keep])
+    eval_images, true_captions, false_captions = calibration_pairs(cfg.calibration_crawl, cfg.eval_samples,
+                                                                   seed=seed * 1000 + 2)
+    true_scores, false_scores = scores_against(bundle, eval_images, [true_captions, false_captions])
     calibration = best_threshold(true_scores, false_scores, cfg.expected_mismatch_rate)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
