@@ -17,8 +17,11 @@ used before its radix sort (same groups, asserted). Prints a table and records i
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's `components`, not an installed one
 
 from results_file import record
 
