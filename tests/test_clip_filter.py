@@ -46,6 +46,10 @@ def test_mark_low_scores_and_label_metrics() -> None:
     meta = [json.dumps({"synthetic": {"noise": n}}) for n in ("mismatched_caption", None, None)] + ["{}"]
     metrics = label_metrics(meta, np.array([True, False, True, False]))
     assert metrics == {"labelled_rows": 3.0, "mismatch_precision": 0.5, "mismatch_recall": 1.0}
+    hindsight = label_metrics(meta, np.array([True, False, True, False]), np.array([0.1, 0.5, 0.05, 0.9]))
+    assert hindsight["hindsight_precision"] == pytest.approx(0.5) and hindsight["hindsight_recall"] == 1.0  # no cut separates
+    separable = label_metrics(meta, np.array([True, False, True, False]), np.array([0.1, 0.5, 0.3, 0.9]))
+    assert separable["hindsight_threshold"] > 0.1 and separable["hindsight_precision"] == 1.0
 
 
 def test_open_clip_loads_our_config_and_refuses_missing_weights(tmp_path: Path) -> None:
