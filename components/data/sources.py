@@ -92,9 +92,9 @@ def is_glob(path: str) -> bool:
 def source_roots(source: SourceConfig) -> list[Path]:
     """The files or folders a source's path names: itself, or a glob's matches (`**` recurses)."""
     pattern = str(Path(source.path).expanduser())
-    if is_glob(pattern):
-        return [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
-    return [Path(pattern)] if Path(pattern).exists() else []
+    if Path(pattern).exists():  # a real name with [ or * in it is taken as it is
+        return [Path(pattern)]
+    return [Path(p) for p in sorted(glob.glob(pattern, recursive=True))] if is_glob(pattern) else []
 
 
 def _files_under(roots: list[Path]) -> list[Path]:
