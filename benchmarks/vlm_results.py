@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/vlm_results.py [--profile tiny] [--root DIR] [--set key=value ...] [--no-readme]
 
-Runs the pipeline through vlm_stage2 twice in a subprocess against one run root (default: `runs`, so
+Runs the pipeline through vlm_eval_stage2 twice in a subprocess against one run root (default: `runs`, so
 steps already cached there are reused): as configured, and with the `skip_stage0` experiment. Reads
 each VLM step's metrics from the run summary, prints two Markdown tables (evaluation per checkpoint;
-training per stage), records them in benchmarks/results/vlm_results_<profile>.json and rewrites the
+training per stage; each stage's scores come from its own `vlm_eval_<stage>` step), records them in
+benchmarks/results/vlm_results_<profile>.json and rewrites the
 block between the `vlm-results` markers in README.md (`vlm-results-<profile>` for other profiles).
 """
 
@@ -36,7 +37,7 @@ TRAIN_COLUMNS = ("seconds", "steps", "loss_first", "loss_last10", "aux_loss_mean
 def run_pipeline(root: Path, args: list[str]) -> tuple[float, dict[str, dict[str, Any]]]:
     env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "pipelines/full.py", "--until", "vlm_stage2", *args], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "pipelines/full.py", "--until", "vlm_eval_stage2", *args], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"pipeline failed:\n{done.stderr[-4000:]}")
@@ -48,7 +49,7 @@ def run_pipeline(root: Path, args: list[str]) -> tuple[float, dict[str, dict[str
 def evaluation_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     for name in STAGES:
-        step = steps.get(name)
+        step = steps.get(name.replace("vlm_", "vlm_eval_"))
         if not step or step["status"] == "skipped":
             continue
         metrics = step["metrics"]

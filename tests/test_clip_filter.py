@@ -46,6 +46,10 @@ def test_mark_low_scores_and_label_metrics() -> None:
     meta = [json.dumps({"synthetic": {"noise": n}}) for n in ("mismatched_caption", None, None)] + ["{}"]
     metrics = label_metrics(meta, np.array([True, False, True, False]))
     assert metrics == {"labelled_rows": 3.0, "mismatch_precision": 0.5, "mismatch_recall": 1.0}
+    hindsight = label_metrics(meta, np.array([True, False, True, False]), np.array([0.1, 0.5, 0.05, 0.9]))
+    assert hindsight["hindsight_precision"] == pytest.approx(0.5) and hindsight["hindsight_recall"] == 1.0  # no cut separates
+    separable = label_metrics(meta, np.array([True, False, True, False]), np.array([0.1, 0.5, 0.3, 0.9]))
+    assert separable["hindsight_threshold"] > 0.1 and separable["hindsight_precision"] == 1.0
 
 
 def test_open_clip_loads_our_config_and_refuses_missing_weights(tmp_path: Path) -> None:
@@ -62,3 +66,21 @@ def test_open_clip_loads_our_config_and_refuses_missing_weights(tmp_path: Path) 
         load_clip("seedvl-tiny-clip", str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="unknown open_clip architecture"):
         load_clip("no-such-arch")
+
+
+def test_calibration_pairs_look_like_the_crawl() -> None:
+    from components.data.clip_scorer import calibration_pairs
+    from components.data.config import SyntheticCrawlConfig
+    from components.data.synthetic_crawl import COLOURS
+
+    crawl = SyntheticCrawlConfig(max_side=256, min_side=100, colour_skew=3.0)
+    images, true_captions, false_captions = calibration_pairs(crawl, 120, seed=5)
+
+    assert len(images) == len(true_captions) == len(false_captions) == 120
+    assert all(t != f for t, f in zip(true_captions, false_captions))
+    assert all(100 <= min(i.size) and max(i.size) <= 256 for i in images)  # the crawl's sizes, not the scorer's
+    duplicates = sum(a is not b and a.tobytes() == b.tobytes() for a in images for b in images) // 2
+    assert duplicates > 0  # exact duplicates, as in the crawl
+    head, tail = list(COLOURS)[0], list(COLOURS)[-1]
+    assert sum(c.count(head) for c in true_captions) > 3 * sum(c.count(tail) for c in true_captions)  # skewed
+    assert calibration_pairs(crawl, 120, seed=5)[1] == true_captions  # reproducible

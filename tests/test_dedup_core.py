@@ -24,6 +24,7 @@ from components.data.lib.dedup_core import (
     hamming,
     near_pairs,
     phash64,
+    sort_by_key,
 )
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -131,6 +132,17 @@ def test_band_layout_covers_all_bits_evenly() -> None:
 
 
 # --- the LSH index against brute force ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_bits", [1, 7, 16, 17, 21, 33, 48, 64])
+def test_radix_sort_by_key_is_a_stable_sort(key_bits: int) -> None:
+    rng = np.random.default_rng(key_bits)
+    key = rng.integers(0, 2**key_bits, size=3000, dtype=np.uint64) if key_bits < 64 else \
+        rng.integers(0, 2**64, size=3000, dtype=np.uint64)
+    key[::7] = key[0]  # many ties: their order must stay the input order
+    sorted_keys, order = sort_by_key(key, key_bits)
+    expected = np.argsort(key, kind="stable")
+    assert np.array_equal(order, expected) and np.array_equal(sorted_keys, key[expected])
 
 
 @pytest.mark.parametrize(("threshold", "bands"), [(8, None), (8, 9), (8, 12), (4, None), (10, None), (0, None), (3, 4)])

@@ -9,13 +9,14 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image
 
 from components.data.config import SourceConfig
 from components.data.ingest import validate
 from components.common.webdataset_tar import split_member_name
-from components.data.lib.sources import plan_reads, read_task
+from components.data.lib.sources import EmptySourceError, plan_reads, read_task
 
 MAX_PIXELS = 178_956_970
 
@@ -96,6 +97,34 @@ def test_corrupt_images_and_captions_are_dropped_with_reasons(real_data: Path, t
     assert by_name["latin1"]["drop_reason"] == "caption_not_utf8"
     assert by_name["321_421"]["caption"] == "a real caption"
     assert sum(r["drop_reason"] is None for r in rows) == 7
+
+
+def test_orphan_caption_is_a_counted_drop(real_data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    shutil.copytree(real_data / "odd_aspect_jpegs", folder)
+    (folder / "lost_image.txt").write_text("a caption whose image is gone")
+    rows = rows_of(SourceConfig("folder", str(folder), name="f"))
+    assert len(rows) == 8  # 7 images + 1 orphan caption: counted in, dropped with a reason
+    orphan = [r for r in rows if r["drop_reason"] is not None]
+    assert [(r["key"], r["drop_reason"]) for r in orphan] == [("f-lost_image", "caption_without_image")]
+
+
+def test_sources_with_nothing_to_read_fail_when_planned(real_data: Path, tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    shutil.copytree(real_data / "odd_aspect_jpegs", images)
+    with pytest.raises(EmptySourceError, match=rf"webdataset source 'crawl': no tar files .* in {images} "
+                                               r"\(it holds 7 files: 7 .jpg; .*kind 'folder'"):
+        plan_reads(SourceConfig("webdataset", str(images), name="crawl"))
+    empty = tmp_path / "parquets"
+    empty.mkdir()
+    with pytest.raises(EmptySourceError, match=rf"no .parquet files in {empty} \(it holds no files"):
+        plan_reads(SourceConfig("parquet", str(empty)))
+    with pytest.raises(EmptySourceError, match=r"folder source .*: no images"):
+        plan_reads(SourceConfig("folder", str(empty)))
+    with pytest.raises(FileNotFoundError, match=r"shards-\*\.tar glob matches nothing"):
+        plan_reads(SourceConfig("webdataset", str(tmp_path / "shards-*.tar")))
+    globbed = plan_reads(SourceConfig("webdataset", str(real_data / "*.t*"), name="g"))  # a glob that matches
+    assert sorted(Path(t.paths[0]).name for t in globbed) == ["img2dataset_shard_00000.tar", "sample.tgz"]
 
 
 def test_parquet_with_bytes_and_with_paths(real_data: Path, tmp_path: Path) -> None:

@@ -68,3 +68,14 @@ def pair_scores(bundle: ClipBundle, images: list[Image.Image], captions: list[st
         image_features = bundle.model.encode_image(pixels, normalize=True)
         text_features = bundle.model.encode_text(tokens, normalize=True)
         return (image_features * text_features).sum(dim=-1).float().numpy()
+
+
+def scores_against(bundle: ClipBundle, images: list[Image.Image], caption_sets: list[list[str]]) -> list[np.ndarray]:
+    """Cosine similarity of each image with the caption at its index in each set; images encoded once."""
+    import torch
+
+    with torch.inference_mode():
+        pixels = torch.stack([bundle.preprocess(image) for image in images])
+        image_features = bundle.model.encode_image(pixels, normalize=True)
+        return [(image_features * bundle.model.encode_text(bundle.tokenizer(captions), normalize=True)).sum(dim=-1)
+                .float().numpy() for captions in caption_sets]

@@ -60,8 +60,10 @@ def resolve_threshold(cfg: ClipFilterConfig, scores: np.ndarray, scorer: Path | 
     return cfg.threshold
 
 
-def label_metrics(meta: list[str], dropped: np.ndarray) -> dict[str, float]:
-    """Precision/recall of removing mismatched captions, over rows with synthetic noise labels."""
+def label_metrics(meta: list[str], dropped: np.ndarray, scores: np.ndarray | None = None) -> dict[str, float]:
+    """Precision/recall of removing mismatched captions, over rows with synthetic noise labels. With
+    `scores`, also the best balanced precision/recall any threshold reaches on these rows, and that
+    threshold: a hindsight measure of the scorer (from the labels), never used to filter."""
     labelled, mismatched = [], []
     for index, text in enumerate(meta):
         synthetic = json.loads(text).get("synthetic")
@@ -73,11 +75,19 @@ def label_metrics(meta: list[str], dropped: np.ndarray) -> dict[str, float]:
     is_mismatch = np.array(mismatched)
     was_dropped = dropped[np.array(labelled)]
     true_positive = float((is_mismatch & was_dropped).sum())
-    return {
+    metrics = {
         "labelled_rows": float(len(labelled)),
         "mismatch_precision": true_positive / max(1.0, float(was_dropped.sum())),
         "mismatch_recall": true_positive / max(1.0, float(is_mismatch.sum())),
     }
+    if scores is not None and is_mismatch.any() and not is_mismatch.all():
+        from components.data.clip_scorer import best_threshold
+
+        labelled_scores = scores[np.array(labelled)]
+        best = best_threshold(labelled_scores[~is_mismatch], labelled_scores[is_mismatch], float(is_mismatch.mean()))
+        metrics |= {"hindsight_threshold": best["threshold"], "hindsight_precision": best["precision"],
+                    "hindsight_recall": best["recall"]}
+    return metrics
 
 
 def score_histogram(scores: np.ndarray, threshold: float, path: Path) -> None:
@@ -140,7 +150,7 @@ def clip_filter(ctx: StageContext[ClipFilterConfig]) -> StageResult:
     if len(scores):
         metrics |= {"score_mean": float(scores.mean()), "score_p10": float(np.quantile(scores, 0.1)),
                     "score_p90": float(np.quantile(scores, 0.9))}
-    metrics |= label_metrics(scored.column("meta").to_pylist(), scores < threshold)
+    metrics |= label_metrics(scored.column("meta").to_pylist(), scores < threshold, scores)
     return StageResult(metrics=metrics, artifacts=["samples/stats.json", "samples/clip_scores.png",
                                                    plot_counts(table, stats)])
 

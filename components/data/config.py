@@ -111,6 +111,9 @@ class ClipScorerConfig:
     max_steps: int = 250  # the budget is in steps (reproducible); max_seconds only caps a slow machine
     max_seconds: float = 600.0
     expected_mismatch_rate: float = 0.1  # prior used to calibrate the threshold (precision depends on it)
+    # The crawl the calibrated threshold is for: held-out pairs are drawn by its generator with these
+    # settings (sizes, colour skew, formats, near duplicates); set them as in data.synthetic_crawl.
+    calibration_crawl: SyntheticCrawlConfig = dataclasses.field(default_factory=SyntheticCrawlConfig)
     resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=2))
 
 

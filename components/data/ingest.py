@@ -3,7 +3,7 @@
 Step 1 reads files into raw records (`sources.py`); step 2 decodes each image once with Pillow to
 learn its real format and size and to catch corrupt bytes, and decodes captions as UTF-8. Records
 that fail get a `drop_reason` (`image_corrupt`, `image_missing`, `caption_not_utf8`, `tar_truncated`,
-...) and stay in the table; stats count them by reason.
+`caption_without_image`, ...) and stay in the table; stats count them by reason.
 """
 
 from __future__ import annotations

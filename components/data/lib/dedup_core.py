@@ -47,11 +47,12 @@ from PIL import Image
 
 HASH_BITS = 64
 # Cost model of one table (seconds), measured at n = 1M on a 2-core x86 CPU: building the key,
-# sorting and scanning cost about SORT_COST per hash, generating and verifying a candidate pair
-# about PAIR_COST.
-SORT_COST = 6e-8
+# radix-sorting and scanning cost about SORT_COST per hash, generating and verifying a candidate
+# pair about PAIR_COST.
+SORT_COST = 3e-8
 PAIR_COST = 1e-8
 MAX_AUTO_TABLES = 5000
+RADIX_BITS = 16  # digit width of sort_by_key's radix passes: numpy counting-sorts uint16
 SPARSE_BELOW = 8  # compare only the positions with a bucket mate once fewer than 1 in 8 have one
 
 HashesLike = np.ndarray | Sequence[int]  # uint64 array, or Python ints in [0, 2**64)
@@ -175,15 +176,26 @@ def table_key(values: list[np.ndarray], widths: list[int], combo: tuple[int, ...
 
 
 def sort_by_key(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted keys, positions in key order; ties in position order). Packs the position into the
-    low bits when it fits, because a plain sort of uint64 is several times faster than argsort."""
-    n = key.size
-    pos_bits = max(1, (n - 1).bit_length())
-    if key_bits + pos_bits <= HASH_BITS:
-        packed = np.sort((key << np.uint64(pos_bits)) | np.arange(n, dtype=np.uint64))
-        return packed >> np.uint64(pos_bits), (packed & np.uint64((1 << pos_bits) - 1)).astype(np.int64)
-    order = np.argsort(key, kind="stable")
-    return key[order], order
+    """(sorted keys, positions in key order; ties in position order).
+
+    A least-significant-digit radix sort in digits of up to RADIX_BITS bits: numpy's stable argsort
+    of uint8/uint16 is a counting sort, linear in n, and two or three such passes with their gathers
+    cost well under one comparison sort of uint64 (measured 27 ms against 73 ms for 1M keys of 17
+    bits). Stable passes keep equal keys in position order, the order the sliding window relies on.
+    """
+    if key_bits > 48:  # never for the layouts choose_bands picks; a plain stable sort then
+        order = np.argsort(key, kind="stable")
+        return key[order], order
+    order: np.ndarray | None = None
+    in_order = key
+    for shift in range(0, max(key_bits, 1), RADIX_BITS):
+        width = min(RADIX_BITS, key_bits - shift) if key_bits else 1
+        digit = ((in_order >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(
+            np.uint8 if width <= 8 else np.uint16)
+        step = np.argsort(digit, kind="stable")
+        order = step if order is None else order[step]
+        in_order = in_order[step]
+    return in_order, order
 
 
 def table_close_pairs(

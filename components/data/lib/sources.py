@@ -4,13 +4,18 @@ Three layouts: WebDataset / img2dataset tars (`.tar`, `.tar.gz`, `.tgz`; members
 part of the name before its first dot), parquet files with captions and image bytes or image paths,
 and folders of images with same-stem `.txt` captions (and optional `.json`). A record carries the
 image bytes, the caption *bytes* and the source's metadata; anything that cannot be read becomes a
-record with a `read_error`, so the count of records in is exact and nothing disappears.
+record with a `read_error`, so the count of records in is exact and nothing disappears (a folder's
+caption file with no image of its stem is one such record). A source's path may be a glob; a source
+that has no file of its kind (a glob matching nothing, a folder without tars) fails when its reads
+are planned, naming the path and what was looked for.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +31,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 FOLDER_CHUNK = 256  # images per read task for folder sources
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class EmptySourceError(ValueError):
+    """A configured source with nothing to read: a configuration error, raised before any reading."""
 
 
 @dataclass
@@ -76,22 +85,70 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def is_glob(path: str) -> bool:
+    return glob.has_magic(path)
+
+
+def source_roots(source: SourceConfig) -> list[Path]:
+    """The files or folders a source's path names: itself, or a glob's matches (`**` recurses)."""
+    pattern = str(Path(source.path).expanduser())
+    if Path(pattern).exists():  # a real name with [ or * in it is taken as it is
+        return [Path(pattern)]
+    return [Path(p) for p in sorted(glob.glob(pattern, recursive=True))] if is_glob(pattern) else []
+
+
+def _files_under(roots: list[Path]) -> list[Path]:
+    return sorted({f for root in roots for f in ([root] if root.is_file() else root.rglob("*")) if f.is_file()})
+
+
+def _describe(files: list[Path]) -> str:
+    """'12 files: 10 .jpg, 2 .txt' (the three most common suffixes), or 'no files'."""
+    if not files:
+        return "no files"
+    suffixes: dict[str, int] = {}
+    for f in files:
+        suffixes[f.suffix.lower() or "(no suffix)"] = suffixes.get(f.suffix.lower() or "(no suffix)", 0) + 1
+    common = sorted(suffixes.items(), key=lambda item: (-item[1], item[0]))[:3]
+    return f"{len(files)} files: " + ", ".join(f"{count} {suffix}" for suffix, count in common)
+
+
+def _empty(source: SourceConfig, name: str, looked_for: str, files: list[Path]) -> EmptySourceError:
+    hint = {"webdataset": "a folder of images with .txt captions is a source of kind 'folder' in data.ingest.sources",
+            "parquet": "tars are kind 'webdataset', a folder of images is kind 'folder'",
+            "folder": "tars are kind 'webdataset', parquet files kind 'parquet'"}[source.kind]
+    return EmptySourceError(f"data.ingest.sources: {source.kind} source {name!r}: no {looked_for} in {source.path} "
+                            f"(it holds {_describe(files)}; {hint})")
+
+
 def plan_reads(source: SourceConfig) -> list[ReadTask]:
-    """Split a configured source into read tasks; a missing path is a configuration error."""
-    root = Path(source.path).expanduser()
+    """Split a configured source into read tasks; a missing path, or one with no file of the source's
+    kind, is a configuration error (`FileNotFoundError`, `EmptySourceError`)."""
     name = source_name(source)
-    if not root.exists():
-        raise FileNotFoundError(f"data.ingest.sources: {source.kind} source {name!r}: path {root} does not exist")
+    roots = source_roots(source)
+    if not roots:
+        what = "glob matches nothing" if is_glob(source.path) else "does not exist"
+        raise FileNotFoundError(f"data.ingest.sources: {source.kind} source {name!r}: path {source.path} {what}")
+    files = _files_under(roots)
     if source.kind == "webdataset":
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.name.endswith(TAR_SUFFIXES))
-        return [ReadTask("webdataset", name, (str(f),)) for f in files]
+        tars = [f for f in files if f.name.endswith(TAR_SUFFIXES)]
+        if not tars:
+            raise _empty(source, name, "tar files (" + ", ".join(TAR_SUFFIXES) + ")", files)
+        return [ReadTask("webdataset", name, (str(f),)) for f in tars]
     if source.kind == "parquet":
-        files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
+        parquets = [f for f in files if f.suffix == ".parquet"]
+        if not parquets:
+            raise _empty(source, name, ".parquet files", files)
         options = (("caption_column", source.caption_column), ("image_column", source.image_column),
                    ("path_column", source.path_column))
-        return [ReadTask("parquet", name, (str(f),), options) for f in files]
-    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    chunks = [images[i : i + FOLDER_CHUNK] for i in range(0, len(images), FOLDER_CHUNK)]
+        return [ReadTask("parquet", name, (str(f),), options) for f in parquets]
+    images = [f for f in files if f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
+    if not images:
+        raise _empty(source, name, "images (" + ", ".join("." + e for e in IMAGE_EXTENSIONS) + ")", files)
+    stems = {f.with_suffix("") for f in images}
+    orphans = [f for f in files if f.suffix == ".txt" and f.with_suffix("") not in stems]  # captions, no image
+    listed = sorted(images + orphans)
+    chunks = [listed[i : i + FOLDER_CHUNK] for i in range(0, len(listed), FOLDER_CHUNK)]
+    root = roots[0] if len(roots) == 1 and roots[0].is_dir() else Path(os.path.commonpath([str(f.parent) for f in files]))
     return [ReadTask("folder", name, tuple(str(p) for p in chunk), (("root", str(root)),)) for chunk in chunks]
 
 
@@ -191,10 +248,15 @@ def _ext_hint(name: str) -> str | None:
     return ext if ext in IMAGE_EXTENSIONS else None
 
 
-def read_folder_chunk(images: list[Path], root: Path, source: str) -> Iterator[RawRecord]:
-    for image_path in images:
+def read_folder_chunk(files: list[Path], root: Path, source: str) -> Iterator[RawRecord]:
+    """Images with their same-stem .txt caption and .json sidecar; a .txt listed on its own (a caption
+    whose image is missing) becomes a record dropped as `caption_without_image`."""
+    for image_path in files:
         relative = image_path.relative_to(root)
         key = safe_key(source, relative.with_suffix("").as_posix().replace("/", "_"))
+        if image_path.suffix == ".txt":
+            yield RawRecord(key, source, meta={"path": relative.as_posix()}, read_error="caption_without_image")
+            continue
         record = RawRecord(key, source, image_ext=image_path.suffix.lower().lstrip("."),
                            meta={"path": relative.as_posix()})
         try:
@@ -216,13 +278,16 @@ def read_folder_chunk(images: list[Path], root: Path, source: str) -> Iterator[R
 def fingerprint(source: SourceConfig) -> dict[str, Any]:
     """What a source contributes to the ingest cache key: file names relative to the source and their
     contents (or sizes and mtimes with `fingerprint: stat`), never the source's absolute path."""
-    root = Path(source.path).expanduser()
-    if not root.exists():
+    roots = source_roots(source)
+    if not roots:
         return {"missing": source.path}
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = _files_under(roots)
+    base = roots[0] if len(roots) == 1 and roots[0].is_dir() else None
+    if base is None and len(files) > 1:
+        base = Path(os.path.commonpath([str(f.parent) for f in files]))
     digest = hashlib.sha256()
     for file in files:
-        relative = file.name if root.is_file() else file.relative_to(root).as_posix()
+        relative = file.relative_to(base).as_posix() if base is not None else file.name
         digest.update(relative.encode())
         stat = file.stat()
         if source.fingerprint == "stat":
