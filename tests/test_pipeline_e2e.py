@@ -143,7 +143,7 @@ def check_mlflow(root: Path) -> None:
     assert set(by_name) == set(ALL_STEPS)
     assert {"mismatch_precision", "mismatch_recall", "threshold"} <= set(by_name["clip_filter"].data.metrics)
     assert {"duplicate_recall", "distinct_removed_rate"} <= set(by_name["dedup"].data.metrics)
-    assert {"mim_loss_last", "siglip_loss_last", "video_loss_last", "siglip_tokens_per_s"} <= set(
+    assert {"mim_loss_last", "siglip_loss_last", "video_loss_last", "siglip_tokens_per_s_mean"} <= set(
         by_name["vit_pretrain"].data.metrics)
     assert {"initial_i2t_r1", "siglip_i2t_r5", "chance_i2t_r1"} <= set(by_name["vit_eval"].data.metrics)
     trained = [r for r in runs if r.data.tags.get("mlflow.runName") == "vit_pretrain"

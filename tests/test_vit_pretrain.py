@@ -80,7 +80,7 @@ def small_config(fail_at_step: int = -1) -> VitPretrainConfig:
         mim=PhaseConfig(steps=4, images_per_batch=4, learning_rate=1e-3, warmup_steps=1),
         siglip=PhaseConfig(steps=6, images_per_batch=8, learning_rate=1e-3, warmup_steps=1),
         video=PhaseConfig(steps=2, images_per_batch=2, learning_rate=1e-3, warmup_steps=1, frames_per_clip=2),
-        holdout_fraction=0.2, num_workers=2, checkpoint_every=3, max_failures=1,
+        holdout_fraction=0.2, num_workers=2, use_gpu=False, checkpoint_every=3, max_failures=1,
         deepspeed=DeepSpeedSettings(zero_stage=2), fail_at_step=fail_at_step,
     )
 

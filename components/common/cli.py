@@ -76,6 +76,14 @@ def component_main(comp: Component[Any], argv: list[str] | None = None) -> int:
     return 0
 
 
+def named_component_main(components: dict[str, Component[Any]], module: str, usage: str) -> int:
+    """`python -m <module> <step> ...` for a module that defines several steps (e.g. the VLM stages)."""
+    if len(sys.argv) < 2 or sys.argv[1] not in components:
+        print(f"usage: python -m {module} {{{','.join(components)}}} {usage}", file=sys.stderr)
+        return 2
+    return component_main(components[sys.argv[1]], sys.argv[2:])
+
+
 def parse_inputs(comp: Component[Any], items: list[str]) -> dict[str, Path]:
     inputs: dict[str, Path] = {}
     for item in items:

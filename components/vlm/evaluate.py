@@ -255,10 +255,6 @@ EVAL_COMPONENTS = {c.name: c for c in (vlm_eval_stage0, vlm_eval_stage1, vlm_eva
 if __name__ == "__main__":
     import sys
 
-    from components.common.cli import component_main
+    from components.common.cli import named_component_main
 
-    if len(sys.argv) < 2 or sys.argv[1] not in EVAL_COMPONENTS:
-        print(f"usage: python -m components.vlm.evaluate {{{','.join(EVAL_COMPONENTS)}}} --input shards=PATH "
-              "--input vlm=PATH --output DIR", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(component_main(EVAL_COMPONENTS[sys.argv[1]], sys.argv[2:]))
+    sys.exit(named_component_main(EVAL_COMPONENTS, "components.vlm.evaluate", "--input shards=PATH --input vlm=PATH --output DIR"))

@@ -142,10 +142,6 @@ STEP_COMPONENTS = {c.name: c for c in (llm_pretrain, vlm_stage0, vlm_stage1, vlm
 if __name__ == "__main__":
     import sys
 
-    from components.common.cli import component_main
+    from components.common.cli import named_component_main
 
-    if len(sys.argv) < 2 or sys.argv[1] not in STEP_COMPONENTS:
-        print(f"usage: python -m components.vlm.stages {{{','.join(STEP_COMPONENTS)}}} --input NAME=PATH ... "
-              "--output DIR", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(component_main(STEP_COMPONENTS[sys.argv[1]], sys.argv[2:]))
+    sys.exit(named_component_main(STEP_COMPONENTS, "components.vlm.stages", "--input NAME=PATH ... --output DIR"))
