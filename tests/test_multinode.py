@@ -17,10 +17,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-from test_pipeline_e2e import free_port, last_summary, wait_for_dashboard
+from pipeline_runs import free_port, last_summary
+from test_pipeline_e2e import wait_for_dashboard
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
@@ -60,15 +62,29 @@ def table_rows(folder: Path) -> list[str]:
     return sorted(rows)
 
 
-def test_two_node_run_matches_a_single_node_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def cluster_state(kind: str, address: str, env: dict[str, str]) -> list[SimpleNamespace]:
+    """Ray's state API (`nodes`, or finished `tasks`) queried from a child process with the cluster's token,
+    so this test process never loads token authentication (a later in-process local Ray would inherit it)."""
+    query = ("import dataclasses, json, sys\n"
+             "from ray.util.state import list_nodes, list_tasks\n"
+             f"address = {address!r}\n"
+             "found = (list_nodes(address=address, raise_on_missing_output=False) if sys.argv[1] == 'nodes' else\n"
+             "         list_tasks(address=address, filters=[('state', '=', 'FINISHED')], detail=True, limit=10000,\n"
+             "                    raise_on_missing_output=False))\n"
+             "print(json.dumps([dataclasses.asdict(item) for item in found], default=str))\n")
+    done = subprocess.run([sys.executable, "-c", query, kind], env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return [SimpleNamespace(**item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def test_two_node_run_matches_a_single_node_run(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     local_env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
                               "HF_HUB_OFFLINE": "1"}
     for name in ("RAY_ADDRESS", "SEEDVL_RUN_ROOT", "SEEDVL_TRACKING_URI", "MLFLOW_TRACKING_URI"):
         local_env.pop(name, None)
     env = local_env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # both nodes and the client
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        monkeypatch.setenv(name, env[name])  # this process queries the state API
     shared = Path(tempfile.mkdtemp(prefix="seedvl-2n-", dir="/tmp"))  # both nodes see it (one host)
     try:
         run_and_compare(shared, tmp_path, env, local_env)
@@ -77,8 +93,6 @@ def test_two_node_run_matches_a_single_node_run(tmp_path: Path, monkeypatch: pyt
 
 
 def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], local_env: dict[str, str]) -> None:
-    from ray.util.state import list_nodes, list_tasks
-
     bin_dir = Path(sys.executable).parent
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     gcs_port, dashboard_port = free_port(), free_port()
@@ -98,7 +112,7 @@ def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], local_env
         deadline, error = time.monotonic() + 120, None
         while True:
             try:
-                alive = [n for n in list_nodes(address=address, raise_on_missing_output=False) if n.state == "ALIVE"]
+                alive = [n for n in cluster_state("nodes", address, env) if n.state == "ALIVE"]
             except Exception as caught:  # noqa: BLE001 - the state API answers once the head is fully up
                 alive, error = [], caught
             if len(alive) == 2:
@@ -114,8 +128,7 @@ def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], local_env
             env=env, capture_output=True, text=True, timeout=900)
         assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
 
-        tasks = list_tasks(address=address, filters=[("state", "=", "FINISHED")], detail=True, limit=10000,
-                           raise_on_missing_output=False)
+        tasks = cluster_state("tasks", address, env)
         data_nodes = {t.node_id for t in tasks if t.func_or_class_name == "_map_task"}  # Ray Data's map tasks
         seen = sorted({(t.func_or_class_name, t.node_id[:8] if t.node_id else None) for t in tasks})
         assert len(data_nodes) == 2, f"the data tasks ran on {len(data_nodes)} node(s): {seen}"
