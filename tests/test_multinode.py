@@ -1,7 +1,8 @@
 """A real two-node Ray run: a head and a second node started as separate `ray start` processes on this
-machine (1 CPU each, their own ports), the pipeline submitted with `ray job submit` through the first
-data steps with `run.root` on a folder both nodes see; the data tasks ran on both nodes, and every step
-has the cache key and the output rows of a single-node run of the same config. Everything is stopped by
+machine (2 logical CPUs each, their own ports), the pipeline submitted with `ray job submit` through the
+data steps and the ViT pretraining step with `run.root` on a folder both nodes see; the data tasks ran
+on both nodes, and every step has the cache key of the session's shared single-node run of the same
+config, the same output rows and the same shard bytes. Everything is stopped by
 process group; nothing else on the machine is touched (no `ray stop`)."""
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_runs import free_port, last_summary
+from pipeline_runs import DATA_STEPS, SMALL, PipelineRun, free_port, last_summary
 from test_pipeline_e2e import wait_for_dashboard
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
-UNTIL = "basic_filters"
-CONFIG = ["--until", UNTIL, "--set", "data.synthetic_crawl.num_samples=60", "--set", "data.synthetic_crawl.num_shards=4"]
+UNTIL = "vit_pretrain"
+CONFIG = [*SMALL, "--until", UNTIL]  # the shared run's settings: it is the single-node run compared against
 
 
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -78,7 +79,7 @@ def cluster_state(kind: str, address: str, env: dict[str, str]) -> list[SimpleNa
     return [SimpleNamespace(**item) for item in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
-def test_two_node_run_matches_a_single_node_run(tmp_path: Path) -> None:
+def test_two_node_run_matches_a_single_node_run(tiny_run: PipelineRun, tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     local_env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
                               "HF_HUB_OFFLINE": "1"}
@@ -87,16 +88,16 @@ def test_two_node_run_matches_a_single_node_run(tmp_path: Path) -> None:
     env = local_env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # both nodes and the client
     shared = Path(tempfile.mkdtemp(prefix="seedvl-2n-", dir="/tmp"))  # both nodes see it (one host)
     try:
-        run_and_compare(shared, tmp_path, env, local_env)
+        run_and_compare(shared, tmp_path, env, tiny_run)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], local_env: dict[str, str]) -> None:
+def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], tiny_run: PipelineRun) -> None:
     bin_dir = Path(sys.executable).parent
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     gcs_port, dashboard_port = free_port(), free_port()
-    head = start([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1",
+    head = start([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                   f"--ray-client-server-port={free_port()}", f"--temp-dir={ray_temp}", *node_ports()],
                  env, tmp_path / "head.log")
@@ -107,7 +108,7 @@ def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], local_env
         import ray._private.services as services
 
         host = services.get_node_ip_address()  # Ray registers nodes under this address, not 127.0.0.1
-        worker = start([str(bin_dir / "ray"), "start", "--block", f"--address={host}:{gcs_port}", "--num-cpus=1",
+        worker = start([str(bin_dir / "ray"), "start", "--block", f"--address={host}:{gcs_port}", "--num-cpus=2",
                         f"--temp-dir={ray_temp}", *node_ports()], env, tmp_path / "worker.log")
         deadline, error = time.monotonic() + 120, None
         while True:
@@ -138,15 +139,16 @@ def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], local_env
                 stop(process)
         shutil.rmtree(ray_temp, ignore_errors=True)
 
-    local_root = shared / "local"
-    single = subprocess.run([sys.executable, "pipelines/full.py", *CONFIG, "--set", f"run.root={local_root}",
-                             "--set", "ray.num_cpus=2"],
-                            cwd=REPO, env=local_env | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                            timeout=900)
-    assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
-    on_cluster, alone = last_summary(cluster_root), last_summary(local_root)
-    assert list(on_cluster) == list(alone) == ["synthetic_crawl", "ingest", UNTIL]
+    # the single-node run is the session's shared run, with the same settings and code
+    on_cluster, alone = last_summary(cluster_root), tiny_run.steps
+    assert list(on_cluster) == [*DATA_STEPS, UNTIL]
+    assert {name: step["status"] for name, step in on_cluster.items()} == {name: "ran" for name in on_cluster}
     for name in on_cluster:
         assert on_cluster[name]["cache_key"] == alone[name]["cache_key"], name
+    for name in ("ingest", "basic_filters", "dedup"):
         assert table_rows(Path(on_cluster[name]["output_dir"])) == table_rows(Path(alone[name]["output_dir"])), name
-    assert table_rows(Path(on_cluster[UNTIL]["output_dir"]))  # not two empty outputs
+    shards = [sorted((p.relative_to(Path(step["output_dir"])).as_posix(), p.read_bytes())
+                     for p in Path(step["output_dir"]).rglob("*.tar"))
+              for step in (on_cluster["write_shards"], alone["write_shards"])]
+    assert shards[0] == shards[1] and shards[0], "the shards differ from the single-node run's"
+    assert on_cluster[UNTIL]["metrics"]["steps"] == alone[UNTIL]["metrics"]["steps"] > 0
