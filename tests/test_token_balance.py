@@ -97,7 +97,9 @@ def _balanced_worker(rank: int, world: int, port: int, results: Any) -> None:
     module.vit, module.adapter = SeedViT(config), MlpAdapter(32, 24)
     module.image_embeddings = lambda pixels, grid: module.adapter(module.vit(pixels, grid).pooled)
     outcome = {}
-    for case, grids in (("skewed", {0: [(8, 8), (8, 6), (6, 8)], 1: [(4, 4)]}), ("empty", {0: [(4, 6), (6, 4)], 1: []})):
+    cases = (("skewed", {0: [(8, 8), (8, 6), (6, 8)], 1: [(4, 4)]}), ("empty", {0: [(4, 6), (6, 4)], 1: []}),
+             ("kept", {0: [(2, 6), (2, 6)], 1: [(2, 4), (2, 4), (2, 4)]}))  # greedy: 12+8+8 | 12+8, keeping 24 | 24
+    for case, grids in cases:
         generator = torch.Generator().manual_seed(rank + 7)
         mine = grids[rank]
         pixels = torch.randn(sum(h * w for h, w in mine), config.patch_dim, generator=generator) if mine else None
@@ -143,3 +145,5 @@ def test_balanced_features_and_gradients_equal_local_ones_over_two_processes() -
     assert before == [64 + 48 + 48, 16] and sorted(after) == [80, 96]  # 64 | 48 + 48 first, then 16 to the lighter
     before, after = results[0]["empty"]
     assert before == [48, 0] and after == [24, 24]
+    before, after = results[0]["kept"]
+    assert before == after == [24, 24]  # greedy (28 on one worker) would not beat keeping: nothing moves

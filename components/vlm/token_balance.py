@@ -102,10 +102,24 @@ def _exchange(chunks: list[torch.Tensor], received_rows: list[int], largest: int
     return [received[:count] for received, count in zip(all_to_all(incoming, padded), received_rows)]
 
 
+def _kept_features(module: Any, pixel_values: torch.Tensor | None, grid_hw: torch.Tensor | None,
+                   kept: list[float]) -> BalancedFeatures:
+    """Every worker runs its own images: no exchange."""
+    device = module.adapter.fc1.weight.device
+    if grid_hw is not None and len(grid_hw):
+        features = module.image_embeddings(pixel_values.to(device, next(module.vit.parameters()).dtype),
+                                           grid_hw.to(device))
+    else:
+        features = torch.zeros(0, module.adapter.fc2.out_features, device=device)
+    return BalancedFeatures(features, kept, kept)
+
+
 def balanced_image_features(module: Any, pixel_values: torch.Tensor | None, grid_hw: torch.Tensor | None,
                             group_size: int, merge_size: int) -> BalancedFeatures:
     """The images of every worker pooled within groups and run through the ViT + adapter where the greedy
     plan puts them; the features travel back to the worker that owns the images, with their gradients.
+    When the plan's busiest worker would carry no less than the busiest one keeping its own images (greedy
+    largest-first is not optimal: two workers and a few large images), every worker keeps its own.
     Every worker of the process group must call this at the same step, with or without images, and make
     its loss depend on the returned features (add `0 * features.sum()` where no image uses them). Every
     worker learns every image's grid (a small all-gather of lists), so all compute the same plan."""
@@ -117,6 +131,9 @@ def balanced_image_features(module: Any, pixel_values: torch.Tensor | None, grid
     dist.all_gather_object(all_grids, grids)
     patches = [[float(h * w) for h, w in worker] for worker in all_grids]
     plan = redistribute(patches, group_size)
+    kept = [sum(worker) for worker in patches]
+    if max(loads(plan), default=0.0) >= max(kept, default=0.0):  # greedy is no better than keeping: keep
+        return _kept_features(module, pixel_values, grid_hw, kept)  # (every worker decides the same)
     # route[s][d]: the indices (in worker s's own order) of s's images that worker d computes
     route = [[[ref.index for ref in plan[dest] if ref.worker == src] for dest in range(world)] for src in range(world)]
 
