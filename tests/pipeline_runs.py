@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,3 +68,14 @@ def copy_cached_steps(source: Path, dest: Path, steps: tuple[str, ...]) -> None:
         if (source / "cache" / step).is_dir():
             shutil.copytree(source / "cache" / step, dest / "cache" / step,
                             ignore=shutil.ignore_patterns(".staging-*"))
+
+
+def stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process started with `start_new_session=True` and its children; SIGKILL after a minute."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_runs import DATA_STEPS, SMALL, PipelineRun, free_port, last_summary
+from pipeline_runs import DATA_STEPS, SMALL, PipelineRun, free_port, last_summary, stop_process_group
 from test_pipeline_e2e import wait_for_dashboard
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,16 +33,6 @@ CONFIG = [*SMALL, "--until", UNTIL]  # the shared run's settings: it is the sing
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("w") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 def node_ports() -> list[str]:
@@ -136,7 +125,7 @@ def run_and_compare(shared: Path, tmp_path: Path, env: dict[str, str], tiny_run:
     finally:
         for process in (worker, head):
             if process is not None:
-                stop(process)
+                stop_process_group(process)
         shutil.rmtree(ray_temp, ignore_errors=True)
 
     # the single-node run is the session's shared run, with the same settings and code

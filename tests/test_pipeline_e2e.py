@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_runs import DATA_STEPS, REPO, SMALL, PipelineRun, copy_cached_steps, free_port, last_summary, pipeline
+from pipeline_runs import (DATA_STEPS, REPO, SMALL, PipelineRun, copy_cached_steps, free_port, last_summary, pipeline,
+                           stop_process_group)
 
 pytestmark = pytest.mark.e2e
 ALL_STEPS = (*DATA_STEPS, "vit_pretrain", "vit_eval")
@@ -198,13 +199,7 @@ def test_ray_job_submit_against_local_head(tiny_run: PipelineRun, tmp_path: Path
                            .read_text())
         assert stats["tasks"]["caption"]["in"] == 240 and stats["kept"] > 0
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+        stop_process_group(head)
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 

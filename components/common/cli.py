@@ -46,6 +46,10 @@ def component_main(comp: Component[Any], argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     stage_config = comp.config_of(config)
+    problem = comp.preflight(stage_config) if comp.preflight is not None else ""
+    if problem:
+        print(f"config error: {problem}", file=sys.stderr)
+        return 2
     input_keys = {name: upstream_key(path) for name, path in inputs.items()}
     material = comp.key_material(stage_config, input_keys, config.run.seed)
     key = comp.cache_key(stage_config, input_keys, config.run.seed)

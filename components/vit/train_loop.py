@@ -125,7 +125,7 @@ class PhaseRunner:
             mean_length = packed.num_patches / len(images)
             flops = 3 * forward_flops_per_patch(vit_cfg, int(mean_length)) * patches_total
             metrics["mfu"] = flops / elapsed / (PEAK_FLOPS * self.world_size)
-        return metrics
+        return metrics | self.counter.as_metrics("samples_")
 
 
 def export(model: torch.nn.Module, folder: Path, cfg: VitPretrainConfig, teacher_dim: int,
@@ -180,8 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             resume_from = None
         started = time.perf_counter()
         loop = StepLoop(name, runner.phase.steps, cfg.checkpoint_every, cfg.fail_at_step)
-        run_steps(loop, runner.engine, progress, lambda step: runner.step(step) | runner.counter.as_metrics("samples_"),
-                  runner.data_state, worker, train_log, out_dir)
+        run_steps(loop, runner.engine, progress, runner.step, runner.data_state, worker, train_log, out_dir)
         samples = all_workers_counts(runner.counter)
         train_log.end(name, samples, progress.global_step)
         summary = {"phase": name, "steps": progress.step, "seconds": time.perf_counter() - started,

@@ -24,7 +24,8 @@ SUMMED = ("images_per_s", "tokens_per_s", "step_seconds", "mfu")
 
 def weight_files(cfg: VitPretrainConfig) -> list[Path]:
     """The local checkpoint files the teacher and the text tower load (`scorer` comes as an input)."""
-    return [Path(w) for w in (cfg.teacher.weights, cfg.text.weights) if w and w != "scorer"]
+    used = ((cfg.teacher.weights,) if cfg.mim.enabled else ()) + (cfg.text.weights,)
+    return [Path(w) for w in used if w and w != "scorer"]
 
 
 def missing_weights(cfg: VitPretrainConfig) -> str:
@@ -38,12 +39,10 @@ def missing_weights(cfg: VitPretrainConfig) -> str:
 
 
 def weights_fingerprint(cfg: VitPretrainConfig) -> dict[str, Any]:
-    """Weight files enter the cache key by path, size and mtime; a missing one fails before any work."""
-    missing = [str(f) for f in weight_files(cfg) if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"train.vit_pretrain: weights file(s) {missing} do not exist (weights are never "
-                                "downloaded): put the open_clip checkpoints there or change teacher.weights / "
-                                "text.weights")
+    """Weight files enter the cache key by path, size and mtime; a missing one fails with `missing_weights`."""
+    problem = missing_weights(cfg)
+    if problem:
+        raise FileNotFoundError(problem)
     return {"weights": file_stats(weight_files(cfg))}
 
 
@@ -62,7 +61,6 @@ def vit_pretrain(ctx: StageContext[VitPretrainConfig]) -> StageResult:
     from components.vit.train_loop import train_loop_per_worker
 
     cfg = ctx.config
-    weights_fingerprint(cfg)  # fails early, with the fix, when a weights file is missing
     if not cfg.phases():
         raise ValueError("train.vit_pretrain has no enabled phase: enable one of mim, siglip, video, "
                          "or disable the step with train.vit_pretrain.enabled=false")
