@@ -103,6 +103,7 @@ class VlmEvalConfig:
     batch_size: int = 16  # items per greedy-decoding batch (a Ray Data batch)
     num_gpus: float = 0.0  # per evaluation actor/task; with a GPU the model runs there in bf16
     gap_batches: int = 8  # batches of held-out answers for the image-use gap (true vs shuffled images)
+    probe_images: int = 600  # pictures for the linear probes on the export's ViT and adapter tokens; 0: none
     resources: Resources = dataclasses.field(default_factory=Resources)
 
 
