@@ -395,7 +395,8 @@ def test_engine_matches_a_greedy_loop_without_cache(tok: Any, ids: SpecialIds,
 
 def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_path: Path) -> None:
     base = make_model(tok, seed=3)
-    model = VisionLanguageModel(base.vit, base.llm, ids.image_pad, adapter_hidden=48).eval()  # a narrower adapter
+    model = VisionLanguageModel(base.vit, base.llm, ids.image_pad, adapter_hidden=48,  # a narrower adapter
+                                adapter_output_norm=True).eval()
     with torch.no_grad():  # a non-default adapter, so loading it is visible
         for parameter in model.adapter.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
@@ -417,6 +418,7 @@ def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_p
     assert not loaded.training and loaded_config == saved
     assert loaded.image_pad_id == ids.image_pad and SpecialIds.of(loaded_tok) == ids
     assert loaded.adapter.fc1.out_features == 48 and saved["adapter"]["hidden"] == 48
+    assert saved["adapter"]["output_norm"] and loaded.adapter.out_norm is not None
     assert loaded.aux_loss_coef == model.aux_loss_coef > 0 and loaded.llm.config.output_router_logits
     assert loaded.vit.config == VIT_CONFIG
     samples, _ = _encoded_pair(tok)
