@@ -5,7 +5,7 @@ second signal (aspect ratio and 8x8 RGB thumbnail), with the pipeline's own func
     .venv/bin/python benchmarks/dedup_quality.py [--samples 2000] [--seed 0]
 
 Generates the crawl in-process with the tiny profile's settings (shorter side 200-384 px, skewed
-colours), keeps what ingest and the basic filters would keep, hashes each image once (`add_hashes`)
+colours), keeps what ingest and the basic filters would keep, hashes each image once (`add_signals`)
 and plans the drops (`plan_drops`) under each setting; scored by `label_metrics`. Prints a table and
 records it in benchmarks/results/dedup_quality.json.
 """
@@ -23,7 +23,8 @@ from results_file import record
 
 from components.data.basic_filters import drop_reason
 from components.data.config import BasicFiltersConfig, DedupConfig, SyntheticCrawlConfig
-from components.data.dedup import add_hashes, label_metrics, plan_drops
+from components.data.dedup import label_metrics, plan_drops
+from components.data.lib.signals import add_signals
 from components.data.ingest import inspect_image
 from components.data.synthetic_crawl import generate_shard, shard_sizes
 
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    hashed = add_hashes(pa.Table.from_pylist(crawl_rows(args.samples, args.seed)))
+    hashed = add_signals(pa.Table.from_pylist(crawl_rows(args.samples, args.seed)))
     keys, meta = hashed.column("key").to_pylist(), hashed.column("meta").to_pylist()
     rows = []
     for name, cfg in SETTINGS.items():

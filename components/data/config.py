@@ -83,6 +83,7 @@ class IngestConfig:
 
     sources: list[SourceConfig] = dataclasses.field(default_factory=list)
     max_image_pixels: int = 178_956_970  # larger images are dropped (decompression-bomb guard)
+    signals: bool = True  # dedup's sha256, pHash and thumbnail on ingest's own decode (no second decode)
     resources: Resources = dataclasses.field(default_factory=Resources)
 
 

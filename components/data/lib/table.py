@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from components.common.cache import write_json_atomic
+from components.data.lib.signals import SIGNAL_FIELDS
 
 DATA_DIR = "data"
 STATS_FILE = "stats.json"
@@ -32,6 +33,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("source", pa.string()),
         ("meta", pa.string()),  # JSON: the source's own metadata (img2dataset json, cls, labels)
+        *SIGNAL_FIELDS,  # dedup's signals (sha256, pHash, thumbnail) from ingest's decode; null where not computed
         ("drop_reason", pa.string()),  # null: kept by this stage
     ]
 )
