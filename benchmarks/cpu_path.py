@@ -19,24 +19,26 @@ Rows, all in this one process on one core, timed on the same bytes:
   full path, draft N    the same, its one decode drafted to >= N x N (`Image.draft`, JPEG only; the
                         real size is read first; libjpeg still reads the whole entropy-coded stream)
   pipeline UDFs         the steps' own batch functions in order, 256 rows a batch: ingest `read_files`
-                        (tar read, validating decode), `apply_basic_filters`, dedup `add_hashes` (a second
-                        decode), `mark_duplicates`, `to_shard_rows`, `write_fragments`, `write_shard`; no
-                        Ray, no parquet between the steps, no CLIP filter (benchmarks/clip_throughput.py)
-                        and no rebalancing
-  pipeline, draft N     the same with the real `add_hashes` reading a drafted decode (its module's
-                        `Image.open` wrapped here; the pipeline code is unchanged)
-N is the first of `--draft-sizes`. Each row runs `--rounds` times, interleaved with the others; the
+                        (tar read, one validating decode, drafted for JPEGs, that also computes dedup's
+                        signals), `apply_basic_filters`, dedup `add_signals` (nothing left to decode),
+                        `mark_duplicates`, `to_shard_rows`, `write_fragments`, `write_shard`; no Ray, no
+                        parquet between the steps, no CLIP filter (benchmarks/clip_throughput.py) and no
+                        rebalancing
+  pipeline, before      the same with ingest's `signals` off, as before issue 19: ingest decodes in full
+                        to validate, dedup's `add_signals` decodes in full again to hash (two decodes)
+N is the first of `--draft-sizes` (default: the pipeline's SIGNAL_DRAFT). Each row runs `--rounds` times, interleaved with the others; the
 best round counts. images/s per core is images per CPU second of this process (robust to a busy
 machine; wall images/s is shown too).
 
 Then: where the one-decode path's time goes (CPU microseconds per image of each piece, per format, on
-the first 500 images); each draft size's dedup inputs and decisions against the pipeline's, on the
+the first 500 images), and the floor: decode-only against decode + caption + sha256 + shard write
+with hashing free; each draft size's dedup inputs and decisions against a full decode's, on the
 same ingested and filtered rows (identical pHashes, mean and max Hamming distance, thumbnail
 difference, and dedup's own `plan_drops` and `label_metrics` on both: rows dropped, rows whose verdict
 changes, recall on the labelled duplicates, distinct images removed); and whether a drafted decode
 rejects the same corrupt JPEGs (the crawl's `corrupt` applied to every JPEG) as ingest's full decode
 (`inspect_image`). Anchors: img2dataset ~1,350 images/s per machine; imagededup pHash with decode ~64 images/s per core.
-Goal: the full path at >= 0.7 of decode-only. Prints the tables and records them in
+Goal: the pipeline's path at >= 0.7 of decode-only (>= 0.5 where the floor is below 0.7). Prints the tables and records them in
 benchmarks/results/cpu_path.json.
 """
 
@@ -47,6 +49,7 @@ import io
 import json
 import math
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +59,8 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's `components`, not an installed one
+
 from results_file import record
 
 import numpy as np
@@ -64,11 +69,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-import components.data.dedup as dedup_step
 from components.data.basic_filters import apply_basic_filters, drop_reason
 from components.data.config import BasicFiltersConfig, DedupConfig, IngestConfig, NoiseRates, ShardsConfig, \
     SyntheticCrawlConfig
-from components.data.dedup import add_hashes, label_metrics, mark_duplicates, plan_drops, thumbnail
+from components.data.dedup import label_metrics, mark_duplicates, plan_drops
+from components.data.lib.signals import SIGNAL_DRAFT, SIGNAL_NAMES, add_signals, thumbnail
 from components.data.lib.dedup_core import content_hash, phash64
 from components.data.ingest import inspect_image, read_files
 from components.data.write_shards import to_shard_rows, write_fragments, write_shard, write_tar
@@ -81,9 +86,12 @@ RESULTS = REPO / "benchmarks" / "results" / "cpu_path.json"
 CRAWL_SHARD = 250  # samples per input tar, as the tiny profile's crawl (1000 samples / 4 shards)
 BATCH_ROWS = 256  # Ray Data batch size of the steps (Resources.batch_size)
 GOAL = 0.7
+FLOOR_GOAL = 0.5  # the goal where small images put the floor below GOAL
+PIPELINE_ROW = "pipeline UDFs (one decode)"
+FLOOR_PIECES = ("decode", "caption + drop_reason", "content sha256", "shard write (to_shard_rows, write_tar)")
 BREAKDOWN_IMAGES = 500
 DRAFT_MODE = "RGB"  # dedup's thumbnail is RGB; "L" is cheaper where only the pHash is wanted
-HASHED_SCHEMA = KEPT_SCHEMA.append(pa.field("phash", pa.uint64()))  # kept rows as dedup leaves them
+HASHED_SCHEMA = KEPT_SCHEMA  # kept rows as dedup leaves them (the signal columns are part of it)
 # Only noise that leaves every image decodable and kept: the rows then do equal work per image.
 NOISE = NoiseRates(mismatched_caption=0.10, exact_duplicate=0.03, near_duplicate=0.05, tiny_image=0.0,
                    extreme_aspect=0.0, corrupt_image=0.0, empty_caption=0.0, non_utf8_caption=0.0)
@@ -206,43 +214,19 @@ def in_batches(table: pa.Table, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
     return pa.concat_tables(parts) if parts else table
 
 
-class DraftingImage:
-    """Stands in for the `PIL.Image` module inside dedup: `open` drafts the decode, the rest is PIL's."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def open(self, fp: Any) -> Image.Image:
-        image = Image.open(fp)
-        image.draft(DRAFT_MODE, (self.size, self.size))
-        return image
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(Image, name)
-
-
-@contextmanager
-def drafted_dedup(size: int | None) -> Iterator[None]:
-    """Inside: dedup's `add_hashes` decodes drafted to >= size x size (None: unchanged)."""
-    if size is None:
-        yield
-        return
-    with mock.patch.object(dedup_step, "Image", DraftingImage(size)):
-        yield
-
-
-def ingest_and_filter(tasks: pa.Table) -> pa.Table:
+def ingest_and_filter(tasks: pa.Table, signals: bool = True) -> pa.Table:
     """ingest's `read_files` per tar, then `apply_basic_filters`: the rows dedup reads."""
     max_pixels, cfg = IngestConfig().max_image_pixels, BasicFiltersConfig()
     ingested = pa.concat_tables([b for task in tasks.to_batches(1) for b in
-                                 read_files(pa.Table.from_batches([task]), max_pixels)])
+                                 read_files(pa.Table.from_batches([task]), max_pixels, signals)])
     return kept(in_batches(kept(ingested), lambda b: apply_basic_filters(b, cfg)))
 
 
-def run_pipeline(inputs: Inputs, draft: int | None = None) -> None:
-    filtered = ingest_and_filter(inputs.tasks)
-    with drafted_dedup(draft):
-        deduped = kept(in_batches(filtered, lambda b: mark_duplicates(add_hashes(b), {})))
+def run_pipeline(inputs: Inputs, before: bool = False) -> None:
+    """The steps' UDFs; `before`: ingest's signals off and dedup decoding in full, as before issue 19."""
+    filtered = ingest_and_filter(inputs.tasks, signals=not before)
+    draft = 0 if before else SIGNAL_DRAFT
+    deduped = kept(in_batches(filtered, lambda b: mark_duplicates(add_signals(b, draft), {})))
     num_shards = {"caption": max(1, math.ceil(deduped.num_rows / ShardsConfig().samples_per_shard))}
     with tempfile.TemporaryDirectory(dir=inputs.out) as fragments:
         groups = in_batches(deduped, lambda b: write_fragments(to_shard_rows(b, num_shards), fragments))
@@ -345,9 +329,10 @@ def breakdown(items: list[Item], size: int) -> dict[str, dict[str, float]]:
 
 # --- does a drafted decode change what dedup decides? -----------------------------------------------
 
-def hashed(filtered: pa.Table, draft: int | None) -> pa.Table:
-    with drafted_dedup(draft):
-        return in_batches(filtered, add_hashes)
+def hashed(filtered: pa.Table, draft: int) -> pa.Table:
+    """The rows with their signals from a decode drafted to >= draft px (0: full)."""
+    bare = filtered.drop_columns(list(SIGNAL_NAMES))
+    return in_batches(bare, lambda b: add_signals(b, draft))
 
 
 def dedup_outcome(rows: pa.Table, cfg: DedupConfig) -> tuple[dict[str, str], dict[str, float]]:
@@ -366,17 +351,19 @@ def thumbnails(rows: pa.Table) -> np.ndarray:
 
 
 def draft_agreement(tasks: pa.Table, sizes: list[int]) -> list[dict[str, Any]]:
-    """Each draft size's pHashes, thumbnails and dedup verdicts against the pipeline's, same rows."""
+    """Each draft size's pHashes, thumbnails and dedup verdicts against a full decode's, same rows; and
+    whether the pipeline's signals (ingest's decode) are exactly those of SIGNAL_DRAFT."""
     cfg = DedupConfig()
     filtered = ingest_and_filter(tasks)
-    reference = hashed(filtered, None)
+    reference = hashed(filtered, 0)
     ref_reasons, ref_metrics = dedup_outcome(reference, cfg)
     ref_hashes = reference.column("phash").to_numpy().astype(np.uint64)
     is_jpeg = np.array([ext == "jpg" for ext in reference.column("image_ext").to_pylist()])
-    out = [{"draft": "none (pipeline)", "rows": reference.num_rows, "dropped": len(ref_reasons),
+    out = [{"draft": "none (full decode)", "rows": reference.num_rows, "dropped": len(ref_reasons),
             **label_scores(ref_metrics)}]
     for size in sizes:
         rows = hashed(filtered, size)
+        same_as_ingest = all(rows.column(n).equals(filtered.column(n)) for n in SIGNAL_NAMES)
         distance = np.bitwise_count(rows.column("phash").to_numpy().astype(np.uint64) ^ ref_hashes)
         thumb_diff = np.abs(thumbnails(rows).astype(np.int16) - thumbnails(reference).astype(np.int16)).max(axis=1)
         reasons, metrics = dedup_outcome(rows, cfg)
@@ -387,7 +374,8 @@ def draft_agreement(tasks: pa.Table, sizes: list[int]) -> list[dict[str, Any]]:
                     "phash_identical_jpeg": round(float((distance[is_jpeg] == 0).mean()), 4),
                     "phash_mean_hamming": round(float(distance.mean()), 3), "phash_max_hamming": int(distance.max()),
                     "thumbnail_mean_max_diff": round(float(thumb_diff.mean()), 2),
-                    "thumbnail_max_diff": int(thumb_diff.max())})
+                    "thumbnail_max_diff": int(thumb_diff.max()), "pipeline": size == SIGNAL_DRAFT,
+                    "equals_ingest_signals": same_as_ingest})
     return out
 
 
@@ -425,9 +413,10 @@ def print_throughput(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"{r['row']:<40} {r['images_per_s_per_core']:>10.1f} {r['wall_images_per_s']:>10.1f} "
               f"{r['us_per_image']:>8.1f} {r['ratio_vs_decode']:>9.3f}")
-    full = next(r for r in rows if r["row"] == "+ shard write (full path, one decode)")
-    verdict = "met" if full["ratio_vs_decode"] >= GOAL else "not met"
-    print(f"goal: full path >= {GOAL} of decode-only: {verdict} ({full['ratio_vs_decode']:.3f})")
+    pipeline = next(r for r in rows if r["row"] == PIPELINE_ROW)
+    for goal in (GOAL, FLOOR_GOAL):
+        verdict = "met" if pipeline["ratio_vs_decode"] >= goal else "not met"
+        print(f"goal: the pipeline's path >= {goal} of decode-only: {verdict} ({pipeline['ratio_vs_decode']:.3f})")
 
 
 def print_breakdown(spent: dict[str, dict[str, float]], size: int) -> None:
@@ -435,17 +424,26 @@ def print_breakdown(spent: dict[str, dict[str, float]], size: int) -> None:
     path = {k: v for k, v in spent["all"].items() if k not in drafted}
     total = sum(path.values())
     print(f"\nwhere the one-decode path's time goes (CPU us per image; {total:.0f} in all)")
+    print(f"  floor (hashing free): decode-only at {floor_ratio(spent):.3f} of decode + caption + sha256 + shard write")
     print(f"  {'piece':<40} {'all':>8} {'share':>6} {'jpg':>8} {'png':>8}")
     for name, us in path.items():
         print(f"  {name:<40} {us:>8.1f} {us / total:6.1%} {spent['jpg'].get(name, 0):>8.1f} "
               f"{spent['png'].get(name, 0):>8.1f}")
-    print("  dedup's second decode, drafted instead (PNG: no draft, full size):")
+    print("  a drafted decode instead (PNG: no draft, full size):")
     for name in drafted:
         print(f"  {name:<40} {spent['all'][name]:>8.1f} {'':>6} {spent['jpg'][name]:>8.1f} {spent['png'][name]:>8.1f}")
 
 
+def floor_ratio(spent: dict[str, dict[str, float]]) -> float:
+    """decode-only over the path with hashing free: the most any hashing scheme can reach."""
+    pieces = spent["all"]
+    return pieces["decode"] / sum(pieces[k] for k in FLOOR_PIECES)
+
+
 def print_agreement(agreement: list[dict[str, Any]], validation: list[dict[str, Any]]) -> None:
-    print(f"\ndedup on a drafted decode vs the pipeline's (same {agreement[0]['rows']} rows, DedupConfig defaults)")
+    print(f"\ndedup on a drafted decode vs a full decode (same {agreement[0]['rows']} rows, DedupConfig defaults); "
+          f"the pipeline's is draft {SIGNAL_DRAFT}: ingest's signals equal it: "
+          f"{all(a['equals_ingest_signals'] for a in agreement if a.get('pipeline'))}")
     print(f"{'draft':<16} {'dropped':>7} {'changed':>7} {'dup recall':>10} {'distinct rm':>11} {'pHash ident':>11} "
           f"{'jpeg ident':>10} {'mean ham':>8} {'max':>4} {'thumb diff':>10}")
     for a in agreement:
@@ -467,7 +465,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed passes per row, interleaved; the best counts")
-    parser.add_argument("--draft-sizes", default="64,128",
+    parser.add_argument("--draft-sizes", default=f"{SIGNAL_DRAFT},64",
                         help="comma-separated N of Image.draft(mode, (N, N)); the first also gets throughput rows")
     args = parser.parse_args()
     sizes = [int(s) for s in args.draft_sizes.split(",") if s] or [64]
@@ -484,8 +482,8 @@ def main() -> None:
             "+ hashes (sha256, pHash, thumbnail)": run_hashes,
             "+ shard write (full path, one decode)": run_full_path,
             f"full path, one draft {size} decode": lambda i: run_full_path(i, size),
-            "pipeline UDFs (two decodes)": run_pipeline,
-            f"pipeline UDFs, dedup decode draft {size}": lambda i: run_pipeline(i, size),
+            PIPELINE_ROW: run_pipeline,
+            "pipeline UDFs, before (two full decodes)": lambda i: run_pipeline(i, before=True),
         }
         run_pipeline(Inputs(items[:CRAWL_SHARD], inputs.tasks.slice(0, 1), out))  # warm-up: imports, caches
         rows = throughput_rows(inputs, rows_to_run, args.rounds)
@@ -498,7 +496,8 @@ def main() -> None:
     jpeg = sum(item.ext == "jpg" for item in items)
     record(RESULTS, {"images": args.images, "seed": args.seed, "rounds": args.rounds, "jpeg": jpeg,
                      "png": len(items) - jpeg, "draft_mode": DRAFT_MODE, "pillow": PIL.__version__,
-                     "goal_ratio": GOAL, "breakdown_us_per_image": spent, "draft_agreement": agreement,
+                     "goal_ratio": GOAL, "signal_draft": SIGNAL_DRAFT, "floor_ratio": round(floor_ratio(spent), 3),
+                     "breakdown_us_per_image": spent, "draft_agreement": agreement,
                      "draft_validation": validation}, rows)
 
 
