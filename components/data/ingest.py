@@ -3,8 +3,9 @@
 Step 1 reads files into raw records (`sources.py`); step 2 decodes each image once with Pillow to
 learn its real format and size and to catch corrupt bytes, and decodes captions as UTF-8. On that
 same decode it computes dedup's signals (sha256, pHash, 8x8 thumbnail; `lib/signals.py`, which also
-says why a JPEG's decode is DCT-scaled), so no later step decodes the image again to hash it
-(`data.ingest.signals: false` decodes in full and leaves them null). Records
+says why a JPEG's decode is DCT-scaled and how that still validates it), so no later step decodes the
+image again to hash it (`data.ingest.signals: false` decodes in full with Pillow and leaves them
+null). Records
 that fail get a `drop_reason` (`image_corrupt`, `image_missing`, `caption_not_utf8`, `tar_truncated`,
 `caption_without_image`, ...) and stay in the table; stats count them by reason.
 """
@@ -23,7 +24,7 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component
 from components.data.config import IngestConfig, SourceConfig
-from components.data.lib.signals import draft_for_signals, image_signals
+from components.data.lib.signals import image_signals
 from components.data.lib.sources import RawRecord, ReadTask, fingerprint, plan_reads, read_task
 from components.data.lib.table import data_dir, drop_metrics, plot_counts, rows_to_table, write_stats
 
@@ -64,10 +65,11 @@ def inspect_image(data: bytes | None, max_pixels: int, *, signals: bool = False)
                 fmt = PIL_FORMATS.get(image.format or "")
                 if fmt is None:
                     return {"drop_reason": "image_format_unsupported", "width": width, "height": height}
-                if signals:
-                    draft_for_signals(image)  # JPEG: a DCT-scaled decode, still the whole stream read
-                image.load()
-                found = image_signals(data, image) if signals else {}
+                if signals:  # the one decode, reduced for a JPEG, that also hashes (lib/signals.py)
+                    found = image_signals(data, image)
+                else:
+                    image.load()
+                    found = {}
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return {"drop_reason": "image_too_large"}
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError):
