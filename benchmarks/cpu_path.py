@@ -1,7 +1,7 @@
 """CPU path images/s per core (decode, basic filters, dedup's signals, shard write), each as a ratio to a
 bare decode-only loop over the same image bytes in the same run.
 
-    .venv/bin/python benchmarks/cpu_path.py [--images 2000] [--seed 0] [--rounds 2] [--sides 128,32]
+    .venv/bin/python benchmarks/cpu_path.py [--images 2000] [--seed 0] [--rounds 2] [--sides 32,128]
 
 Inputs: `--images` samples from the synthetic crawl's own generator (`generate_shard`: `clean_size`,
 `random_scene`, `render`, `encode`; 85 % JPEG q90 / 15 % PNG, 200-512 px sides), with the crawl's
@@ -27,6 +27,8 @@ Rows, all in this one process on one core, timed on the same bytes:
                         rebalancing
   pipeline, before      the same with ingest's `signals` off (a full Pillow decode to validate) and the
                         old signals computed on a second full decode, as dedup did before issue 19
+  pipeline, free        the floor of the pipeline's path with a full decode: ingest's `signals` off, no
+                        hashing anywhere (tar read, one full decode, filters, shard write)
 Each row runs `--rounds` times, interleaved with the others; the best round counts. images/s per core
 is images per CPU second of this process (robust to a busy machine; wall images/s is shown too).
 
@@ -94,6 +96,7 @@ PIPELINE_ROW = "pipeline UDFs (one decode)"
 FLOOR_PIECES = ("decode", "caption + drop_reason", "content sha256", "shard write (to_shard_rows, write_tar)")
 BREAKDOWN_IMAGES = 500
 SIGNALS_ROW = "one signals decode + filters + shard write"
+FLOOR_ROW = "pipeline UDFs, full decode, hashing free"
 SIGNAL_PIECES = ("signals' reduced decode", "pHash + thumbnail of it (OpenCV)")
 SIMPLEJPEG_PIECE = "simplejpeg decode, full size"
 HASHED_SCHEMA = KEPT_SCHEMA  # kept rows as dedup leaves them (the signal columns are part of it)
@@ -252,10 +255,16 @@ def old_add_signals(batch: pa.Table) -> pa.Table:
     return batch
 
 
-def run_pipeline(inputs: Inputs, before: bool = False) -> None:
-    """The steps' UDFs; `before`: ingest's signals off and dedup's old hashing on a second full decode."""
-    filtered = ingest_and_filter(inputs.tasks, signals=not before)
-    hashing = old_add_signals if before else add_signals
+def no_signals(batch: pa.Table) -> pa.Table:
+    """Hashing free: the signal columns left null (the floor row; dedup could not run on them)."""
+    return batch
+
+
+def run_pipeline(inputs: Inputs, before: bool = False, floor: bool = False) -> None:
+    """The steps' UDFs; `before`: ingest's signals off and dedup's old hashing on a second full decode;
+    `floor`: ingest's signals off (one full Pillow decode to validate) and no hashing at all."""
+    filtered = ingest_and_filter(inputs.tasks, signals=not (before or floor))
+    hashing = no_signals if floor else old_add_signals if before else add_signals
     deduped = kept(in_batches(filtered, lambda b: mark_duplicates(hashing(b), {})))
     num_shards = {"caption": max(1, math.ceil(deduped.num_rows / ShardsConfig().samples_per_shard))}
     with tempfile.TemporaryDirectory(dir=inputs.out) as fragments:
@@ -483,7 +492,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed passes per row, interleaved; the best counts")
-    parser.add_argument("--sides", default=f"{SIGNAL_SIDE},32",
+    parser.add_argument("--sides", default=f"{SIGNAL_SIDE},128",
                         help="comma-separated decode sides of the signals compared with the old ones")
     args = parser.parse_args()
     sides = [int(s) for s in args.sides.split(",") if s]
@@ -501,6 +510,7 @@ def main() -> None:
             SIGNALS_ROW: lambda i: run_full_path(i, signals=True),
             PIPELINE_ROW: run_pipeline,
             "pipeline UDFs, before (two full decodes)": lambda i: run_pipeline(i, before=True),
+            FLOOR_ROW: lambda i: run_pipeline(i, floor=True),
         }
         run_pipeline(Inputs(items[:CRAWL_SHARD], inputs.tasks.slice(0, 1), out))  # warm-up: imports, caches
         rows = throughput_rows(inputs, rows_to_run, args.rounds)
