@@ -42,15 +42,11 @@ import simplejpeg
 from PIL import Image
 
 from components.data.lib.dedup_core import content_hash
+from components.data.lib.table import SIGNAL_FIELDS  # the columns, declared with the sample table
 
 THUMB_SIDE = 8
 PHASH_SIDE = 32  # the pHash's DCT input, hash_size 8 x highfreq_factor 4 as imagehash
 SIGNAL_SIDE = 32  # the signals' decode: at least this many pixels a side (never upscaled past the file)
-SIGNAL_FIELDS = (
-    pa.field("content_sha256", pa.string()),  # sha256 hex of the encoded bytes
-    pa.field("phash", pa.uint64()),  # 64-bit DCT pHash (see the module docstring)
-    pa.field("thumbnail", pa.binary()),  # 8x8 RGB, area-averaged (192 bytes)
-)
 SIGNAL_NAMES = tuple(field.name for field in SIGNAL_FIELDS)
 
 

@@ -18,10 +18,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from components.common.cache import write_json_atomic
-from components.data.lib.signals import SIGNAL_FIELDS
 
 DATA_DIR = "data"
 STATS_FILE = "stats.json"
+
+# Dedup's per-image signals, computed on ingest's one decode (lib/signals.py); null where not computed.
+SIGNAL_FIELDS = (
+    pa.field("content_sha256", pa.string()),  # sha256 hex of the encoded bytes
+    pa.field("phash", pa.uint64()),  # 64-bit DCT pHash
+    pa.field("thumbnail", pa.binary()),  # 8x8 RGB, area-averaged (192 bytes)
+)
 
 SAMPLE_SCHEMA = pa.schema(
     [
