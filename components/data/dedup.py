@@ -33,8 +33,7 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component, file_stats
 from components.data.config import DedupConfig
-from components.data.lib.dedup_core import (LSHStats, choose_representatives, connected_roots,
-                                        content_hash, distinct, near_pairs, phash64)
+from components.data.lib.dedup_core import LSHStats, choose_representatives, connected_roots, distinct, near_pairs
 from components.data.lib.signals import THUMB_SIDE, add_signals
 from components.data.lib.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
