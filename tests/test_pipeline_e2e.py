@@ -150,8 +150,11 @@ def check_mlflow(root: Path) -> None:
     trained = [r for r in runs if r.data.tags.get("mlflow.runName") == "vit_pretrain"
                and r.data.tags.get("cache_hit") == "false"]  # the latest run took it from the cache
     assert len(trained) == 2  # the rerun after the kill, and the knob change
-    history = mlflow.MlflowClient().get_metric_history(trained[0].info.run_id, "siglip/loss")
-    assert [point.step for point in history] == [4, 5, 6]  # one point per step, at the global step
+    history = mlflow.MlflowClient().get_metric_history(trained[0].info.run_id, "train/loss")
+    steps = int(trained[0].data.metrics["steps"])  # the phases follow each other in global steps
+    assert [point.step for point in history] == list(range(1, steps + 1))  # one point per step, at the global step
+    smoothed = mlflow.MlflowClient().get_metric_history(trained[0].info.run_id, "train/loss_smoothed")
+    assert len(smoothed) == steps
     filters = by_name["basic_filters"]
     assert filters.data.tags["cache_hit"] == "true" and filters.data.tags["component"] == "basic_filters"
     assert {"cache_key", "git_commit", "profile", "output_dir"} <= set(filters.data.tags)

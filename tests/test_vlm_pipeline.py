@@ -146,7 +146,7 @@ def check_mlflow(root: Path) -> None:
     assert len(stage1) == 2  # the shared run and the ablation; the evaluation change retrained nothing
     for run in stage1:
         assert {"loss_last", "tokens_per_s_mean"} <= set(run.data.metrics)
-        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "stage1/loss")
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
         assert [point.step for point in history] == [1, 2, 3]
         assert run.data.params["stage.steps"] == "3" and "stage2.steps" not in run.data.params
     evaluations = trained("vlm_eval_stage1")
