@@ -384,7 +384,9 @@ def main(argv: list[str]) -> int:
     try:
         summary = json.loads(summary_path.read_text())
         steps = summary["steps"]
-    except (ValueError, KeyError) as error:
+        if not isinstance(steps, list):
+            raise TypeError("'steps' is not a list")
+    except (ValueError, KeyError, TypeError) as error:
         print(f"{summary_path}: not a pipeline summary ({error})", file=sys.stderr)
         return 2
     header = {"run": summary_path.parent.name, "MLflow run": summary.get("mlflow_run_id", ""),

@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ from components.common.cache import pid_alive
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000  # MLflow's limit on metrics in one log_batch
 
 
 class Tracker(Protocol):
@@ -27,6 +28,7 @@ class Tracker(Protocol):
     def start(self, name: str, tags: Mapping[str, str], parent: str | None = None) -> str: ...
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_history(self, run_id: str, series: Sequence[tuple[Mapping[str, float], int]]) -> None: ...
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def log_artifact(self, run_id: str, path: Path, artifact_dir: str | None = None) -> None: ...
     def end(self, run_id: str, status: str = "FINISHED") -> None: ...
@@ -45,6 +47,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_history(self, run_id: str, series: Sequence[tuple[Mapping[str, float], int]]) -> None:
         pass
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
@@ -96,6 +101,15 @@ class MlflowTracker:
         items = [Metric(key, float(value), stamp, step or 0) for key, value in sorted(metrics.items())]
         for start in range(0, len(items), PARAMS_PER_BATCH):
             self.client.log_batch(run_id, metrics=items[start : start + PARAMS_PER_BATCH])
+
+    def log_history(self, run_id: str, series: Sequence[tuple[Mapping[str, float], int]]) -> None:
+        """Many steps' metrics at once (a cached step's curves), in batches of MLflow's 1,000-metric limit."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(key, float(value), stamp, step) for metrics, step in series for key, value in sorted(metrics.items())]
+        for start in range(0, len(items), METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + METRICS_PER_BATCH])
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag

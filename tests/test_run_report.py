@@ -1,0 +1,128 @@
+"""What a user sees in MLflow after a pipeline run (pipelines/runner.py, components/common/report.py):
+the parent run's report (the stage-by-stage evaluation table with its untrained and shuffled-image
+columns, four PNG charts), and a cached rerun whose child runs are marked as cache hits, link the run
+that produced them and carry its metrics and training curves. Toy steps, a real MLflow store; no Ray."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from components.common.contract import StageContext, StageResult, component
+from components.common.report import eval_table, funnel, main, phase_table, write_report
+from components.schema import load_config
+from components.training.runtime import log_step_metrics, read_log
+
+
+@component(name="toy_data", version="1", config="data.basic_filters", outputs=("samples",))
+def toy_data(ctx: StageContext) -> StageResult:
+    ctx.outputs["samples"].mkdir()
+    (ctx.outputs["samples"] / "rows.json").write_text("[1, 2, 3]")
+    return StageResult(metrics={"rows_in": 10, "rows_kept": 7, "dropped.image_too_small": 2, "dropped.caption_missing": 1})
+
+
+@component(name="toy_train", version="1", config="data.basic_filters", inputs=("samples",), outputs=("model",))
+def toy_train(ctx: StageContext) -> StageResult:
+    out = ctx.outputs["model"]
+    out.mkdir()
+    lines = [{"event": "start"}] + [{"part": "stage1", "loss": 4.0 / step, "lr": 1e-3, "tokens_per_s": 50.0,
+                                     "step": step, "global_step": step} for step in range(1, 6)]
+    (out / "train_log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    log_step_metrics(read_log(out / "train_log.jsonl").steps, ctx.log_metrics)
+    return StageResult(metrics={"loss_last": 0.8}, artifacts=["model/train_log.jsonl"])
+
+
+@component(name="toy_eval_stage1", version="1", config="data.basic_filters", inputs=("model",), outputs=("eval",))
+def toy_eval(ctx: StageContext) -> StageResult:
+    ctx.outputs["eval"].mkdir()
+    (ctx.outputs["eval"] / "scores.json").write_text("{}")
+    return StageResult(metrics={"eval/caption_f1": 0.6, "eval_untrained/caption_f1": 0.1,
+                                "eval_shuffled/caption_f1": 0.25, "eval/n_caption": 16.0})
+
+
+def toy_steps() -> list:
+    from pipelines.runner import Step
+
+    return [Step(toy_data), Step(toy_train, inputs={"samples": ("toy_data", "samples")}),
+            Step(toy_eval, inputs={"model": ("toy_train", "model")})]
+
+
+def run_toy(root: Path, monkeypatch: pytest.MonkeyPatch):
+    from pipelines.runner import PipelineRunner, Selection
+
+    monkeypatch.setattr("pipelines.runner.ensure_ray", lambda *args: None)  # the toy steps need no Ray
+    config, layered = load_config("tiny", [], [f"run.root={root}"])
+    runner = PipelineRunner(toy_steps(), config, layered, Selection())
+    return runner, runner.run(["test"])
+
+
+def test_cached_rerun_links_its_producer_and_reports_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "runs"
+    first_runner, first = run_toy(root, monkeypatch)
+    second_runner, second = run_toy(root, monkeypatch)
+    assert [o.status for o in first] == ["ran"] * 3 and [o.status for o in second] == ["cached"] * 3
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    for ran, cached in zip(first, second):
+        run = client.get_run(cached.run_id)
+        assert run.data.tags["mlflow.runName"] == f"{ran.name} (cached)" and run.data.tags["step"] == ran.name
+        assert run.data.tags["cache_hit"] == "true" and run.data.tags["produced_by_run_id"] == ran.run_id
+        assert client.get_run(ran.run_id).data.tags["mlflow.runName"] == ran.name
+        assert "produced_by_run_id" not in client.get_run(ran.run_id).data.tags
+        assert run.data.metrics == {k: v for k, v in client.get_run(ran.run_id).data.metrics.items()
+                                    if not k.startswith("train/")} | {
+            k: v for k, v in run.data.metrics.items() if k.startswith("train/")}
+    # the training curves: logged while training, copied from the training log on the cache hit
+    trained, copied = first[1].run_id, second[1].run_id
+    for key in ("train/loss", "train/loss_smoothed", "train/lr", "train/tokens_per_s"):
+        original = [(m.step, m.value) for m in client.get_metric_history(trained, key)]
+        assert len(original) == 5 and [(m.step, m.value) for m in client.get_metric_history(copied, key)] == original
+    # the parent runs: the report as artifacts, the scores as metrics, the path known to the caller
+    for runner in (first_runner, second_runner):
+        parent = json.loads((runner.record_dir / "summary.json").read_text())["mlflow_run_id"]
+        artifacts = {a.path for a in client.list_artifacts(parent, "report")}
+        assert artifacts == {f"report/{n}" for n in ("report.html", "eval_scores.png", "training_loss.png",
+                                                       "step_times.png", "data_funnel.png")}
+        assert client.get_run(parent).data.metrics["toy_eval_stage1.eval_shuffled/caption_f1"] == 0.25
+        assert runner.report_path == runner.record_dir / "report" / "report.html"
+    page = second_runner.report_path.read_text()
+    assert re.search(r"<th>caption_f1</th><td>0\.100</td><td>0\.600</td><td>0\.250</td><td>0\.350</td>", page)
+    assert "gap vs shuffled" in page and page.count("data:image/png;base64,") == 4
+    assert "cached: produced by run " + first[0].run_id in page
+
+
+def test_report_reads_tables_generically(tmp_path: Path) -> None:
+    steps = [{"name": "ingest", "status": "ran", "duration_s": 1.0, "metrics": {
+                  "rows_in": 10, "rows_kept": 8, "dropped.image_corrupt": 2, "dropped.caption_missing": 0}},
+             {"name": "write_shards", "status": "cached", "duration_s": 0.0,
+              "metrics": {"caption.written": 5, "ocr.written": 3, "duration_s": 2.0}},
+             {"name": "vit_eval", "status": "ran", "duration_s": 1.0, "metrics": {
+                  "siglip_i2t_r1": 0.5, "siglip_t2i_r1": 0.4, "chance_i2t_r1": 0.1, "chance_t2i_r1": 0.1, "pairs": 9}},
+             {"name": "vlm_eval_stage0", "status": "ran", "duration_s": 1.0,
+              "metrics": {"eval/ocr_exact": 0.5, "eval/n_ocr": 4, "duration_s": 1.0}}]
+    assert funnel(steps) == [("ingest", {"kept": 8.0, "dropped: image_corrupt": 2.0}),
+                             ("write_shards", {"caption written": 5.0, "ocr written": 3.0})]
+    names, metrics, table = eval_table(steps)
+    assert names == ["vlm_eval_stage0"] and metrics == ["ocr_exact", "n_ocr"]  # scores first, counts last
+    assert table["vlm_eval_stage0"] == {"eval": {"ocr_exact": 0.5, "n_ocr": 4.0}}
+    rows, columns, _ = phase_table(steps[2]["metrics"])
+    assert rows == ["siglip", "chance"] and columns == ["i2t_r1", "t2i_r1"]
+    page = write_report({"run": "x"}, steps, tmp_path / "report").read_text()
+    assert "gap vs shuffled" not in page and "<th>siglip</th><td>0.500</td><td>0.400</td>" in page
+    assert "no trained step" not in page and sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "data_funnel.png", "eval_scores.png", "report.html", "step_times.png", "training_loss.png"]
+    with pytest.raises(ValueError, match="needs a name and a metrics mapping"):
+        write_report({}, [{"status": "ran"}], tmp_path / "bad")
+
+
+def test_report_command_rebuilds_from_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"mlflow_run_id": "abc", "status": "FINISHED", "steps": [
+        {"name": "ingest", "status": "ran", "duration_s": 1.0, "metrics": {"rows_in": 3, "rows_kept": 3}}]}))
+    assert main([str(summary)]) == 0 and (tmp_path / "report" / "report.html").is_file()
+    (tmp_path / "bad.json").write_text("[]")
+    assert main([str(tmp_path / "bad.json")]) == 2 and "not a pipeline summary" in capsys.readouterr().err
