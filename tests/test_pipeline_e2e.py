@@ -158,8 +158,10 @@ def check_mlflow(root: Path) -> None:
     filters = by_name["basic_filters"]
     assert filters.data.tags["cache_hit"] == "true" and filters.data.tags["component"] == "basic_filters"
     assert filters.data.tags["mlflow.runName"] == "basic_filters (cached)"
-    producer = mlflow.MlflowClient().get_run(filters.data.tags["produced_by_run_id"])
-    assert producer.data.tags["step"] == "basic_filters" and producer.data.tags["cache_key"] == filters.data.tags["cache_key"]
+    shards = by_name["write_shards"]  # produced by the rerun after the kill, in this store
+    producer = mlflow.MlflowClient().get_run(shards.data.tags["produced_by_run_id"])
+    assert producer.data.tags["step"] == "write_shards" and producer.data.tags["cache_key"] == shards.data.tags["cache_key"]
+    assert producer.data.tags["cache_hit"] == "false" and producer.data.metrics["shards"] == shards.data.metrics["shards"]
     assert {"cache_key", "git_commit", "profile", "output_dir"} <= set(filters.data.tags)
     assert filters.data.params["min_short_side"] == "200"
     assert filters.data.metrics["rows_in"] > filters.data.metrics["rows_kept"] > 0
