@@ -91,7 +91,8 @@ STEPS = [
     Step(vlm_stage2, inputs={**VLM_INPUTS, "previous": [("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
          enabled=lambda config: vlm_stage_enabled(config, "stage2")),
     Step(vlm_eval_stage2, inputs=eval_inputs("stage2"), enabled=lambda config: vlm_eval_enabled(config, "stage2")),
-    Step(serve_step, inputs={"vlm": [("vlm_stage2", "vlm"), ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
+    Step(serve_step, inputs={"vlm": [("vlm_stage2", "vlm"), ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")],
+                             "eval": [(f"vlm_eval_{stage}", "eval") for stage in reversed(VLM_STAGES)]},  # its scores
          enabled=lambda config: config.serve.enabled and any(vlm_stage_enabled(config, s) for s in VLM_STAGES),
          cached=False),
 ]

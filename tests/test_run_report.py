@@ -126,3 +126,44 @@ def test_report_command_rebuilds_from_a_summary(tmp_path: Path, capsys: pytest.C
     assert main([str(summary)]) == 0 and (tmp_path / "report" / "report.html").is_file()
     (tmp_path / "bad.json").write_text("[]")
     assert main([str(tmp_path / "bad.json")]) == 2 and "not a pipeline summary" in capsys.readouterr().err
+
+
+def test_registered_version_links_its_training_run_and_scores(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from components.common.cache import Manifest
+    from components.serve.registry import lineage, register_checkpoint
+
+    def entry(step: str, key: str, run_id: str, metrics: dict, inputs: dict) -> Path:
+        folder = tmp_path / "cache" / step / key
+        folder.mkdir(parents=True)
+        (folder / "_MANIFEST.json").write_text(Manifest(step, "1", key, {"inputs": inputs}, {}, {}, metrics, 0.0, 0.0,
+                                                         run_id=run_id).to_json())
+        return folder
+
+    trained = entry("vlm_stage2", "k2", "trainrun", {"loss_last": 1.0}, {})
+    evaluated = entry("vlm_eval_stage2", "e2", "evalrun", {"eval/caption_f1": 0.6, "eval_shuffled/caption_f1": 0.2,
+                                                           "eval/n_caption": 16.0}, {"vlm": "k2"})
+    other = entry("vlm_eval_stage1", "e1", "otherrun", {"eval/caption_f1": 0.9}, {"vlm": "k1"})
+    tags, description = lineage(trained, evaluated, "pipelinerun")
+    assert tags == {"stage": "vlm_stage2", "checkpoint_key": "k2", "trained_by_run_id": "trainrun",
+                    "pipeline_run_id": "pipelinerun", "eval_step": "vlm_eval_stage2", "eval_run_id": "evalrun"}
+    assert "MLflow run `trainrun`" in description and "pipeline run `pipelinerun`" in description
+    assert "| caption_f1 | 0.600 | 0.200 |" in description and "n_caption" not in description
+    assert not any(str(tmp_path) in value for value in tags.values())  # no absolute paths
+    unlinked_tags, unlinked = lineage(trained, other)  # an evaluation of another checkpoint is not shown as its
+    assert "eval_run_id" not in unlinked_tags and "No evaluation of this checkpoint" in unlinked and "0.900" not in unlinked
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("seed-vl", artifact_location=str(tmp_path / "mlartifacts"))
+    run_id = client.create_run(experiment, run_name="serve").info.run_id
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    version, new = register_checkpoint(uri, run_id, export, "seedvl", tags, description)
+    found = client.get_model_version("seedvl", version)
+    assert new and found.description == description and found.tags["trained_by_run_id"] == "trainrun"
+    assert register_checkpoint(uri, run_id, export, "seedvl", tags | {"pipeline_run_id": "next"}, "again") == (version, False)
+    again = client.get_model_version("seedvl", version)
+    assert again.description == "again" and again.tags["pipeline_run_id"] == "next"  # reuse brings the links up to date

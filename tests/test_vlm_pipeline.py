@@ -100,6 +100,10 @@ def check_serving(tiny_run: PipelineRun) -> None:
     version = client.get_model_version_by_alias("seedvl", "latest-pipeline")
     assert endpoint["registered"] == f"models:/seedvl/{version.version}"
     assert client.get_run(version.run_id).data.tags["mlflow.runName"] == "serve"
+    assert client.get_run(version.tags["trained_by_run_id"]).data.tags["step"] == "vlm_stage2"  # the scores' links
+    assert client.get_run(version.tags["eval_run_id"]).data.tags["step"] == "vlm_eval_stage2"
+    assert version.tags["pipeline_run_id"] == client.get_run(version.run_id).data.tags["mlflow.parentRunId"]
+    assert "| counting_accuracy |" in version.description and "checkpoint" not in version.tags
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "components.serve.deploy", "--model", "models:/seedvl@latest-pipeline",
