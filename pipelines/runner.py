@@ -253,9 +253,9 @@ class PipelineRunner:
         self.tracker.set_tags(run_id, {"output_dir": str(entry)} | {
             f"output.{name}": str(entry / rel) for name, rel in manifest.outputs.items()})
         self.tracker.log_metrics(run_id, manifest.metrics)
-        for artifact in manifest.artifacts:
+        for artifact in manifest.artifacts:  # under outputs/ with their folders (eval/gallery/..., vlm/...)
             if (entry / artifact).is_file():
-                self.tracker.log_artifact(run_id, entry / artifact, "outputs")
+                self.tracker.log_artifact(run_id, entry / artifact, str(Path("outputs", artifact).parent))
         self.tracker.end(run_id)
         return StepOutcome(step.name, key, status, duration, str(entry), manifest.metrics, run_id, manifest.run_id)
 
