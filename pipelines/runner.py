@@ -25,7 +25,7 @@ from components.common.contract import Component
 from components.common.executor import manifest_for, run_into
 from components.common.ray_env import ensure_ray
 from components.common.report import EVAL_VARIANTS, train_logs, write_report
-from components.common.tracking import MlflowTracker, NullTracker, Tracker, git_commit
+from components.common.tracking import MlflowTracker, NullTracker, Tracker, git_commit, relocate_moved_artifacts
 from components.schema import REPO_ROOT, PipelineConfig
 from components.training.runtime import read_log, step_metric_series
 
@@ -282,4 +282,7 @@ class PipelineRunner:
 def make_tracker(config: PipelineConfig) -> Tracker:
     if not config.mlflow.experiment:
         return NullTracker()
+    if not config.mlflow.tracking_uri and not config.mlflow.artifact_location:  # the local store in run.root
+        for old, rows in relocate_moved_artifacts(config.root).items():
+            log.info("the run root moved: %d artifact URIs under %s now point into %s", rows, old, config.root)
     return MlflowTracker(config.tracking_uri, config.mlflow.experiment, config.artifact_location)

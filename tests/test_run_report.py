@@ -167,3 +167,31 @@ def test_registered_version_links_its_training_run_and_scores(tmp_path: Path) ->
     assert register_checkpoint(uri, run_id, export, "seedvl", tags | {"pipeline_run_id": "next"}, "again") == (version, False)
     again = client.get_model_version("seedvl", version)
     assert again.description == "again" and again.tags["pipeline_run_id"] == "next"  # reuse brings the links up to date
+
+
+def test_a_moved_run_root_keeps_its_artifacts(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                              capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from components.common.tracking import MlflowTracker, main as tracking_main, relocate_moved_artifacts
+
+    old, new = tmp_path / "old" / "runs", tmp_path / "new" / "runs"
+    old.mkdir(parents=True)
+    tracker = MlflowTracker(f"sqlite:///{old / 'mlflow.db'}", "seed-vl", (old / "mlartifacts").as_uri())
+    run_id = tracker.start("pipeline", {})
+    (tmp_path / "report.html").write_text("<p>hi</p>")
+    tracker.log_artifact(run_id, tmp_path / "report.html", "report")
+    tracker.end(run_id)
+    shutil.move(old, new)
+    client = MlflowClient(f"sqlite:///{new / 'mlflow.db'}")
+    assert client.list_artifacts(run_id, "report") == []  # what a user saw: silently empty
+    with caplog.at_level("WARNING"):
+        MlflowTracker(f"sqlite:///{new / 'mlflow.db'}", "seed-vl", (new / "mlartifacts").as_uri())
+    assert "does not exist" in caplog.text and "components.common.tracking relocate" in caplog.text
+    assert tracking_main(["relocate", str(new)]) == 0 and "-> " + str(new / "mlartifacts") in capsys.readouterr().out
+    assert [a.path for a in MlflowClient(f"sqlite:///{new / 'mlflow.db'}").list_artifacts(run_id, "report")] == [
+        "report/report.html"]
+    assert relocate_moved_artifacts(new) == {}  # nothing left to move
+    assert tracking_main(["relocate", str(tmp_path)]) == 2
