@@ -274,18 +274,18 @@ def eval_html(steps: Sequence[Mapping[str, Any]]) -> str:
     names, metrics, table = eval_table(steps)
     if not names:
         return "<p>No VLM evaluation step ran in this pipeline.</p>"
-    variants = [(prefix, label) for prefix, label in EVAL_VARIANTS if any(prefix in table[n] for n in names)]
-    shuffled = any("eval_shuffled" in table[n] for n in names)
-    head = "".join(f"<th colspan={len(variants) + shuffled}>{html.escape(n)}</th>" for n in names)
-    sub = "".join("".join(f"<th>{label}</th>" for _, label in variants) + ("<th>gap vs shuffled</th>" if shuffled else "")
-                  for _ in names)
+    variants = {n: [(prefix, label) for prefix, label in EVAL_VARIANTS if prefix in table[n]] for n in names}
+    shuffled = {n: "eval_shuffled" in table[n] and "eval" in table[n] for n in names}
+    head = "".join(f"<th colspan={len(variants[n]) + shuffled[n]}>{html.escape(n)}</th>" for n in names)
+    sub = "".join("".join(f"<th>{label}</th>" for _, label in variants[n])
+                  + ("<th>gap vs shuffled</th>" if shuffled[n] else "") for n in names)
     body = []
     for metric in metrics:
         cells = []
         for name in names:
-            for prefix, _ in variants:
+            for prefix, _ in variants[name]:
                 cells.append(cell(metric, table[name].get(prefix, {}).get(metric)))
-            if shuffled:
+            if shuffled[name]:
                 trained, control = table[name].get("eval", {}).get(metric), table[name].get("eval_shuffled", {}).get(metric)
                 cells.append(cell(metric, None if trained is None or control is None or is_count(metric)
                                   else trained - control))
@@ -340,7 +340,7 @@ def funnel_html(steps: Sequence[Mapping[str, Any]]) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;font-size:14px}
 table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:2px 7px;text-align:right}
 th{background:#f3f3f3}tr.count{color:#888}tr.cached td{color:#777}td.na{color:#bbb}code{font-size:12px}
-td:first-child{text-align:left}.note{color:#666;font-size:12px;max-width:60em}img{max-width:100%;display:block;margin:.4em 0 1.2em}"""
+td:first-child,tr>th:first-child{text-align:left}.note{color:#666;font-size:12px;max-width:60em}img{max-width:100%;display:block;margin:.4em 0 1.2em}"""
 
 
 def render_html(header: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], charts: Mapping[str, Path]) -> str:
