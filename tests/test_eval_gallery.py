@@ -34,7 +34,8 @@ def test_boxes_and_points_land_on_their_pixels() -> None:
     assert drawn.getpixel((round(60 * scale), round(50 * scale))) == (255, 255, 255)
     # the answer's point is at the centre of bin (750, 500): x 150.1, y 50.05; its circle has radius 6
     x, y = 150.1 * scale, 50.05 * scale
-    assert close(drawn.getpixel((round(x + 5), round(y))), ANSWER) and drawn.getpixel((round(x), round(y))) == (255, 255, 255)
+    assert close(drawn.getpixel((round(x + 5), round(y))), ANSWER)
+    assert drawn.getpixel((round(x), round(y))) == (255, 255, 255)
     assert drawn.width == CARD_WIDTH and drawn.height > 100 * scale + 4 * 16  # the picture, then the text lines
 
 
@@ -56,5 +57,6 @@ def test_a_few_per_kind_with_shuffled_answers_and_files(tmp_path: Path) -> None:
     with Image.open(tmp_path / drawn[3]) as no_row:  # k3 has no held-out row: drawn without a picture
         assert no_row.height < 48 * CARD_WIDTH / 64
     with Image.open(tmp_path / drawn[1]) as counting:
-        colours = {counting.getpixel((x, y)) for x in range(counting.width) for y in range(counting.height - 80, counting.height)}
+        colours = {counting.getpixel((x, y))
+                   for x in range(counting.width) for y in range(counting.height - 80, counting.height)}
         assert any(close(c, (150, 90, 200)) for c in colours)  # the shuffled-image answer is written in its colour

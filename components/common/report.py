@@ -34,6 +34,7 @@ EVAL_VARIANTS = (("eval_untrained", "untrained"), ("eval", "trained"), ("eval_sh
 TRAIN_LOG = "train_log.jsonl"
 CHARTS = ("eval_scores.png", "training_loss.png", "step_times.png", "data_funnel.png")
 COUNT_SUFFIXES = ("_samples", "_tokens", "_skipped")
+TICKS = (("eval_untrained", "#555555", "untrained"), ("eval_shuffled", "#c44e52", "shuffled images"))
 
 
 def is_count(metric: str) -> bool:
@@ -41,10 +42,13 @@ def is_count(metric: str) -> bool:
     return metric.startswith("n_") or metric.endswith(COUNT_SUFFIXES)
 
 
-def eval_table(steps: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], dict[str, dict[str, dict[str, float]]]]:
+EvalTable = dict[str, dict[str, dict[str, float]]]  # step -> variant prefix -> metric -> value
+
+
+def eval_table(steps: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], EvalTable]:
     """(evaluation step names, metric names (scores, then counts), step -> variant prefix -> metric ->
     value) over the steps whose metrics hold `eval/`, `eval_untrained/` or `eval_shuffled/` keys."""
-    table: dict[str, dict[str, dict[str, float]]] = {}
+    table: EvalTable = {}
     for step in steps:
         found: dict[str, dict[str, float]] = {}
         for key, value in step.get("metrics", {}).items():
@@ -166,10 +170,11 @@ def eval_chart(steps: Sequence[Mapping[str, Any]], path: Path) -> Path:
         axes = axes_grid[index // columns][index % columns]
         trained = [table[n].get("eval", {}).get(metric, math.nan) for n in names]
         axes.bar(range(len(names)), trained, color="#4c72b0", label="trained")
-        for prefix, colour, label in (("eval_untrained", "#555555", "untrained"), ("eval_shuffled", "#c44e52", "shuffled images")):
+        for prefix, colour, label in TICKS:
             values = [table[n].get(prefix, {}).get(metric, math.nan) for n in names]
             if any(not math.isnan(v) for v in values):
-                axes.scatter(range(len(names)), values, marker="_", s=400, linewidths=2.5, color=colour, label=label, zorder=3)
+                axes.scatter(range(len(names)), values, marker="_", s=400, linewidths=2.5, color=colour, label=label,
+                             zorder=3)
         axes.set_xticks(range(len(names)), labels, fontsize=7)
         axes.set_title(metric, fontsize=9)
         axes.tick_params(axis="y", labelsize=7)
@@ -236,7 +241,8 @@ def funnel_chart(steps: Sequence[Mapping[str, Any]], path: Path) -> Path:
         return _placeholder(path, "data funnel", "no data step in this pipeline")
     plt = _pyplot()
     segments = list(dict.fromkeys(label for _, parts in rows for label in parts))
-    colours = {label: ("#55a868" if label == "kept" else plt.get_cmap("tab20")(i % 20)) for i, label in enumerate(segments)}
+    palette = plt.get_cmap("tab20")
+    colours = {label: ("#55a868" if label == "kept" else palette(i % 20)) for i, label in enumerate(segments)}
     figure, axes = plt.subplots(figsize=(9, 0.45 * len(rows) + 2.2))
     for position, (_, parts) in enumerate(rows):
         index, left = len(rows) - 1 - position, 0.0  # the first step at the top
@@ -286,7 +292,8 @@ def eval_html(steps: Sequence[Mapping[str, Any]]) -> str:
             for prefix, _ in variants[name]:
                 cells.append(cell(metric, table[name].get(prefix, {}).get(metric)))
             if shuffled[name]:
-                trained, control = table[name].get("eval", {}).get(metric), table[name].get("eval_shuffled", {}).get(metric)
+                trained = table[name].get("eval", {}).get(metric)
+                control = table[name].get("eval_shuffled", {}).get(metric)
                 cells.append(cell(metric, None if trained is None or control is None or is_count(metric)
                                   else trained - control))
         style = " class=count" if is_count(metric) else ""
@@ -320,9 +327,9 @@ def steps_html(steps: Sequence[Mapping[str, Any]]) -> str:
         produced = str(step.get("produced_by_run_id") or "")
         link = f"cached: produced by run {html.escape(produced)}" if status == "cached" and produced else ""
         seconds = float(step.get("duration_s", 0.0))
+        key, run_id = html.escape(str(step.get("cache_key", ""))[:12]), html.escape(str(step.get("run_id") or ""))
         rows.append(f"<tr class={html.escape(status)}><td>{html.escape(str(step['name']))}</td><td>{html.escape(status)}"
-                    f"</td><td>{seconds:.1f}</td><td><code>{html.escape(str(step.get('cache_key', ''))[:12])}</code></td>"
-                    f"<td>{html.escape(str(step.get('run_id') or ''))}</td><td>{link}</td></tr>")
+                    f"</td><td>{seconds:.1f}</td><td><code>{key}</code></td><td>{run_id}</td><td>{link}</td></tr>")
     return ("<table><tr><th>step</th><th>status</th><th>seconds</th><th>cache key</th><th>MLflow run</th><th></th></tr>"
             + "".join(rows) + "</table>")
 
@@ -340,7 +347,8 @@ def funnel_html(steps: Sequence[Mapping[str, Any]]) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;font-size:14px}
 table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:2px 7px;text-align:right}
 th{background:#f3f3f3}tr.count{color:#888}tr.cached td{color:#777}td.na{color:#bbb}code{font-size:12px}
-td:first-child,tr>th:first-child{text-align:left}.note{color:#666;font-size:12px;max-width:60em}img{max-width:100%;display:block;margin:.4em 0 1.2em}"""
+td:first-child,tr>th:first-child{text-align:left}.note{color:#666;font-size:12px;max-width:60em}
+img{max-width:100%;display:block;margin:.4em 0 1.2em}"""
 
 
 def render_html(header: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], charts: Mapping[str, Path]) -> str:
@@ -350,9 +358,11 @@ def render_html(header: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], c
         data = base64.b64encode(charts[name].read_bytes()).decode("ascii")
         return f'<img alt="{name}" src="data:image/png;base64,{data}">'
 
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>Run report {html.escape(str(header.get('run', '')))}"
-            f"</title><style>{STYLE}</style></head><body><h1>Pipeline run report</h1><table>{facts}</table>"
-            f"<h2>What each stage bought: evaluation</h2>{eval_html(steps)}{phase_html(steps)}{image('eval_scores.png')}"
+    title = html.escape(str(header.get("run", "")))
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>Run report {title}</title><style>{STYLE}</style>"
+            f"</head><body><h1>Pipeline run report</h1><table>{facts}</table>"
+            f"<h2>What each stage bought: evaluation</h2>{eval_html(steps)}{phase_html(steps)}"
+            f"{image('eval_scores.png')}"
             f"<h2>Training loss per stage</h2>{image('training_loss.png')}"
             f"<h2>Data funnel</h2>{funnel_html(steps)}{image('data_funnel.png')}"
             f"<h2>Steps</h2>{steps_html(steps)}{image('step_times.png')}</body></html>")

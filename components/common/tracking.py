@@ -91,7 +91,8 @@ class MlflowTracker:
         else:
             self.experiment_id = found.experiment_id
             missing = local_path(found.artifact_location)
-            if missing is not None and not missing.exists() and any(self.client.search_runs([found.experiment_id], max_results=1)):
+            used = bool(self.client.search_runs([found.experiment_id], max_results=1))
+            if missing is not None and not missing.exists() and used:
                 log.warning("experiment %r keeps its artifacts in %s, which does not exist: its runs will list no "
                             "artifacts. If the run root was moved, run `python -m components.common.tracking relocate "
                             "<new root>`; else set mlflow.experiment to a new name", experiment, missing)
@@ -124,7 +125,8 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        items = [Metric(key, float(value), stamp, step) for metrics, step in series for key, value in sorted(metrics.items())]
+        items = [Metric(key, float(value), stamp, step)
+                 for metrics, step in series for key, value in sorted(metrics.items())]
         for start in range(0, len(items), METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=items[start : start + METRICS_PER_BATCH])
 
@@ -191,8 +193,8 @@ def relocate_moved_artifacts(root: Path) -> dict[str, int]:
         return {}
     changed: dict[str, int] = {}
     with contextlib.closing(sqlite3.connect(database)) as connection, connection:
-        old_locations = {str(location) for (location,) in connection.execute("SELECT artifact_location FROM experiments")}
-        for old in sorted(old_locations):
+        locations = {str(location) for (location,) in connection.execute("SELECT artifact_location FROM experiments")}
+        for old in sorted(locations):
             path = local_path(old)
             if path is None or path.name != ARTIFACTS_DIR or path.exists() or path == target:
                 continue

@@ -49,7 +49,8 @@ def lineage(entry: Path, eval_entry: Path | None, pipeline_run_id: str = "") -> 
              + (f" and registered by pipeline run `{pipeline_run_id}`." if pipeline_run_id else ".")]
     evaluation = read_manifest(eval_entry) if eval_entry is not None else None
     if evaluation is None or evaluation.key_material.get("inputs", {}).get("vlm") != key:
-        lines.append("\nNo evaluation of this checkpoint is linked (its evaluation step was off or evaluated another one).")
+        lines.append("\nNo evaluation of this checkpoint is linked (its evaluation step was off or evaluated "
+                     "another one).")
         return tags, "\n".join(lines)
     tags["eval_step"] = evaluation.component
     if evaluation.run_id:
@@ -68,7 +69,8 @@ def scores_markdown(metrics: Mapping[str, float]) -> str:
     names = sorted({key.split("/", 1)[1] for key in metrics if "/" in key and key.split("/", 1)[0] in dict(columns)})
     rows = ["| metric | " + " | ".join(label for _, label in columns) + " |", "|---|" + "---:|" * len(columns)]
     for metric in (n for n in names if not is_count(n)):
-        cells = [f"{metrics[f'{prefix}/{metric}']:.3f}" if f"{prefix}/{metric}" in metrics else "-" for prefix, _ in columns]
+        cells = [f"{metrics[f'{prefix}/{metric}']:.3f}" if f"{prefix}/{metric}" in metrics else "-"
+                 for prefix, _ in columns]
         rows.append(f"| {metric} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

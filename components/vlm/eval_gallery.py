@@ -57,7 +57,8 @@ def picture(images: Sequence[bytes], width: int) -> tuple[Image.Image, float, Im
     if len(frames) == 1:
         original = frames[0]
         scale = width / original.width
-        return original.resize((width, max(1, round(original.height * scale))), Image.Resampling.NEAREST), scale, original
+        size = (width, max(1, round(original.height * scale)))
+        return original.resize(size, Image.Resampling.NEAREST), scale, original
     step = max(1, len(frames) // FRAMES_SHOWN)
     shown = frames[::step][:FRAMES_SHOWN]
     tile = width // len(shown)
@@ -77,7 +78,8 @@ def draw_marks(draw: ImageDraw.ImageDraw, text: str, original: Image.Image, scal
         draw.text((x0 * scale + 3, y0 * scale + 2), label, fill=colour, font=font(12))
     for x, y in marks["points"]:
         radius = 6
-        draw.ellipse([x * scale - radius, y * scale - radius, x * scale + radius, y * scale + radius], outline=colour, width=3)
+        cx, cy = x * scale, y * scale
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], outline=colour, width=3)
         draw.text((x * scale + radius + 2, y * scale - radius), label, fill=colour, font=font(12))
     return len(marks["boxes"]) + len(marks["points"])
 
