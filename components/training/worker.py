@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -142,8 +143,9 @@ class ProgressPrinter:
     worker group (re)started times the steps left."""
 
     def __init__(self, part: str, steps: int, start_step: int, every_s: float = 10.0,
-                 write: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
-        self.part, self.steps, self.start_step, self.every_s, self.write = part, steps, start_step, every_s, write
+                 write: Callable[[str], None] | None = None) -> None:
+        self.part, self.steps, self.start_step, self.every_s = part, steps, start_step, every_s
+        self.write = write or write_stdout
         self.started = self.last = time.perf_counter()
         self.average, self.count, self.printed = 0.0, 0, False
 
@@ -165,6 +167,13 @@ class ProgressPrinter:
         parts.append(f"{seconds_per_step:.2f} s/step")
         parts.append("done" if step >= self.steps else f"ETA {format_seconds(seconds_per_step * (self.steps - step))}")
         return "  ".join(parts)
+
+
+def write_stdout(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver's terminal. Not `print`: Ray
+    Train patches it to also log the line, and the driver then shows it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def format_seconds(seconds: float) -> str:
