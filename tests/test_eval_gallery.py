@@ -60,3 +60,20 @@ def test_a_few_per_kind_with_shuffled_answers_and_files(tmp_path: Path) -> None:
         colours = {counting.getpixel((x, y))
                    for x in range(counting.width) for y in range(counting.height - 80, counting.height)}
         assert any(close(c, (150, 90, 200)) for c in colours)  # the shuffled-image answer is written in its colour
+
+
+def test_a_box_of_one_bin_and_an_unreadable_image_never_fail(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    example = {"key": "s1", "kind": "grounding", "question": "<image>\nWhere?",
+               "reference": "<box>[0, 0, 999, 999]</box>", "prediction": "<box>[22, 111, 111, 111]</box>"}  # one bin tall: under a pixel on a 420-wide card
+    drawn = card(example, [png(640, 640)])
+    scale = CARD_WIDTH / 640
+    assert close(drawn.getpixel((round(60 * scale), round(111 * 0.64 * scale))), ANSWER)  # a line on its row
+    broken = dict(example, key="s2")
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "stage1.jsonl").write_text(json.dumps(broken) + "\n" + json.dumps(example) + "\n")
+    rows = [{"key": "s2", "question": example["question"], "images": [b"not a png"]},
+            {"key": "s1", "question": example["question"], "images": [png(640, 640)]}]
+    assert draw_galleries(eval_dir, ["stage1"], rows, per_kind=2) == ["eval/gallery/stage1.png",
+                                                                       "eval/gallery/stage1-grounding-1.png"]
+    assert "gallery: skipping s2 (grounding)" in caplog.text

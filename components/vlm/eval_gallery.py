@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import textwrap
 import uuid
@@ -23,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from components.common.coords import answer_in_pixels
 
+log = logging.getLogger(__name__)
 REFERENCE, ANSWER, SHUFFLED = (40, 160, 60), (210, 40, 40), (150, 90, 200)
 CARD_WIDTH = 420
 FRAMES_SHOWN = 4
@@ -73,8 +75,9 @@ def draw_marks(draw: ImageDraw.ImageDraw, text: str, original: Image.Image, scal
                label: str) -> int:
     """The boxes and points of `text` (normalised [0, 999]) drawn on the scaled picture; returns how many."""
     marks = answer_in_pixels(text, original.width, original.height)
-    for x0, y0, x1, y1 in marks["boxes"]:
-        draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=colour, width=3)
+    for x0, y0, x1, y1 in marks["boxes"]:  # x1, y1 exclusive; a box of one bin may be under a pixel wide
+        left, top = x0 * scale, y0 * scale
+        draw.rectangle([left, top, max(left, x1 * scale - 1), max(top, y1 * scale - 1)], outline=colour, width=3)
         draw.text((x0 * scale + 3, y0 * scale + 2), label, fill=colour, font=font(12))
     for x, y in marks["points"]:
         radius = 6
@@ -137,7 +140,8 @@ def draw_gallery(examples: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
                  name: str, per_kind: int = 2) -> list[Path]:
     """Cards `<name>-<kind>-<n>.png` for `per_kind` examples of each kind and the sheet `<name>.png`,
     in `out_dir`; returns their paths (sheet first). An example whose row is missing is drawn without a
-    picture; no examples, no files."""
+    picture, one that cannot be drawn (an unreadable image) is skipped with a warning; no examples, no
+    files."""
     images = {(str(row["key"]), str(row["question"])): list(row.get("images") or []) for row in rows}
     chosen = pick(examples, per_kind)
     if not chosen:
@@ -145,13 +149,19 @@ def draw_gallery(examples: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
     out_dir.mkdir(parents=True, exist_ok=True)
     cards, paths, counts = [], [], {}
     for example in chosen:
-        item = card(example, images.get((str(example["key"]), str(example["question"])), []))
+        try:
+            item = card(example, images.get((str(example["key"]), str(example["question"])), []))
+        except (OSError, ValueError) as error:  # the gallery is for looking at: it never fails the evaluation
+            log.warning("gallery: skipping %s (%s): %s", example["key"], example["kind"], error)
+            continue
         kind = str(example["kind"])
         counts[kind] = counts.get(kind, 0) + 1
         path = out_dir / f"{name}-{kind}-{counts[kind]}.png"
         save_png(item, path)
         cards.append(item)
         paths.append(path)
+    if not cards:
+        return []
     sheet = out_dir / f"{name}.png"
     save_png(contact_sheet(cards), sheet)
     return [sheet, *paths]
