@@ -1,14 +1,14 @@
 """What a user sees in the MLflow UI, checked in a real browser: starts `mlflow ui` on 127.0.0.1 over a
 run root's store, takes headless-chromium screenshots of the pages a user opens after a pipeline run,
-and prints what each page is.
+and prints what each page is (a page that does not settle in time is reported and skipped).
 
     python pipelines/full.py --set run.root=/tmp/ui_runs --set serve.keep_alive=false   # twice: 2nd all cached
     python benchmarks/mlflow_ui_screenshots.py --root /tmp/ui_runs --out /tmp/ui_shots
 
 Needs Debian's `chromium` (apt-get install chromium). The pages: the experiment's runs table, the
-latest parent run (overview, artifacts on the run report), the report itself, a cached step's run, a
-trained stage's run and its `train/loss` chart, an evaluation step's gallery, the registered model
-version. The server is stopped at the end.
+latest parent run (overview, the run report and its loss chart in the artifact viewer), a cached
+stage's run and its metric charts, `train/loss` of the trained stages overlaid, an evaluation step's
+gallery, the registered model version. The server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -48,11 +48,19 @@ def wait_up(url: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"mlflow ui did not answer on {url} within {timeout:.0f} s")
 
 
-def screenshot(browser: str, url: str, path: Path, width: int = 1600, height: int = 1300, wait_ms: int = 20000) -> None:
-    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--no-first-run", "--disable-dev-shm-usage", f"--window-size={width},{height}",
-                    f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
-                   check=True, capture_output=True, timeout=180)
+def screenshot(browser: str, url: str, path: Path, width: int = 1600, height: int = 1300,
+               wait_ms: int = 15000) -> str:
+    """'' when the page was captured, else why not (a page that never settles times out)."""
+    try:
+        subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--no-first-run", "--disable-dev-shm-usage", f"--window-size={width},{height}",
+                        f"--virtual-time-budget={wait_ms}", f"--screenshot={path}", url],
+                       check=True, capture_output=True, timeout=150)
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    except subprocess.CalledProcessError as error:
+        return f"chromium failed: {error.stderr.decode(errors='replace')[-300:]}"
+    return ""
 
 
 def pages(client: object, experiment_id: str, base: str) -> list[tuple[str, str, str]]:
@@ -60,31 +68,36 @@ def pages(client: object, experiment_id: str, base: str) -> list[tuple[str, str,
     runs = client.search_runs([experiment_id], max_results=1000, order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("kind") == "pipeline" and r.info.status == "FINISHED")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    cached = [r for r in children if r.data.tags.get("cache_hit") == "true"]
-    trained = [r for r in runs if r.data.tags.get("step", "").startswith("vlm_stage") and r.data.tags.get("cache_hit") == "false"]
-    evals = [r for r in runs if r.data.tags.get("step") == "vlm_eval_stage2" and r.data.tags.get("cache_hit") == "false"]
+    cached = [r for r in children if r.data.tags.get("cache_hit") == "true" and r.data.tags.get("step") == "vlm_stage1"]
+    trained = [r for r in runs if r.data.tags.get("step", "").startswith("vlm_stage")
+               and r.data.tags.get("cache_hit") == "false"]
+    evals = [r for r in runs if r.data.tags.get("step") == "vlm_eval_stage2"]
     exp = f"{base}/#/experiments/{experiment_id}"
     run = f"{exp}/runs/{parent.info.run_id}"
     listed = [("01_runs_table.png", f"{exp}/runs", "the runs table (Model training view)"),
               ("02_parent_overview.png", run, "the latest pipeline run's overview"),
-              ("03_parent_report_artifact.png", f"{run}/artifactPath/report/report.html",
+              ("03_parent_report.png", f"{run}/artifactPath/report/report.html",
                "the parent run's artifacts with report/report.html selected"),
-              ("04_report_page.png", f"{base}/get-artifact?" + urllib.parse.urlencode(
-                  {"path": "report/report.html", "run_uuid": parent.info.run_id}), "the run report as served")]
+              ("04_parent_loss_chart.png", f"{run}/artifactPath/report/training_loss.png",
+               "the parent run's artifacts with report/training_loss.png selected")]
     if cached:
-        listed.append(("05_cached_step.png", f"{exp}/runs/{cached[0].info.run_id}",
-                       f"a cached step's run ({cached[0].data.tags['mlflow.runName']})"))
-    if trained:
-        ids = json.dumps([r.info.run_id for r in trained[:3]])
-        listed.append(("06_trained_stage.png", f"{exp}/runs/{trained[0].info.run_id}/model-metrics",
-                       f"a trained stage's run ({trained[0].data.tags['mlflow.runName']}), its metric charts"))
-        listed.append(("07_loss_overlay.png", f"{base}/#/metric/train%2Floss?" + urllib.parse.urlencode(
-            {"runs": ids, "metric": '"train/loss"', "experiments": json.dumps([experiment_id])}),
-            "train/loss of the trained stages' runs overlaid"))
+        listed.append(("05_cached_stage.png", f"{exp}/runs/{cached[0].info.run_id}",
+                       f"a cached stage's run ({cached[0].data.tags['mlflow.runName']}): tags and metrics"))
+        listed.append(("06_cached_stage_charts.png", f"{exp}/runs/{cached[0].info.run_id}/model-metrics",
+                       "the cached stage's metric charts (train/* curves copied from the run that trained it)"))
+    if trained:  # the metric page's own URL form (MLflow's getMetricPageRoute): JSON in the query
+        def compact(value: object) -> str:
+            return json.dumps(value, separators=(",", ":"))
+
+        ids = compact([r.info.run_id for r in trained[:3]])
+        listed.append(("07_loss_overlay.png", f"{base}/#/metric?runs={ids}&metric="
+                       f"{urllib.parse.quote(compact('train/loss'))}&experiments={compact([experiment_id])}"
+                       f"&plot_metric_keys={urllib.parse.quote(compact(['train/loss', 'train/loss_smoothed']))}"
+                       "&x_axis=step",
+                       "train/loss and train/loss_smoothed of three trained stages' runs overlaid"))
     if evals:
-        listed.append(("08_eval_gallery.png", f"{base}/get-artifact?" + urllib.parse.urlencode(
-            {"path": "outputs/eval/gallery/stage2.png", "run_uuid": evals[0].info.run_id}),
-            "stage 2's evaluation gallery (contact sheet)"))
+        listed.append(("08_eval_gallery.png", f"{exp}/runs/{evals[0].info.run_id}/artifactPath/outputs/eval/gallery/"
+                       "stage2.png", "stage 2's evaluation gallery (contact sheet) in the artifact viewer"))
     listed.append(("09_model_version.png", f"{base}/#/models/seedvl/versions/{latest_version(client)}",
                    "the registered model version (description, tags, source run)"))
     return listed
@@ -128,8 +141,10 @@ def main() -> int:
         wait_up(base)
         for name, url, what in pages(client, experiment.experiment_id, base):
             started = time.monotonic()
-            screenshot(browser, url, args.out / name)
-            print(f"{name:<32} {time.monotonic() - started:5.1f}s  {what}\n{'':<32}        {url}")
+            problem = screenshot(browser, url, args.out / name)
+            if problem == "timed out":  # a cold server on a busy machine: once more
+                problem = screenshot(browser, url, args.out / name)
+            print(f"{name:<28} {time.monotonic() - started:5.1f}s  {problem or what}\n{'':<36}{url}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
