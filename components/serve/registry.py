@@ -46,7 +46,7 @@ def lineage(entry: Path, eval_entry: Path | None, pipeline_run_id: str = "") -> 
         tags["pipeline_run_id"] = pipeline_run_id
     lines = [f"Trained by step `{step}` (cache key `{key}`"
              + (f", MLflow run `{manifest.run_id}`" if manifest and manifest.run_id else "") + ")"
-             + (f" and registered by pipeline run `{pipeline_run_id}`." if pipeline_run_id else ".")]
+             + (f"; last deployed by pipeline run `{pipeline_run_id}`." if pipeline_run_id else ".")]
     evaluation = read_manifest(eval_entry) if eval_entry is not None else None
     if evaluation is None or evaluation.key_material.get("inputs", {}).get("vlm") != key:
         lines.append("\nNo evaluation of this checkpoint is linked (its evaluation step was off or evaluated "
@@ -85,8 +85,8 @@ def register_checkpoint(tracking_uri: str, run_id: str, folder: Path, name: str,
                         tags: dict[str, str], description: str = "") -> tuple[str, bool]:
     """Log `folder` as the run's `model` artifacts and register them as a new version of `name` (created
     when absent), unless a version tagged with the same `checkpoint_key` (the producing step's cache key)
-    exists: then that version is reused (its description and tags brought up to date) and nothing is
-    uploaded again. The alias `latest-pipeline` moves to the version. Returns (version, whether it is new)."""
+    exists: then that version is reused (its description and tags brought up to date: the latest pipeline
+    run and evaluation) and nothing is uploaded again. The alias `latest-pipeline` moves to the version. Returns (version, whether it is new)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
