@@ -60,13 +60,20 @@ def run_toy(root: Path, monkeypatch: pytest.MonkeyPatch):
     return runner, runner.run(["test"])
 
 
-def test_cached_rerun_links_its_producer_and_reports_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_rerun_links_its_producer_and_reports_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     from mlflow.tracking import MlflowClient
 
     root = tmp_path / "runs"
-    first_runner, first = run_toy(root, monkeypatch)
-    second_runner, second = run_toy(root, monkeypatch)
+    with caplog.at_level("INFO", logger="pipeline"):
+        first_runner, first = run_toy(root, monkeypatch)
+        second_runner, second = run_toy(root, monkeypatch)
     assert [o.status for o in first] == ["ran"] * 3 and [o.status for o in second] == ["cached"] * 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline"]  # the terminal: start, verdict, time
+    assert lines[0] == f"[1/3] toy_data: running (not cached: key {first[0].cache_key[:12]})"
+    assert re.fullmatch(r"\[1/3\] toy_data: ran in \d+\.\ds -> .*/cache/toy_data/\w+", lines[1])
+    producer = f"produced by MLflow run {first[2].run_id}"
+    assert f"[3/3] toy_eval_stage1: cached (key {first[2].cache_key[:12]}, {producer})" in lines
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     for ran, cached in zip(first, second):
         run = client.get_run(cached.run_id)
