@@ -1,13 +1,18 @@
-"""The VLM results tables (what each stage bought, and the stage-0 ablation) in one command.
+"""The VLM results tables (what each stage bought, each score beside its shuffled-image control, the
+probes, and the stage-0 ablation) in one command.
 
     .venv/bin/python benchmarks/vlm_results.py [--profile tiny] [--root DIR] [--set key=value ...] [--no-readme]
+        [--seeds 0 1 2] [--no-ablation]
 
-Runs the pipeline through vlm_eval_stage2 twice in a subprocess against one run root (default: `runs`, so
-steps already cached there are reused): as configured, and with the `skip_stage0` experiment. Reads
-each VLM step's metrics from the run summary, prints two Markdown tables (evaluation per checkpoint;
-training per stage; each stage's scores come from its own `vlm_eval_<stage>` step), records them in
-benchmarks/results/vlm_results_<profile>.json and rewrites the
-block between the `vlm-results` markers in README.md (`vlm-results-<profile>` for other profiles).
+Runs the pipeline through vlm_eval_stage2 in a subprocess against one run root (default: `runs`, so steps
+already cached there are reused): as configured (once per seed with `--seeds`), and with the `skip_stage0`
+experiment. Reads each VLM step's metrics from the run summary and prints Markdown tables: evaluation per
+checkpoint, every cell "true images / shuffled images" (each held-out item asked again with another
+item's image; with several seeds, the mean and the spread over seeds); the image-use gap per task (answer
+loss with shuffled minus own images, nats); the linear probes of per-image facts on the ViT after each
+pretraining phase and on each stage's ViT and adapter; training per stage. Records them in
+benchmarks/results/vlm_results_<profile>.json and rewrites the block between the `vlm-results` markers
+in README.md (`vlm-results-<profile>` for other profiles).
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ from results_file import record
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 STAGES = ("vlm_stage0", "vlm_stage1", "vlm_stage2")
-EVAL_COLUMNS = ("caption_f1", "caption_colour_recall", "caption_shape_recall", "counting_accuracy",
-                "counting_majority", "grounding_iou50", "pointing_hit", "ocr_exact", "video_tiou50",
-                "video_qa_exact", "video_qa_majority", "heldout_answer_loss", "image_use_gap")
+EVAL_COLUMNS = ("caption_f1", "caption_object_colour_recall", "caption_shape_recall", "caption_background_recall",
+                "counting_accuracy", "counting_majority", "grounding_iou", "grounding_iou50", "pointing_hit",
+                "ocr_exact", "video_tiou50", "video_qa_exact", "video_qa_majority")
+GAP_COLUMNS = ("heldout_answer_loss", "image_use_gap", "image_use_gap_caption", "image_use_gap_counting",
+               "image_use_gap_grounding", "image_use_gap_ocr", "image_use_gap_video")
+PROBE_COLUMNS = ("background_mean", "colour_present_mean", "colour_present_max", "shape_present_max", "count_max",
+                 "count_majority", "cell_object", "cell_colour", "cell_colour_majority")
 TRAIN_COLUMNS = ("seconds", "steps", "loss_first", "loss_last10", "aux_loss_mean", "tokens_per_s_mean",
                  "padding_mean")
 
@@ -47,6 +56,7 @@ def run_pipeline(root: Path, args: list[str]) -> tuple[float, dict[str, dict[str
 
 
 def evaluation_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, dict[str, float]]:
+    """Per checkpoint: its `eval/` metrics, and the shuffled-image controls under `shuffled:<metric>`."""
     rows: dict[str, dict[str, float]] = {}
     for name in STAGES:
         step = steps.get(name.replace("vlm_", "vlm_eval_"))
@@ -56,9 +66,64 @@ def evaluation_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, 
         untrained = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval_untrained/")}
         if untrained:
             rows[f"untrained{suffix}"] = untrained
-        rows[f"{name.removeprefix('vlm_')}{suffix}"] = {k.split("/", 1)[1]: v for k, v in metrics.items()
-                                                          if k.startswith("eval/")}
+        row = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")}
+        row |= {"shuffled:" + k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval_shuffled/")}
+        rows[f"{name.removeprefix('vlm_')}{suffix}"] = row
     return rows
+
+
+def probe_rows(steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The probes: raw pixels, the ViT after each pretraining phase (vit_eval), each stage's ViT and adapter."""
+    rows: dict[str, dict[str, float]] = {}
+    vit = steps.get("vit_eval", {}).get("metrics", {})
+    for name in ("pixels", "initial", "mim", "siglip", "video"):
+        row = {k.removeprefix(f"probe_{name}_"): v for k, v in vit.items() if k.startswith(f"probe_{name}_")}
+        if row:
+            rows["RGB histograms (pixels)" if name == "pixels" else f"ViT {name}"] = row
+    for name in STAGES:
+        metrics = steps.get(name.replace("vlm_", "vlm_eval_"), {}).get("metrics", {})
+        for part in ("vit", "adapter"):
+            row = {k.removeprefix(f"eval/probe_{part}_"): v for k, v in metrics.items()
+                   if k.startswith(f"eval/probe_{part}_")}
+            if row:
+                rows[f"{name.removeprefix('vlm_')} {part}"] = row
+    return rows
+
+
+def over_seeds(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Mean and spread (population std) of each metric of each row over seeds (rows every seed has)."""
+    import numpy as np
+
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for row in runs[0]:
+        if not all(row in run for run in runs):
+            continue
+        out[row] = {}
+        for metric in runs[0][row]:
+            values = [run[row][metric] for run in runs if metric in run[row]]
+            if len(values) == len(runs):
+                out[row][metric] = (float(np.mean(values)), float(np.std(values)))
+    return out
+
+
+def cell(stats: dict[str, tuple[float, float]], metric: str, controls: bool) -> str:
+    def one(key: str) -> str | None:
+        if key not in stats:
+            return None
+        mean, spread = stats[key]
+        return f"{mean:.3f}" + (f" ±{spread:.3f}" if spread > 0 else "")
+    true = one(metric)
+    if true is None:
+        return "-"
+    shuffled = one("shuffled:" + metric) if controls else None
+    return true if shuffled is None else f"{true} / {shuffled}"
+
+
+def table(rows: dict[str, dict[str, tuple[float, float]]], columns: tuple[str, ...], controls: bool = False) -> str:
+    columns = tuple(c for c in columns if any(c in r for r in rows.values()))
+    lines = ["| checkpoint | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(cell(stats, c, controls) for c in columns) + " |" for name, stats in rows.items()]
+    return "\n".join(lines) + "\n"
 
 
 def training_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, dict[str, float]]:
@@ -86,37 +151,53 @@ def replace_readme_block(table: str, profile: str) -> None:
 
 
 def main() -> None:
-    from components.vlm.eval_tasks import results_table
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--root", default=str(REPO / "runs"), help="run root (its cache is reused)")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run.seed values (mean and spread)")
     parser.add_argument("--no-readme", action="store_true", help="print and record, but leave README.md alone")
     parser.add_argument("--no-ablation", action="store_true", help="skip the skip_stage0 run")
     args = parser.parse_args()
     base = ["--profile", args.profile, *[x for o in args.overrides for x in ("--set", o)]]
     root = Path(args.root).resolve()
-    wall_main, main_steps = run_pipeline(root, base)
+    seeds = args.seeds or [None]
+    walls, evaluations, probes, trainings = [], [], [], []
+    for seed in seeds:
+        wall, steps = run_pipeline(root, base + ([] if seed is None else ["--set", f"run.seed={seed}"]))
+        walls.append(round(wall, 1))
+        evaluations.append(evaluation_rows(steps, ""))
+        probes.append(probe_rows(steps))
+        trainings.append(training_rows(steps, ""))
     wall_ablation, ablation_steps = (0.0, {}) if args.no_ablation else run_pipeline(
         root, [*base, "--experiment", "skip_stage0"])
-    evaluation = evaluation_rows(main_steps, "") | {k: v for k, v in evaluation_rows(ablation_steps, " (no stage 0)").items()
-                                                    if not k.startswith("untrained")}
-    training = training_rows(main_steps, "") | {k: v for k, v in training_rows(ablation_steps, " (no stage 0)").items()
-                                                if k.startswith("stage")}
-    eval_columns = [c for c in EVAL_COLUMNS if any(c in row for row in evaluation.values())]
-    eval_table = results_table(evaluation, eval_columns)
-    train_table = results_table(training, list(TRAIN_COLUMNS))
-    counts = next((row for row in evaluation.values()), {})
+    evaluation = over_seeds(evaluations)
+    evaluation |= {k: {m: (v, 0.0) for m, v in row.items()} for k, row in
+                   evaluation_rows(ablation_steps, " (no stage 0)").items() if not k.startswith("untrained")}
+    training = over_seeds(trainings)
+    training |= {k: {m: (v, 0.0) for m, v in row.items()} for k, row in
+                 training_rows(ablation_steps, " (no stage 0)").items() if k.startswith("stage")}
+    counts = next((row for row in evaluations[0].values()), {})
     items = ", ".join(f"{k.removeprefix('n_')} {int(v)}" for k, v in sorted(counts.items()) if k.startswith("n_"))
+    seeds_text = f", seeds {', '.join(map(str, seeds))} (mean ±spread)" if args.seeds else ""
     block = (f"Profile `{args.profile}`, measured {time.strftime('%Y-%m-%d')} by `python benchmarks/vlm_results.py"
-             f"{' --profile ' + args.profile if args.profile != 'tiny' else ''}` "
-             f"(held-out items: {items or 'none'}).\n\n{eval_table}\n{train_table}")
+             f"{' --profile ' + args.profile if args.profile != 'tiny' else ''}"
+             f"{' --seeds ' + ' '.join(map(str, seeds)) if args.seeds else ''}` "
+             f"(held-out items: {items or 'none'}{seeds_text}). Each cell: true images / shuffled images.\n\n"
+             f"{table(evaluation, EVAL_COLUMNS, controls=True)}\n"
+             f"Answer loss on held-out samples and the image-use gap (shuffled minus own images, nats):\n\n"
+             f"{table(evaluation, GAP_COLUMNS)}\n"
+             f"Linear probes (held-out fifth of {int(next(iter(probes[0].values()), {}).get('images', 0))} pictures; "
+             f"balanced accuracy for background/present, accuracy for counts and cells):\n\n"
+             f"{table(over_seeds(probes), PROBE_COLUMNS)}\n"
+             f"{table(training, TRAIN_COLUMNS)}")
     print(block)
     record(REPO / "benchmarks" / "results" / f"vlm_results_{args.profile}.json",
-           {"profile": args.profile, "overrides": args.overrides, "wall_s": {"main": round(wall_main, 1),
-                                                                            "ablation": round(wall_ablation, 1)}},
-           [{"table": "evaluation", "rows": evaluation}, {"table": "training", "rows": training}])
+           {"profile": args.profile, "overrides": args.overrides, "seeds": seeds,
+            "wall_s": {"main": walls, "ablation": round(wall_ablation, 1)}},
+           [{"table": "evaluation", "rows": evaluations}, {"table": "probes", "rows": probes},
+            {"table": "training", "rows": trainings},
+            {"table": "ablation", "rows": evaluation_rows(ablation_steps, " (no stage 0)")}])
     if not args.no_readme:
         replace_readme_block(block, args.profile)
 

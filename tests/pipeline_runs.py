@@ -27,6 +27,7 @@ SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthet
          "--set", "train.vlm.checkpoint_every=1", "--set", "train.vlm.eval.max_items_per_kind=2",
          "--set", "train.vlm.eval.max_new_tokens=4", "--set", "train.vlm.eval.batch_size=4",
          "--set", "train.vlm.eval.gap_batches=1", "--set", "train.vlm.holdout_fraction=0.1",
+         "--set", "train.vit_eval.probe_images=60", "--set", "train.vlm.eval.probe_images=60",
          "--set", "train.vit_pretrain.holdout_fraction=0.1"]  # the single clip (hash 0.12) stays in training
 DATA_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "rebalance",
               "ocr_samples", "grounding_samples", "video_samples", "write_shards")

@@ -563,7 +563,7 @@ def test_evaluation_answers_equal_greedy_decoding(export: Path, loaded: tuple[An
     questions = ["<image>\nDescribe the image.", "<image>\nHow many circles are there?", "What is 2 + 2?"]
     batch = {"key": np.array(["a", "b", "c"]), "kind": np.array(["caption", "counting", "vqa"]),
              "question": np.array(questions, dtype=object), "reference": np.array(["a red square", "3", "4"]),
-             "turn": np.array([0, 0, 0]),
+             "turn": np.array([0, 0, 0]), "control": np.array(["true", "true", "shuffled"]),
              "images": np.array([[encoded[0]], [encoded[1]], []], dtype=object),
              "timestamps": np.array([[], [], []], dtype=object)}
     answerer = GreedyAnswerer(str(export), max_new_tokens=8)

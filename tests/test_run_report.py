@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from components.common.contract import StageContext, StageResult, component
-from components.common.report import eval_table, funnel, main, phase_table, write_report
+from components.common.report import eval_table, funnel, gap, main, phase_table, write_report
 from components.schema import load_config
 from components.training.runtime import log_step_metrics, read_log
 
@@ -123,6 +123,10 @@ def test_report_reads_tables_generically(tmp_path: Path) -> None:
     assert "gap vs shuffled" not in page and "<th>siglip</th><td>0.500</td><td>0.400</td>" in page
     assert "no trained step" not in page and sorted(p.name for p in (tmp_path / "report").iterdir()) == [
         "data_funnel.png", "eval_scores.png", "report.html", "step_times.png", "training_loss.png"]
+    logged = {"eval": {"ocr_exact": 0.5, "n_ocr": 4.0}, "eval_shuffled": {"ocr_exact": 0.2, "n_ocr": 4.0},
+              "eval_gap": {"ocr_exact": 0.25}}  # the evaluation's own gap wins over the difference
+    assert gap(logged, "ocr_exact") == 0.25 and gap(logged, "n_ocr") is None
+    assert gap({"eval": {"x": 0.5}, "eval_shuffled": {"x": 0.2}}, "x") == pytest.approx(0.3)
     with pytest.raises(ValueError, match="needs a name and a metrics mapping"):
         write_report({}, [{"status": "ran"}], tmp_path / "bad")
 
@@ -151,13 +155,15 @@ def test_registered_version_links_its_training_run_and_scores(tmp_path: Path) ->
 
     trained = entry("vlm_stage2", "k2", "trainrun", {"loss_last": 1.0}, {})
     evaluated = entry("vlm_eval_stage2", "e2", "evalrun", {"eval/caption_f1": 0.6, "eval_shuffled/caption_f1": 0.2,
-                                                           "eval/n_caption": 16.0}, {"vlm": "k2"})
+                                                           "eval_gap/caption_f1": 0.4, "eval/n_caption": 16.0},
+                      {"vlm": "k2"})
     other = entry("vlm_eval_stage1", "e1", "otherrun", {"eval/caption_f1": 0.9}, {"vlm": "k1"})
     tags, description = lineage(trained, evaluated, "pipelinerun")
     assert tags == {"stage": "vlm_stage2", "checkpoint_key": "k2", "trained_by_run_id": "trainrun",
                     "pipeline_run_id": "pipelinerun", "eval_step": "vlm_eval_stage2", "eval_run_id": "evalrun"}
     assert "MLflow run `trainrun`" in description and "pipeline run `pipelinerun`" in description
-    assert "| caption_f1 | 0.600 | 0.200 |" in description and "n_caption" not in description
+    assert "| metric | trained | shuffled images | gap vs shuffled |" in description
+    assert "| caption_f1 | 0.600 | 0.200 | 0.400 |" in description and "n_caption" not in description
     assert not any(str(tmp_path) in value for value in tags.values())  # no absolute paths
     unlinked_tags, unlinked = lineage(trained, other)  # an evaluation of another checkpoint is not shown as its
     assert "eval_run_id" not in unlinked_tags and "No evaluation of this checkpoint" in unlinked

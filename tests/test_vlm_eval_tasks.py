@@ -348,9 +348,25 @@ def test_empty_predictions_score_zero_and_unparsed() -> None:
     assert score(point, "") == {"pointing_hit": 0.0, "pointing_parsed": 0.0}
 
 
+def test_caption_scores_objects_apart_from_the_background() -> None:
+    (caption,) = items_from_sample(CAPTION)  # a red circle and a red triangle on a white background
+    only_background = score(caption, "a white circle on a white background")
+    assert only_background["caption_object_colour_recall"] == 0.0  # white names the background, not an object
+    assert only_background["caption_background_recall"] == 1.0
+    assert only_background["caption_shape_recall"] == 0.5
+    objects = score(caption, "two red shapes: a circle and a triangle, against the gray background")
+    assert objects["caption_object_colour_recall"] == 1.0 and objects["caption_shape_recall"] == 1.0
+    assert objects["caption_background_recall"] == 0.0
+    assert score(caption, "a red circle")["caption_background_recall"] == 0.0  # no background named
+    plain = EvalItem(key="k", kind="caption", question="<image>\nDescribe the image.",
+                     reference="a red kite on the beach", turn=0)
+    assert set(score(plain, "a kite")) == {"caption_f1", "caption_object_colour_recall"}
+
+
 def test_score_keys_per_kind() -> None:
     (caption,) = items_from_sample(CAPTION)
-    assert set(score(caption, "a blue square")) == {"caption_f1", "caption_colour_recall", "caption_shape_recall"}
+    assert set(score(caption, "a blue square")) == {"caption_f1", "caption_object_colour_recall",
+                                                    "caption_shape_recall", "caption_background_recall"}
     plain = EvalItem(key="k", kind="caption", question="<image>\nDescribe the image.", reference="a photo", turn=0)
     assert set(score(plain, "a photo")) == {"caption_f1"}
     box, point = items_from_sample(GROUNDING)

@@ -395,7 +395,8 @@ def test_engine_matches_a_greedy_loop_without_cache(tok: Any, ids: SpecialIds,
 
 def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_path: Path) -> None:
     base = make_model(tok, seed=3)
-    model = VisionLanguageModel(base.vit, base.llm, ids.image_pad, adapter_hidden=48).eval()  # a narrower adapter
+    model = VisionLanguageModel(base.vit, base.llm, ids.image_pad, adapter_hidden=48,  # a narrower adapter
+                                adapter_output_norm=True).eval()
     with torch.no_grad():  # a non-default adapter, so loading it is visible
         for parameter in model.adapter.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
@@ -417,6 +418,7 @@ def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_p
     assert not loaded.training and loaded_config == saved
     assert loaded.image_pad_id == ids.image_pad and SpecialIds.of(loaded_tok) == ids
     assert loaded.adapter.fc1.out_features == 48 and saved["adapter"]["hidden"] == 48
+    assert saved["adapter"]["output_norm"] and loaded.adapter.out_norm is not None
     assert loaded.aux_loss_coef == model.aux_loss_coef > 0 and loaded.llm.config.output_router_logits
     assert loaded.vit.config == VIT_CONFIG
     samples, _ = _encoded_pair(tok)
@@ -487,3 +489,44 @@ def test_build_llm_experts_are_moe_intermediate_size_wide(ids: SpecialIds, model
     expert_widths = {tuple(p.shape)[-1] for name, p in llm.named_parameters()
                      if "experts" in name and "down_proj" in name}
     assert expert_widths == {48}
+
+
+def packed_logits(model: VisionLanguageModel, pack: Any, images: list[Image.Image]) -> torch.Tensor:
+    batch = collate([pack])
+    packed = images_to_vit_input(images, VIT_CONFIG)
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], packed.pixel_values, packed.grid_hw)
+        return model.llm(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False).logits[0]
+
+
+def test_changing_one_image_changes_its_own_samples_logits_and_no_others(tok: Any, ids: SpecialIds) -> None:
+    """The splice the perception issue rests on: inside one packed row, a new picture for sample b moves b's
+    logits (after its image) and leaves sample a's untouched; a new picture for a moves only a's."""
+    model = make_model(tok, seed=3)
+    samples, (images_a, images_b) = _encoded_pair(tok)
+    packer = Packer(max_tokens=256, max_images=8, pad_id=ids.pad, buffer_size=4)
+    for sample in samples:
+        packer.add(sample)
+    [pack] = packer.flush()
+    length_a = samples[0].length
+    base = packed_logits(model, pack, images_a + images_b)
+    new_b = packed_logits(model, pack, images_a + [noise_image(60, 100, 99)])
+    new_a = packed_logits(model, pack, [noise_image(56, 56, 98), images_a[1]] + images_b)
+    own_b, own_a = (new_b - base)[length_a:], (new_a - base)[:length_a]
+    assert own_b.abs().max() > 1e-3 and own_a.abs().max() > 1e-3
+    assert (new_b - base)[:length_a].abs().max() < 1e-5  # a never sees b's picture
+    assert (new_a - base)[length_a:samples[0].length + samples[1].length].abs().max() < 1e-5
+
+
+def test_adapter_output_norm_starts_at_the_text_embeddings_scale(tok: Any) -> None:
+    torch.manual_seed(0)
+    special = SpecialIds.of(tok)
+    llm = build_llm(llm_config(), vocab_size=len(tok), pad_id=special.pad)
+    plain = VisionLanguageModel(SeedViT(VIT_CONFIG), llm, special.image_pad)
+    normed = VisionLanguageModel(SeedViT(VIT_CONFIG), llm, special.image_pad, adapter_output_norm=True)
+    packed = images_to_vit_input([noise_image(56, 56, 1)], VIT_CONFIG)
+    text_rms = float(llm.get_input_embeddings().weight.pow(2).mean().sqrt())
+    with torch.no_grad():
+        rms = [float(m.image_embeddings(packed.pixel_values, packed.grid_hw).pow(2).mean().sqrt()) for m in (plain, normed)]
+    assert abs(rms[1] - text_rms) / text_rms < 0.05  # LayerNorm output at the embeddings' scale
+    assert rms[0] > 3 * text_rms  # without it, image tokens start several times larger

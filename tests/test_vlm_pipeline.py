@@ -38,6 +38,15 @@ def test_vlm_stages_eval_export_ablation_and_resume(tiny_run: PipelineRun) -> No
         assert {"eval/counting_accuracy", "eval/grounding_iou50", "eval/ocr_exact", "eval/caption_f1",
                 "eval/image_use_gap", "eval/n_counting"} <= set(metrics), name
         assert metrics["eval/n_counting"] >= 1
+        # every score beside its shuffled-image control, the gap per task, the probes of the export's tokens
+        assert {"eval_shuffled/counting_accuracy", "eval_gap/counting_accuracy", "eval_shuffled/caption_f1",
+                "eval/image_use_gap_caption", "eval/probe_vit_colour_present_max",
+                "eval/probe_adapter_cell_colour"} <= set(metrics), name
+        assert metrics["eval_shuffled/n_counting"] == metrics["eval/n_counting"]
+        assert abs(metrics["eval_gap/caption_f1"] - (metrics["eval/caption_f1"] - metrics["eval_shuffled/caption_f1"])) < 1e-9
+    vit_probes = steps["vit_eval"]["metrics"]
+    assert {"probe_pixels_colour_present_mean", "probe_initial_colour_present_mean",
+            "probe_video_cell_colour", "probe_siglip_count_max"} <= set(vit_probes)
     assert "eval_untrained/caption_f1" in steps["vlm_eval_stage0"]["metrics"]
     assert not any(k.startswith("eval_untrained/") for k in steps["vlm_eval_stage1"]["metrics"])
     assert not any(k.startswith("eval") for k in steps["vlm_stage1"]["metrics"])  # training steps only train
@@ -57,7 +66,7 @@ def test_vlm_stages_eval_export_ablation_and_resume(tiny_run: PipelineRun) -> No
     assert not list(export.rglob("*.bin")) and not list(export.rglob("*.pt"))
     assert (export / "llm" / "config.json").is_file() and list((export / "llm").glob("*.safetensors"))
     examples = (Path(steps["vlm_eval_stage1"]["output_dir"]) / "eval" / "stage1.jsonl").read_text().splitlines()
-    assert examples and {"prediction", "reference", "kind"} <= set(json.loads(examples[0]))
+    assert examples and {"prediction", "prediction_shuffled", "reference", "kind"} <= set(json.loads(examples[0]))
 
     # an evaluation setting changed: every evaluation reruns, nothing trains again
     changed = run(root, "--set", "train.vlm.eval.max_new_tokens=5")

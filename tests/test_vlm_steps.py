@@ -72,3 +72,19 @@ def test_preflight_names_the_key_of_a_missing_file(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing was written
     assert runner.preflight() and not PipelineRunner(STEPS, config, layered, Selection(until="write_shards"),
                                                      NullTracker()).preflight()
+
+
+def test_a_stage_image_size_cap_reaches_the_vit_and_is_checked() -> None:
+    from components.vit.config import SeedViTConfig
+    from components.vit.model import SeedViT
+    from components.vlm.config import StageConfig
+    from components.vlm.train_loop import at_resolution
+
+    vit = SeedViT(SeedViTConfig(width=32, depth=1, num_heads=2, min_pixels=3136, max_pixels=12544))
+    assert at_resolution(vit, 0).max_pixels == 12544  # 0 keeps the ViT's own (a later stage keeps its export's)
+    assert at_resolution(vit, 50176) is vit.config and vit.config.max_pixels == 50176
+    assert vit.config.min_pixels == 3136
+    with pytest.raises(ValueError, match="max_pixels"):
+        StageConfig(max_pixels=100)
+    assert keys("train.vlm.stage1.max_pixels=25088")["vlm_stage1"] != keys()["vlm_stage1"]
+    assert keys("train.vlm.adapter_output_norm=false")["vlm_stage0"] != keys()["vlm_stage0"]

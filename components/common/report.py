@@ -5,8 +5,9 @@ It reads only the steps' summaries (`pipelines/runner.py` writes them to `summar
 in their cache entries, so a fully cached rerun reports exactly what the run that trained reported:
 
 * the stage-by-stage evaluation table: every metric an evaluation step logged as `eval/<metric>`, with
-  `eval_untrained/` (the stage's starting point) and `eval_shuffled/` (the same items with another
-  item's images) beside it when present, and the gap `eval - eval_shuffled`; evaluation steps whose
+  `eval_untrained/` (the stage's starting point), `eval_shuffled/` (the same items with another item's
+  images) and `eval_gap/` (trained minus shuffled; computed here when only the control was logged)
+  beside it when present; evaluation steps whose
   metrics are `<phase>_<metric>` (the ViT retrieval) as a phase x metric table;
 * `eval_scores.png`: each score by stage; `training_loss.png`: each trained step's loss per global step,
   raw and smoothed (from its `train_log.jsonl`); `step_times.png`; `data_funnel.png`: samples in, kept
@@ -30,7 +31,8 @@ from typing import Any
 
 from components.common.cache import MANIFEST, Manifest
 
-EVAL_VARIANTS = (("eval_untrained", "untrained"), ("eval", "trained"), ("eval_shuffled", "shuffled images"))
+EVAL_VARIANTS = (("eval_untrained", "untrained"), ("eval", "trained"), ("eval_shuffled", "shuffled images"),
+                 ("eval_gap", "gap vs shuffled"))  # eval_gap: trained minus shuffled, as the evaluation logs it
 TRAIN_LOG = "train_log.jsonl"
 CHARTS = ("eval_scores.png", "training_loss.png", "step_times.png", "data_funnel.png")
 COUNT_SUFFIXES = ("_samples", "_tokens", "_skipped")
@@ -276,11 +278,20 @@ def cell(metric: str, value: float | None) -> str:
     return f"<td>{text}</td>"
 
 
+def gap(variants: Mapping[str, Mapping[str, float]], metric: str) -> float | None:
+    """Trained minus shuffled: the evaluation's own `eval_gap/` when it logged the metric's, else computed
+    from `eval/` and `eval_shuffled/` (None for counts and where either is missing)."""
+    if metric in variants.get("eval_gap", {}):
+        return float(variants["eval_gap"][metric])
+    trained, control = variants.get("eval", {}).get(metric), variants.get("eval_shuffled", {}).get(metric)
+    return None if trained is None or control is None or is_count(metric) else trained - control
+
+
 def eval_html(steps: Sequence[Mapping[str, Any]]) -> str:
     names, metrics, table = eval_table(steps)
     if not names:
         return "<p>No VLM evaluation step ran in this pipeline.</p>"
-    variants = {n: [(prefix, label) for prefix, label in EVAL_VARIANTS if prefix in table[n]] for n in names}
+    variants = {n: [(prefix, label) for prefix, label in EVAL_VARIANTS[:3] if prefix in table[n]] for n in names}
     shuffled = {n: "eval_shuffled" in table[n] and "eval" in table[n] for n in names}
     head = "".join(f"<th colspan={len(variants[n]) + shuffled[n]}>{html.escape(n)}</th>" for n in names)
     sub = "".join("".join(f"<th>{label}</th>" for _, label in variants[n])
@@ -292,10 +303,7 @@ def eval_html(steps: Sequence[Mapping[str, Any]]) -> str:
             for prefix, _ in variants[name]:
                 cells.append(cell(metric, table[name].get(prefix, {}).get(metric)))
             if shuffled[name]:
-                trained = table[name].get("eval", {}).get(metric)
-                control = table[name].get("eval_shuffled", {}).get(metric)
-                cells.append(cell(metric, None if trained is None or control is None or is_count(metric)
-                                  else trained - control))
+                cells.append(cell(metric, gap(table[name], metric)))
         style = " class=count" if is_count(metric) else ""
         body.append(f"<tr{style}><th>{html.escape(metric)}</th>{''.join(cells)}</tr>")
     return (f"<table><tr><th rowspan=2>metric</th>{head}</tr><tr>{sub}</tr>{''.join(body)}</table>"

@@ -136,8 +136,10 @@ class VitPretrainConfig:
 
 @dataclasses.dataclass
 class VitEvalConfig:
-    """Zero-shot image-text retrieval on the held-out caption pairs, untrained vs pretrained."""
+    """Zero-shot image-text retrieval on the held-out caption pairs, untrained vs pretrained, and linear
+    probes of per-image facts on each phase's frozen tokens (`probe_images` pictures; 0: no probes)."""
 
     enabled: bool = True
     max_pairs: int = 1000
+    probe_images: int = 600
     resources: Resources = dataclasses.field(default_factory=Resources)

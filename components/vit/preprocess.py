@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,3 +79,18 @@ def pack(images: list[tuple[torch.Tensor, tuple[int, int]]]) -> PackedImages:
         raise ValueError("cannot pack an empty list of images")
     return PackedImages(pixel_values=torch.cat([patches for patches, _ in images]),
                         grid_hw=torch.tensor([grid for _, grid in images], dtype=torch.long))
+
+
+def visual_tokens(vit: Any, images: list[Image.Image], head: Any = None) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+    """Each image's merged visual tokens (T_i, width) from a frozen Seed-ViT, passed through `head` (the
+    VLM's adapter) when given, and each image's token grid (rows, cols), row-major: what the probes read."""
+    with torch.inference_mode():
+        packed = pack([image_to_patches(image, vit.config) for image in images])
+        device = next(vit.parameters()).device
+        out = vit(packed.pixel_values.to(device), packed.grid_hw.to(device))
+        pooled = head(out.pooled) if head is not None else out.pooled
+        pooled = pooled.float().cpu().numpy()
+    offsets = out.pooled_cu_seqlens.tolist()
+    merge = vit.config.merge_size
+    grids = [(int(h) // merge, int(w) // merge) for h, w in packed.grid_hw.tolist()]
+    return [pooled[a:b] for a, b in zip(offsets[:-1], offsets[1:])], grids

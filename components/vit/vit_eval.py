@@ -67,7 +67,7 @@ def evaluate_checkpoint(folder: Path, images: list[Any], captions: list[str], ba
     return retrieval_metrics(torch.cat(image_parts).float().numpy(), text.float().numpy(), caption_index)
 
 
-def run_eval(shards: str, vit_dir: str, max_pairs: int, threads: int) -> dict[str, Any]:
+def run_eval(shards: str, vit_dir: str, max_pairs: int, threads: int, max_probe_images: int = 0) -> dict[str, Any]:
     """Runs inside a Ray task: every exported checkpoint of the pretraining step on the held-out pairs."""
     import torch
 
@@ -87,6 +87,30 @@ def run_eval(shards: str, vit_dir: str, max_pairs: int, threads: int) -> dict[st
                                "chance": chance_levels(np.array([distinct.index(c) for c in captions]))}
     for folder in folders:
         results[folder.name] = evaluate_checkpoint(folder, images, captions)
+    if max_probe_images > 0:
+        results["probes"] = probe_checkpoints(Path(shards), folders, max_probe_images)
+    return results
+
+
+def probe_checkpoints(shards: Path, folders: list[Path], max_images: int) -> dict[str, dict[str, float]]:
+    """The linear probes (components.common.probes) on each phase's frozen ViT tokens, and on raw-pixel
+    histograms of the same cells as the baseline."""
+    from components.common.probes import pixel_tokens, probe_set, shard_probe_samples
+    from components.vit.preprocess import visual_tokens
+    from components.vit.pretrain_model import load_exported
+
+    probes = probe_set(shard_probe_samples(shards), max_images)
+    if len(probes.images) < 20:
+        return {}
+    results = {}
+    for folder in folders:
+        vit = load_exported(folder)[0].vit.eval()
+        results[folder.name] = probes.score(lambda images, vit=vit: visual_tokens(vit, images))
+        if "pixels" not in results:
+            def pixels(images: list[Any], vit: Any = vit) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+                grids = visual_tokens(vit, images)[1]
+                return [pixel_tokens(i, h, w) for i, (h, w) in zip(images, grids)], grids
+            results = {"pixels": probes.score(pixels), **results}
     return results
 
 
@@ -97,7 +121,7 @@ def vit_eval(ctx: StageContext[VitEvalConfig]) -> StageResult:
     cfg = ctx.config
     task = ray.remote(**cfg.resources.task_kwargs())(run_eval)
     results = ray.get(task.remote(str(ctx.inputs["shards"]), str(ctx.inputs["vit"]), cfg.max_pairs,
-                                  max(1, int(cfg.resources.num_cpus))))
+                                  max(1, int(cfg.resources.num_cpus)), cfg.probe_images))
     folder = ctx.outputs["eval"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "retrieval.json").write_text(json.dumps(results, indent=1))
@@ -105,6 +129,8 @@ def vit_eval(ctx: StageContext[VitEvalConfig]) -> StageResult:
     for name in ("chance", *CHECKPOINTS):
         for key, value in results.get(name, {}).items():
             metrics[f"{name}_{key}"] = float(value)
+    for name, scores in results.get("probes", {}).items():
+        metrics |= {f"probe_{name}_{key}": float(value) for key, value in scores.items()}
     return StageResult(metrics=metrics, artifacts=["eval/retrieval.json"])
 
 

@@ -79,8 +79,12 @@ class StageConfig:
     mix: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"caption": 1.0, "ocr": 1.0, "grounding": 1.0, "counting": 1.0})
     frames_per_clip: int = 8  # video frames drawn evenly from each clip's sampled frames
+    max_pixels: int = 0  # images resized to hold at most this many pixels from this stage on; 0: the ViT's own
 
     def __post_init__(self) -> None:
+        if self.max_pixels and self.max_pixels < 28 * 28:
+            raise ValueError(f"max_pixels must be 0 (the ViT's own) or at least 784 (one 28x28 token), "
+                             f"got {self.max_pixels}")
         unknown = sorted(set(self.trainable) - set(PARTS))
         if unknown or not self.trainable:
             raise ValueError(f"trainable must be a non-empty list of {list(PARTS)}, got {self.trainable}")
@@ -103,6 +107,7 @@ class VlmEvalConfig:
     batch_size: int = 16  # items per greedy-decoding batch (a Ray Data batch)
     num_gpus: float = 0.0  # per evaluation actor/task; with a GPU the model runs there in bf16
     gap_batches: int = 8  # batches of held-out answers for the image-use gap (true vs shuffled images)
+    probe_images: int = 600  # pictures for the linear probes on the export's ViT and adapter tokens; 0: none
     resources: Resources = dataclasses.field(default_factory=Resources)
 
 
@@ -126,6 +131,7 @@ class VlmConfig:
 
     llm: LlmConfig = dataclasses.field(default_factory=LlmConfig)
     adapter_hidden: int = 0  # the adapter MLP's hidden width; 0: the LLM's hidden size
+    adapter_output_norm: bool = False  # a LayerNorm at the adapter's output, at the text embeddings' scale
     holdout_fraction: float = 0.05  # samples kept out of every stage, for the evaluation
     system_prompt: str = ""  # prepended to every training sample when set
     llm_pretrain: LlmPretrainConfig = dataclasses.field(default_factory=LlmPretrainConfig)
@@ -198,6 +204,7 @@ class VlmStageJob:
     holdout_fraction: float
     system_prompt: str
     job: TrainJob
+    adapter_output_norm: bool = False
 
 
 @dataclasses.dataclass
@@ -220,7 +227,7 @@ def llm_pretrain_view(vlm: VlmConfig) -> LlmPretrainJob:
 def stage_view(name: str) -> Callable[[VlmConfig], VlmStageJob]:
     def view(vlm: VlmConfig) -> VlmStageJob:
         return VlmStageJob(name, getattr(vlm, name), vlm.llm, vlm.adapter_hidden, vlm.holdout_fraction,
-                           vlm.system_prompt, vlm.job)
+                           vlm.system_prompt, vlm.job, vlm.adapter_output_norm)
     return view
 
 

@@ -96,7 +96,7 @@ def card(example: Mapping[str, Any], images: Sequence[bytes]) -> Image.Image:
         draw_marks(draw, str(example["reference"]), original, scale, REFERENCE, "ref")
         draw_marks(draw, str(example["prediction"]), original, scale, ANSWER, "answer")
     scores = ", ".join(f"{k} {float(v):.2f}" for k, v in example.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool))
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "turn")
     lines: list[tuple[str, tuple[int, int, int]]] = [(f"{example['kind']}  {example['key']}", (90, 90, 90))]
     texts = [("Q", str(example["question"]).replace("<image>\n", "").replace("<video>\n", ""), (0, 0, 0)),
              ("reference", str(example["reference"]), REFERENCE), ("answer", str(example["prediction"]), ANSWER)]

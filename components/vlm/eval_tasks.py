@@ -346,12 +346,32 @@ def score(item: EvalItem, prediction: str) -> dict[str, float]:
     return scorer(item.reference, prediction)
 
 
+_BACKGROUND = re.compile(r"\b(?:on|against)\s+(?:a|an|the)?\s*(\w+)\s+background\b", re.IGNORECASE)
+
+
+def split_background(caption: str) -> tuple[str, str | None]:
+    """(the caption without its "on a <colour> background" phrase, that colour word or None): a scene's
+    background is one flat colour that fills most of every visual token, so naming it proves little
+    about reading the objects; the two are scored apart."""
+    match = _BACKGROUND.search(caption)
+    if match is None:
+        return caption, None
+    return caption[:match.start()] + caption[match.end():], match.group(1)
+
+
 def score_caption(reference: str, prediction: str) -> dict[str, float]:
+    """Unigram F1, and recall of the objects' colours, the shapes and the background colour the reference
+    names (each only when the reference names any)."""
     result = {"caption_f1": caption_f1(prediction, reference)}
-    for name, vocabulary in (("caption_colour_recall", COLOURS), ("caption_shape_recall", SHAPES)):
-        recall = attribute_recall(prediction, reference, vocabulary)
+    ref_objects, ref_background = split_background(reference)
+    pred_objects, pred_background = split_background(prediction)
+    for name, vocabulary in (("caption_object_colour_recall", COLOURS), ("caption_shape_recall", SHAPES)):
+        recall = attribute_recall(pred_objects, ref_objects, vocabulary)
         if recall is not None:
             result[name] = recall
+    if ref_background is not None and vocabulary_words(ref_background, COLOURS):
+        named = vocabulary_words(pred_background or "", COLOURS)
+        result["caption_background_recall"] = float(vocabulary_words(ref_background, COLOURS) <= named)
     return result
 
 

@@ -1,9 +1,11 @@
 """The VLM evaluation suite, one pipeline step per trained stage (`vlm_eval_stage0` .. `vlm_eval_stage2`):
 held-out items (never trained on) answered greedily by the generation engine in a Ray Data
 batch-inference job, scored per task (captioning text match, counting accuracy, grounding
-IoU >= 0.5, OCR exact match, video temporal grounding, video QA), and the image-use gap: the answer loss
-with each sample's own images against the same answers with another sample's images (a model that
-ignores its images shows no gap).
+IoU >= 0.5, OCR exact match, video temporal grounding, video QA), each beside its shuffled-image control
+(every item asked again, with the same decoding, with another held-out sample's image or clip: a score that
+does not drop there was learned from the questions' and answers' language, not from the pixels), and the
+image-use gap per task: the answer loss with each sample's own images against the same answers with
+another sample's images.
 """
 
 from __future__ import annotations
@@ -54,9 +56,37 @@ def held_out_rows(shards_dir: Path, job: VlmEvalJob) -> tuple[list[dict[str, Any
                 continue
             per_kind[item.kind] += 1
             encoded_images = encoded_images or [encode_png(image) for image in images]
-            rows.append({**item.to_dict(), "images": encoded_images, "timestamps": stamps or []})
+            rows.append({**item.to_dict(), "images": encoded_images, "timestamps": stamps or [],
+                         "control": "true"})
         counter["kept"] += 1
     return rows, counter
+
+
+def shuffled_control(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The shuffled-image control: every item again with the images (and frame times) of another held-out
+    sample of the same kind, the samples of each kind rotated by a seeded shift so that no item keeps its
+    own sample's media. A kind with a single sample has nothing to swap with and is left out."""
+    by_kind: dict[str, list[str]] = {}
+    media: dict[tuple[str, str], tuple[Any, Any]] = {}
+    for row in rows:
+        keys = by_kind.setdefault(row["kind"], [])
+        if row["key"] not in keys:
+            keys.append(row["key"])
+            media[row["kind"], row["key"]] = (row["images"], row["timestamps"])
+    rng = np.random.default_rng(seed)
+    donor: dict[tuple[str, str], str] = {}
+    for kind, keys in by_kind.items():
+        if len(keys) < 2:
+            continue
+        shift = 1 + int(rng.integers(0, len(keys) - 1))
+        donor |= {(kind, key): other for key, other in zip(keys, keys[shift:] + keys[:shift])}
+    shuffled = []
+    for row in rows:
+        other = donor.get((row["kind"], row["key"]))
+        if other is not None:
+            images, stamps = media[row["kind"], other]
+            shuffled.append({**row, "images": images, "timestamps": stamps, "control": "shuffled"})
+    return shuffled
 
 
 def load_for_inference(checkpoint: str | Path) -> tuple[Any, Any]:
@@ -103,7 +133,7 @@ class GreedyAnswerer:
         completions = self.engine.generate(requests)
         predictions = [answer_text(self.tokenizer, samples[0].token_ids) for samples in completions]
         return {"key": batch["key"], "kind": batch["kind"], "question": batch["question"],
-                "reference": batch["reference"], "turn": batch["turn"],
+                "reference": batch["reference"], "turn": batch["turn"], "control": batch["control"],
                 "prediction": np.array(predictions, dtype=object)}
 
 
@@ -122,18 +152,26 @@ def answer_items(checkpoint: Path, rows: list[dict[str, Any]], eval_cfg: VlmEval
     return dataset.take_all()
 
 
-def score_answers(answers: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def score_answers(answers: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Aggregated metrics per control ("true", "shuffled"), and one example per item: its prediction and
+    scores with its own image, and with the shuffled image when it was asked so (`*_shuffled` keys)."""
     from components.vlm.eval_tasks import EvalItem, aggregate, score
 
-    scored, examples = [], []
+    scored: dict[str, list[Any]] = {"true": [], "shuffled": []}
+    examples: dict[tuple[str, str, int], dict[str, Any]] = {}
     for row in answers:
         item = EvalItem(key=str(row["key"]), kind=str(row["kind"]), question=str(row["question"]),
                         reference=str(row["reference"]), turn=int(row["turn"]))
+        control = str(row.get("control", "true"))
         result = score(item, str(row["prediction"]))
-        scored.append((item, result))
-        examples.append({"key": item.key, "kind": item.kind, "question": item.question, "reference": item.reference,
-                         "prediction": str(row["prediction"]), **result})
-    return aggregate(scored), examples
+        scored[control].append((item, result))
+        example = examples.setdefault((item.key, item.kind, item.turn),
+                                      {"key": item.key, "kind": item.kind, "turn": item.turn,
+                                       "question": item.question, "reference": item.reference})
+        suffix = "" if control == "true" else f"_{control}"
+        example |= {f"prediction{suffix}": str(row["prediction"]), **{f"{k}{suffix}": v for k, v in result.items()}}
+    metrics = {control: aggregate(items) for control, items in scored.items() if items}
+    return metrics, list(examples.values())
 
 
 def image_use_gap(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int) -> dict[str, float]:
@@ -155,7 +193,8 @@ def image_use_gap(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int
         if len(group) < limit:
             group.append(sample)
     sums, tokens, skipped = {"true": 0.0, "shuffled": 0.0}, 0, 0
-    for group in by_task.values():
+    per_task: dict[str, list[float]] = {}  # task -> [true sum, shuffled sum, tokens]
+    for task, group in by_task.items():
         if len(group) < 2:
             continue
         shift = 1 + int(np.random.default_rng(seed).integers(0, len(group) - 1))
@@ -180,11 +219,36 @@ def image_use_gap(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int
             sums["true"] += loss_true
             sums["shuffled"] += loss_shuffled
             tokens += count
+            task_sums = per_task.setdefault(task, [0.0, 0.0, 0])
+            task_sums[0] += loss_true
+            task_sums[1] += loss_shuffled
+            task_sums[2] += count
     if tokens == 0:
         return {"gap_pairs_skipped": float(skipped)}
     true, shuffled = sums["true"] / tokens, sums["shuffled"] / tokens
+    by_task_gap = {f"image_use_gap_{task}": (s_shuffled - s_true) / n
+                   for task, (s_true, s_shuffled, n) in sorted(per_task.items()) if n}
     return {"heldout_answer_loss": true, "shuffled_images_answer_loss": shuffled, "image_use_gap": shuffled - true,
-            "gap_answer_tokens": float(tokens), "gap_pairs_skipped": float(skipped)}
+            **by_task_gap, "gap_answer_tokens": float(tokens), "gap_pairs_skipped": float(skipped)}
+
+
+def probe_export(checkpoint: Path, shards_dir: Path, max_images: int, threads: int) -> dict[str, float]:
+    """The linear probes (components.common.probes) on the export's frozen ViT tokens (`probe_vit_*`) and on
+    its adapter's output, the tokens the LLM reads (`probe_adapter_*`)."""
+    from components.common.probes import probe_set, shard_probe_samples
+    from components.vit.preprocess import visual_tokens
+
+    torch.set_num_threads(threads)
+    probes = probe_set(shard_probe_samples(shards_dir), max_images)
+    if len(probes.images) < 20:
+        return {}
+    model, _ = load_for_inference(checkpoint)
+    model = model.float().cpu()
+    metrics = {}
+    for name, head in (("vit", None), ("adapter", model.adapter)):
+        scores = probes.score(lambda images, head=head: visual_tokens(model.vit, images, head))
+        metrics |= {f"probe_{name}_{key}": value for key, value in scores.items()}
+    return metrics
 
 
 @torch.no_grad()
@@ -204,18 +268,29 @@ def sample_loss(model: Any, encoded: Any, vit_cfg: Any) -> tuple[float, int]:
 
 
 def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int,
-                        examples_path: Path | None = None) -> dict[str, float]:
-    """Every evaluation metric of one exported checkpoint."""
+                        examples_path: Path | None = None, controls: bool = True) -> dict[str, float]:
+    """Every evaluation metric of one exported checkpoint; with `controls`, each score's shuffled-image
+    control too (`shuffled/<metric>`) and its gap (`gap/<metric>`: true minus shuffled)."""
     import ray
 
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not an exported VLM (no config.json)")
     rows, counter = held_out_rows(shards_dir, job)
-    answers = answer_items(checkpoint, rows, job.eval, job.system_prompt)
-    metrics, examples = score_answers(answers)
+    asked = rows + (shuffled_control(rows, seed) if controls else [])
+    by_control, examples = score_answers(answer_items(checkpoint, asked, job.eval, job.system_prompt))
+    metrics = dict(by_control.get("true", {}))
+    shuffled = by_control.get("shuffled", {})
+    metrics |= {f"shuffled/{key}": value for key, value in shuffled.items()}
+    metrics |= {f"gap/{key}": metrics[key] - value for key, value in shuffled.items()
+                if key in metrics and not key.startswith("n_") and not key.endswith("_majority")}
     gap_task = ray.remote(image_use_gap).options(num_cpus=job.eval.resources.num_cpus, num_gpus=job.eval.num_gpus,
                                                    **job.eval.resources.placement_kwargs())
     metrics |= ray.get(gap_task.remote(checkpoint, shards_dir, job, seed))
+    if controls and job.eval.probe_images > 0:
+        probe_task = ray.remote(probe_export).options(num_cpus=job.eval.resources.num_cpus,
+                                                      **job.eval.resources.placement_kwargs())
+        metrics |= ray.get(probe_task.remote(checkpoint, shards_dir, job.eval.probe_images,
+                                             max(1, int(job.eval.resources.num_cpus))))
     metrics["held_out_samples"] = float(counter.get("kept", 0))
     if examples_path is not None:
         examples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,11 +298,20 @@ def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, see
     return metrics
 
 
+def prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
+    """MLflow keys: `eval/<metric>`, its control `eval_shuffled/<metric>` and `eval_gap/<metric>`."""
+    out = {}
+    for key, value in scores.items():
+        group, _, metric = key.rpartition("/")
+        out[f"{prefix}_{group}/{metric}" if group else f"{prefix}/{metric}"] = value
+    return out
+
+
 def make_eval_runner(stage: str) -> Any:
     def run_eval(ctx: StageContext[VlmEvalJob]) -> StageResult:
-        """The suite on the stage's export, and on its starting point when the stage began from a fresh
-        adapter (the export's `initial/`, scored as `eval_untrained/`). A failure fails the step, so it is
-        never cached and the next run retries it."""
+        """The suite with its shuffled-image controls on the stage's export, and (without controls) on its
+        starting point when the stage began from a fresh adapter (the export's `initial/`, scored as
+        `eval_untrained/`). A failure fails the step, so it is never cached and the next run retries it."""
         trained, out_dir = ctx.inputs["vlm"], ctx.outputs["eval"]
         out_dir.mkdir(parents=True, exist_ok=True)
         runs = [("eval_untrained", trained / "initial", "untrained")] if (trained / "initial").is_dir() else []
@@ -235,8 +319,8 @@ def make_eval_runner(stage: str) -> Any:
         metrics: dict[str, float] = {}
         for prefix, checkpoint, name in runs:
             scores = evaluate_checkpoint(checkpoint, ctx.inputs["shards"], ctx.config, ctx.seed,
-                                         out_dir / f"{name}.jsonl")
-            metrics |= {f"{prefix}/{key}": value for key, value in scores.items()}
+                                         out_dir / f"{name}.jsonl", controls=prefix == "eval")
+            metrics |= prefixed(prefix, scores)
         (out_dir / "scores.json").write_text(json.dumps(metrics, indent=1))
         from components.vlm.eval_gallery import draw_galleries  # a few items drawn, to look at in MLflow
 

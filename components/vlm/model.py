@@ -87,17 +87,21 @@ def load_llm(folder: str | Path, dtype: torch.dtype = torch.float32, safetensors
 
 
 class MlpAdapter(nn.Module):
-    """The 2-layer MLP from the ViT's width to the LLM's."""
+    """The 2-layer MLP from the ViT's width to the LLM's; with `output_norm`, a LayerNorm at the output whose
+    gain starts at the scale of the LLM's token embeddings, so image tokens enter the LLM's residual stream
+    at the size text tokens do (unnormalised, they start ~15x larger and the LLM's layers barely move them)."""
 
-    def __init__(self, vit_width: int, llm_width: int, hidden: int = 0) -> None:
+    def __init__(self, vit_width: int, llm_width: int, hidden: int = 0, output_norm: bool = False) -> None:
         super().__init__()
         hidden = hidden or llm_width
         self.norm = nn.LayerNorm(vit_width)
         self.fc1 = nn.Linear(vit_width, hidden)
         self.fc2 = nn.Linear(hidden, llm_width)
+        self.out_norm = nn.LayerNorm(llm_width) if output_norm else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(features))))
+        out = self.fc2(F.gelu(self.fc1(self.norm(features))))
+        return self.out_norm(out) if self.out_norm is not None else out
 
 
 @dataclasses.dataclass
@@ -109,11 +113,16 @@ class VlmLoss:
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, vit: SeedViT, llm: Any, image_pad_id: int, adapter_hidden: int = 0) -> None:
+    def __init__(self, vit: SeedViT, llm: Any, image_pad_id: int, adapter_hidden: int = 0,
+                 adapter_output_norm: bool = False) -> None:
         super().__init__()
         self.vit = vit
         self.llm = llm
-        self.adapter = MlpAdapter(vit.config.width, llm.config.hidden_size, adapter_hidden)
+        self.adapter = MlpAdapter(vit.config.width, llm.config.hidden_size, adapter_hidden, adapter_output_norm)
+        if self.adapter.out_norm is not None:
+            with torch.no_grad():  # start at the text embeddings' per-coordinate scale
+                scale = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+                self.adapter.out_norm.weight.fill_(float(scale))
         self.image_pad_id = image_pad_id
 
     @property
@@ -218,7 +227,8 @@ def export_vlm(model: VisionLanguageModel, tokenizer: Any, folder: Path, summary
     tokenizer.save_pretrained(str(tmp / "llm"))
     config = {"architecture": EXPORT_ARCHITECTURE, "vit": dataclasses.asdict(model.vit.config),
               "adapter": {"vit_width": model.vit.config.width, "llm_width": model.llm.config.hidden_size,
-                          "hidden": model.adapter.fc1.out_features},
+                          "hidden": model.adapter.fc1.out_features,
+                          "output_norm": model.adapter.out_norm is not None},
               "image_pad_id": model.image_pad_id, **summary}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if folder.exists():
@@ -240,6 +250,7 @@ def load_vlm(folder: str | Path, device: str | torch.device = "cpu",
     vit = SeedViT(SeedViTConfig(**saved["vit"]))
     vit.load_state_dict(load_file(str(folder / "vit.safetensors")))
     llm = load_llm(folder / "llm", dtype, safetensors_only=True)
-    model = VisionLanguageModel(vit, llm, int(saved["image_pad_id"]), int(saved["adapter"]["hidden"]))
+    model = VisionLanguageModel(vit, llm, int(saved["image_pad_id"]), int(saved["adapter"]["hidden"]),
+                                bool(saved["adapter"].get("output_norm", False)))
     model.adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
     return model.to(device=device, dtype=dtype).eval(), load_tokenizer(folder / "llm"), saved

@@ -129,7 +129,7 @@ def build_model(loop_config: dict[str, Any], device: torch.device) -> tuple[Any,
         return llm, tokenizer, None
     if loop_config.get("previous"):
         model, tokenizer, _ = load_vlm(loop_config["previous"])
-        return model.train(), tokenizer, model.vit.config
+        return model.train(), tokenizer, at_resolution(model.vit, job.stage.max_pixels)
     vit_dir = Path(loop_config["vit"])
     saved = json.loads((vit_dir / "config.json").read_text())
     vit = SeedViT(SeedViTConfig(**saved["vit"]))
@@ -149,8 +149,20 @@ def build_model(loop_config: dict[str, Any], device: torch.device) -> tuple[Any,
     llm = load_llm(llm_dir, dtype)
     if added and len(tokenizer) > llm.get_input_embeddings().num_embeddings:  # grow only: keep padded vocabularies
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    model = VisionLanguageModel(vit, llm, SpecialIds.of(tokenizer).image_pad, job.adapter_hidden)
-    return model.train(), tokenizer, vit.config
+    model = VisionLanguageModel(vit, llm, SpecialIds.of(tokenizer).image_pad, job.adapter_hidden,
+                                job.adapter_output_norm)
+    return model.train(), tokenizer, at_resolution(vit, job.stage.max_pixels)
+
+
+def at_resolution(vit: Any, max_pixels: int) -> Any:
+    """The ViT's config with the stage's image size cap (a native-resolution ViT reads any size; the export
+    keeps the cap, so evaluation and serving resize as training did); unchanged when `max_pixels` is 0."""
+    import dataclasses
+
+    if max_pixels:
+        vit.config = dataclasses.replace(vit.config, max_pixels=max_pixels,
+                                         min_pixels=min(vit.config.min_pixels, max_pixels))
+    return vit.config
 
 
 class StageStep:
