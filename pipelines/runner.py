@@ -168,7 +168,7 @@ class PipelineRunner:
         entries: dict[str, Path] = {}
         outcomes: list[StepOutcome] = []
         forced_from = False
-        total = sum(step.enabled(self.config) for step in self.steps)
+        total = self._steps_to_walk()
         for step in self.steps:
             forced_from = forced_from or step.name == self.selection.from_step
             if not step.enabled(self.config):
@@ -197,6 +197,17 @@ class PipelineRunner:
             if step.name == self.selection.until:
                 break
         return outcomes
+
+    def _steps_to_walk(self) -> int:
+        """How many enabled steps this selection walks (the N of `[i/N]`): up to --until, or up to the
+        last --only step."""
+        names = [step.name for step in self.steps]
+        last = len(names) - 1
+        if self.selection.until:
+            last = names.index(self.selection.until)
+        if self.selection.only:
+            last = min(last, max(names.index(name) for name in self.selection.only))
+        return sum(step.enabled(self.config) for step in self.steps[:last + 1])
 
     def _verdict(self, step: Step, key: str, manifest: Manifest | None, forced_from: bool) -> str:
         """Why a step runs or not, as the terminal says it before the step starts."""

@@ -72,6 +72,11 @@ def test_cached_rerun_links_its_producer_and_reports_the_same(tmp_path: Path, mo
     lines = [r.getMessage() for r in caplog.records if r.name == "pipeline"]  # the terminal: start, verdict, time
     assert lines[0] == f"[1/3] toy_data: running (not cached: key {first[0].cache_key[:12]})"
     assert re.fullmatch(r"\[1/3\] toy_data: ran in \d+\.\ds -> .*/cache/toy_data/\w+", lines[1])
+    from pipelines.runner import PipelineRunner, Selection
+
+    config, layered = load_config("tiny", [], [f"run.root={root}"])
+    assert PipelineRunner(toy_steps(), config, layered, Selection(until="toy_train"))._steps_to_walk() == 2
+    assert PipelineRunner(toy_steps(), config, layered, Selection(only=("toy_data",)))._steps_to_walk() == 1
     producer = f"produced by MLflow run {first[2].run_id}"
     assert f"[3/3] toy_eval_stage1: cached (key {first[2].cache_key[:12]}, {producer})" in lines
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
