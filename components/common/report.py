@@ -35,7 +35,7 @@ EVAL_VARIANTS = (("eval_untrained", "untrained"), ("eval", "trained"), ("eval_sh
                  ("eval_gap", "gap vs shuffled"))  # eval_gap: trained minus shuffled, as the evaluation logs it
 TRAIN_LOG = "train_log.jsonl"
 CHARTS = ("eval_scores.png", "training_loss.png", "step_times.png", "data_funnel.png")
-COUNT_SUFFIXES = ("_samples", "_tokens", "_skipped")
+COUNT_SUFFIXES = ("_samples", "_tokens", "_skipped", "_images")  # held_out_samples, probe_vit_images, ...
 TICKS = (("eval_untrained", "#555555", "untrained"), ("eval_shuffled", "#c44e52", "shuffled images"))
 
 
