@@ -37,6 +37,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not e2e" $(ARGS)
 
 mlflow-ui: setup
+	-$(VENV)/bin/python -m components.common.tracking relocate runs  # a moved runs/ keeps its artifacts (none yet: no-op)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 clean:

@@ -3,14 +3,16 @@
     .venv/bin/python benchmarks/dedup_scaling.py [--sizes 10000,100000,1000000] [--threshold 8]
                                                  [--bands N] [--max-bucket 1000] [--seed 0]
                                                  [--repeats 3] [--baseline] [--faiss-max 100000]
+                                                 [--faiss-layouts 3x21]
 
 Each size gets n uniformly random hashes of which 5% are near copies of others (1..threshold random
 bits flipped). Timed: `find_duplicate_groups` end to end (collapsing identical hashes, the LSH
 tables, verification, union-find, grouping). The per-hash cost relative to the first row says how
 close to linear it is. When faiss-cpu is importable, its exact multi-index hashing
-(`IndexBinaryMultiHash`: 3 substrings of 21 bits probed with up to 2 bit flips, so every pair
-within 8 is found) self-joins the same hashes up to --faiss-max, on one thread like ours, as the
-library alternative (issue 19). --baseline times each size again with the comparison sort the index
+(`IndexBinaryMultiHash`, each of --faiss-layouts: M substrings of B bits probed with up to
+floor(threshold / M) bit flips, so every pair within the threshold is found; 3x21 by default, 4x16
+also exact at threshold 8) self-joins the same hashes up to --faiss-max, on one thread like ours, as
+the library alternative (issue 19). --baseline times each size again with the comparison sort the index
 used before its radix sort (same groups, asserted). Prints a table and records it in benchmarks/results/dedup_scaling.json.
 """
 
@@ -84,10 +86,11 @@ def comparison_sort_by_key(key: np.ndarray, key_bits: int) -> tuple[np.ndarray, 
     return key[order], order
 
 
-def faiss_pairs(hashes: np.ndarray, threshold: int) -> tuple[float, int] | None:
+def faiss_pairs(hashes: np.ndarray, threshold: int, tables: int = 3, bits: int = 21) -> tuple[float, int] | None:
     """(seconds, distinct pairs within threshold) by faiss's binary multi-index hashing; None
-    without faiss. 3 tables of 21 bits probed with up to floor(threshold / 3) flips cover every
-    pair: a pair within the threshold differs in at most that many bits in one of the 3 substrings."""
+    without faiss. `tables` substrings of `bits` bits probed with up to floor(threshold / tables)
+    flips cover every pair: a pair within the threshold differs in at most that many bits in one of
+    the substrings."""
     try:
         import faiss
     except ImportError:
@@ -95,8 +98,8 @@ def faiss_pairs(hashes: np.ndarray, threshold: int) -> tuple[float, int] | None:
     faiss.omp_set_num_threads(1)
     codes = hashes.astype("<u8").view(np.uint8).reshape(-1, 8)  # (n, 8) bytes, 64-bit codes
     started = time.perf_counter()
-    index = faiss.IndexBinaryMultiHash(64, 3, 21)
-    index.nflip = threshold // 3
+    index = faiss.IndexBinaryMultiHash(64, tables, bits)
+    index.nflip = threshold // tables
     index.add(codes)
     limits, _, found = index.range_search(codes, threshold + 1)  # distances < radius
     seconds = time.perf_counter() - started
@@ -115,7 +118,11 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true",
                         help="also time each size with the comparison sort used before the radix sort")
     parser.add_argument("--faiss-max", type=int, default=100_000, help="largest size faiss is run on (0: never)")
+    parser.add_argument("--faiss-layouts", default="3x21", help="comma-separated MxB: M substrings of B bits")
     args = parser.parse_args()
+    layouts = [tuple(int(v) for v in layout.split("x")) for layout in args.faiss_layouts.split(",") if layout]
+    if any(m * b > 64 for m, b in layouts):
+        parser.error("--faiss-layouts: M substrings of B bits must fit in 64 bits")
     sizes = [int(s) for s in args.sizes.split(",") if s]
     run_size(1000, args.threshold, args.bands, args.max_bucket, args.seed)  # warm-up, not recorded
     rows = []
@@ -125,11 +132,13 @@ def main() -> None:
         rows[-1]["ratio_vs_first"] = round(rows[-1]["us_per_hash"] / first, 2) if first else None
         if len(rows) > 1:
             rows[-1]["seconds_vs_previous"] = round(rows[-1]["seconds"] / max(rows[-2]["seconds"], 1e-9), 1)
-        measured = faiss_pairs(planted_hashes(n, args.threshold, args.seed)[0], args.threshold) \
-            if n <= args.faiss_max else None
-        if measured is not None:
-            rows[-1]["faiss_mih_seconds"] = round(measured[0], 3)
-            rows[-1]["faiss_mih_pairs"] = measured[1]
+        for m, b in layouts if n <= args.faiss_max else []:
+            measured = faiss_pairs(planted_hashes(n, args.threshold, args.seed)[0], args.threshold, m, b)
+            if measured is None:
+                break
+            suffix = "" if (m, b) == layouts[0] else f"_{m}x{b}"
+            rows[-1][f"faiss_mih{suffix}_seconds"] = round(measured[0], 3)
+            rows[-1][f"faiss_mih{suffix}_pairs"] = measured[1]
         if args.baseline:
             radix_sort, dedup_core.sort_by_key = dedup_core.sort_by_key, comparison_sort_by_key
             try:
@@ -148,7 +157,13 @@ def main() -> None:
         print(f"{r['n']:>9} {r['seconds']:>8.2f} {r['us_per_hash']:>8.2f} {r['ratio_vs_first']:>6.2f} {r['bands']:>5} "
               f"{r['tables']:>6} {r['candidate_pairs']:>12,} {r['groups']:>7} {r['planted_recall']:>7.4f} "
               f"{r.get('seconds_vs_previous', '-'):>6} {before_s} {faiss_s} {pairs:>17}")
+    for m, b in layouts[1:]:
+        for r in rows:
+            if f"faiss_mih_{m}x{b}_seconds" in r:
+                print(f"faiss MIH {m}x{b} at {r['n']}: {r[f'faiss_mih_{m}x{b}_seconds']:.2f} s, "
+                      f"{r[f'faiss_mih_{m}x{b}_pairs']} pairs")
     record(RESULTS, {"threshold": args.threshold, "bands": args.bands, "max_bucket": args.max_bucket,
+                     "faiss_layouts": args.faiss_layouts,
                      "seed": args.seed, "repeats": args.repeats, "planted_fraction": PLANTED_FRACTION, "numpy": np.__version__}, rows)
 
 

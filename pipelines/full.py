@@ -91,7 +91,8 @@ STEPS = [
     Step(vlm_stage2, inputs={**VLM_INPUTS, "previous": [("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
          enabled=lambda config: vlm_stage_enabled(config, "stage2")),
     Step(vlm_eval_stage2, inputs=eval_inputs("stage2"), enabled=lambda config: vlm_eval_enabled(config, "stage2")),
-    Step(serve_step, inputs={"vlm": [("vlm_stage2", "vlm"), ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
+    Step(serve_step, inputs={"vlm": [("vlm_stage2", "vlm"), ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")],
+                             "eval": [(f"vlm_eval_{stage}", "eval") for stage in reversed(VLM_STAGES)]},  # its scores
          enabled=lambda config: config.serve.enabled and any(vlm_stage_enabled(config, s) for s in VLM_STAGES),
          cached=False),
 ]
@@ -131,15 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     selection = Selection(only=tuple(args.only), from_step=args.from_step, force=tuple(args.force),
                           until=args.until)
+    runner = PipelineRunner(STEPS, config, layered, selection)
     try:
-        outcomes = PipelineRunner(STEPS, config, layered, selection).run(["pipelines/full.py", *(argv or sys.argv[1:])])
+        outcomes = runner.run(["pipelines/full.py", *(argv or sys.argv[1:])])
     except PipelineConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     except PipelineError as error:
         print(f"pipeline error: {error}", file=sys.stderr)
+        if runner.report_path:
+            print(f"run report (steps so far): {runner.report_path}", file=sys.stderr)
         return 2
-    print_summary(config, outcomes)
+    print_summary(config, outcomes, runner.report_path)
     served = [o for o in outcomes if o.name == "serve" and o.status == "ran"]
     if served:
         keep_endpoint_up(config.serve, bool(config.ray.address or os.environ.get("RAY_ADDRESS")),
@@ -147,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_summary(config: PipelineConfig, outcomes: list) -> None:
+def print_summary(config: PipelineConfig, outcomes: list, report: Path | None = None) -> None:
     print(f"\n{'step':<16} {'status':<8} {'seconds':>8}  output")
     for outcome in outcomes:
         print(f"{outcome.name:<16} {outcome.status:<8} {outcome.duration_s:>8.1f}  {outcome.output_dir}")
-    print(f"\nMLflow: {config.tracking_uri} (experiment {config.mlflow.experiment!r})")
+    print(f"\nMLflow: {config.tracking_uri} (experiment {config.mlflow.experiment!r}; in the UI pick "
+          "'Model training', or open #/experiments/<id>/runs)")
+    if report is not None:
+        print(f"Run report: {report} (also the parent run's artifact report/report.html)")
 
 
 if __name__ == "__main__":

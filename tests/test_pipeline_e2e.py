@@ -140,7 +140,7 @@ def check_mlflow(root: Path) -> None:
     assert [p.info.status for p in parents].count("KILLED") == 1  # closed by the next run
     latest = max(finished, key=lambda r: r.info.start_time)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id]
-    by_name = {c.data.tags["mlflow.runName"]: c for c in children}
+    by_name = {c.data.tags["step"]: c for c in children}  # a cached step's run is named "<step> (cached)"
     assert set(by_name) == set(ALL_STEPS)
     assert {"mismatch_precision", "mismatch_recall", "threshold"} <= set(by_name["clip_filter"].data.metrics)
     assert {"duplicate_recall", "distinct_removed_rate"} <= set(by_name["dedup"].data.metrics)
@@ -150,17 +150,25 @@ def check_mlflow(root: Path) -> None:
     trained = [r for r in runs if r.data.tags.get("mlflow.runName") == "vit_pretrain"
                and r.data.tags.get("cache_hit") == "false"]  # the latest run took it from the cache
     assert len(trained) == 2  # the rerun after the kill, and the knob change
-    history = mlflow.MlflowClient().get_metric_history(trained[0].info.run_id, "siglip/loss")
-    assert [point.step for point in history] == [4, 5, 6]  # one point per step, at the global step
+    history = mlflow.MlflowClient().get_metric_history(trained[0].info.run_id, "train/loss")
+    steps = int(trained[0].data.metrics["steps"])  # the phases follow each other in global steps
+    assert [point.step for point in history] == list(range(1, steps + 1))  # one point per step, at the global step
+    smoothed = mlflow.MlflowClient().get_metric_history(trained[0].info.run_id, "train/loss_smoothed")
+    assert len(smoothed) == steps
     filters = by_name["basic_filters"]
     assert filters.data.tags["cache_hit"] == "true" and filters.data.tags["component"] == "basic_filters"
+    assert filters.data.tags["mlflow.runName"] == "basic_filters (cached)"
+    shards = by_name["write_shards"]  # produced by the rerun after the kill, in this store
+    producer = mlflow.MlflowClient().get_run(shards.data.tags["produced_by_run_id"])
+    assert producer.data.tags["step"] == "write_shards" and producer.data.tags["cache_key"] == shards.data.tags["cache_key"]
+    assert producer.data.tags["cache_hit"] == "false" and producer.data.metrics["shards"] == shards.data.metrics["shards"]
     assert {"cache_key", "git_commit", "profile", "output_dir"} <= set(filters.data.tags)
     assert filters.data.params["min_short_side"] == "200"
     assert filters.data.metrics["rows_in"] > filters.data.metrics["rows_kept"] > 0
     assert by_name["ingest"].data.tags["cache_hit"] == "false"
     assert latest.data.params["data.basic_filters.min_short_side"] == "200"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(latest.info.run_id)}
-    assert "resolved_config.yaml" in artifacts
+    assert {"resolved_config.yaml", "report"} <= artifacts
 
 
 def test_ray_job_submit_against_local_head(tiny_run: PipelineRun, tmp_path: Path) -> None:

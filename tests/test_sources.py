@@ -42,6 +42,25 @@ def test_img2dataset_shard(real_data: Path) -> None:
     assert '"caption"' in row["meta"]  # the shard's own json is kept
 
 
+def test_ingest_computes_dedups_signals_on_its_own_decode(real_data: Path) -> None:
+    """The sha256, pHash and thumbnail ingest stores are what dedup would compute from the bytes; with
+    signals off they stay null, and dedup's `add_signals` then decodes exactly those rows."""
+    from components.data.lib.signals import SIGNAL_NAMES, add_signals, decode_signals
+    from components.data.lib.table import rows_to_table
+
+    source = SourceConfig("folder", str(real_data / "odd_aspect_jpegs"))
+    rows = rows_of(source)
+    assert rows and all(r["drop_reason"] is None for r in rows)
+    for row in rows:
+        assert {name: row[name] for name in SIGNAL_NAMES} == decode_signals(row["image"])
+    bare = [validate(record, MAX_PIXELS, signals=False) for task in plan_reads(source) for record in read_task(task)]
+    assert all(r.get(name) is None for r in bare for name in SIGNAL_NAMES)
+    mixed = rows_to_table([rows[0], *bare[1:]])
+    filled = add_signals(mixed).to_pylist()
+    assert [{n: r[n] for n in SIGNAL_NAMES} for r in filled] == [{n: r[n] for n in SIGNAL_NAMES} for r in rows]
+    assert add_signals(rows_to_table(rows)).equals(rows_to_table(rows))  # nothing missing: returned as is
+
+
 def test_webdataset_png_cls_shard(real_data: Path) -> None:
     rows = rows_of(SourceConfig("webdataset", str(real_data / "sample.tgz")))
     assert len(rows) == 90

@@ -69,6 +69,41 @@ def test_synthetic_clips_give_caption_qa_and_grounding(videos: Path) -> None:
     assert len(grounding["images"]) == len(notes["timestamps"]) >= 16
 
 
+def test_each_video_task_is_sampled_at_its_own_frame_rate(videos: Path) -> None:
+    """Dynamic frame rate: captions and QA at 1 fps, temporal grounding at VideoConfig's 2 fps; each plan is
+    the paper's rule at that rate for this clip, within the per-video token budget."""
+    from components.common.video import plan_sampling
+
+    cfg = VideoConfig()
+    assert (cfg.fps_for("caption"), cfg.fps_for("qa"), cfg.fps_for("grounding")) == (1.0, 1.0, 2.0)
+    rows = _rows(videos)
+    for index in range(2):
+        clip = {r["key"].rsplit("-", 1)[1]: r for k, r in rows.items() if k.startswith(f"synthvideo-{index:06d}")}
+        meta = json.loads(clip["caption"]["meta"])
+        for task, row in clip.items():
+            notes = json.loads(row["annotations"])
+            fps = cfg.fps_for(task)
+            plan = plan_sampling(meta["num_frames"] / meta["fps"], meta["fps"], meta["num_frames"], fps,
+                                 cfg.min_frames, tuple(cfg.budgets), cfg.max_tokens)
+            assert notes["sample_fps"] == fps and tuple(notes["frame_indices"]) == plan.frame_indices
+            assert len(row["images"]) * notes["tokens_per_frame"] <= cfg.max_tokens
+        caption, grounding = (json.loads(clip[t]["annotations"]) for t in ("caption", "grounding"))
+        assert len(grounding["frame_indices"]) >= len(caption["frame_indices"])
+    durations = [json.loads(r["meta"])["duration_s"] for k, r in rows.items() if k.endswith("-grounding")]
+    longest = max(durations)
+    if longest * 2 >= cfg.min_frames + 1:  # long enough that 2 fps gives more than min_frames
+        g = next(json.loads(r["annotations"]) for k, r in rows.items()
+                 if k.endswith("-grounding") and json.loads(r["meta"])["duration_s"] == longest)
+        assert len(g["frame_indices"]) > cfg.min_frames
+
+
+def test_task_fps_is_checked() -> None:
+    with pytest.raises(ValueError, match="task_fps.grounding"):
+        VideoConfig(task_fps={"grounding": 6.0})
+    with pytest.raises(ValueError, match="unknown video tasks"):
+        VideoConfig(task_fps={"tracking": 2.0})
+
+
 def test_video_shards_hold_frames_in_order(videos: Path, tmp_path: Path) -> None:
     captions = caption_table(tmp_path / "captions", ["a red circle on white"] * 3)
     run_into(write_shards, ShardsConfig(samples_per_shard=4), {"samples": captions, "video": videos / "samples"},

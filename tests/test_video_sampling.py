@@ -16,6 +16,7 @@ from components.common.video import (
     probe_video,
     read_frames,
     sample_video,
+    sample_video_rates,
     timestamp_prefix,
 )
 
@@ -175,6 +176,19 @@ def test_sample_pancake() -> None:
     assert video.timestamps == tuple(round(i / 30.0, 1) for i in video.frame_indices)
     assert len({f.tobytes() for f in video.frames}) == 16  # real, distinct frames
     assert np.mean([f.std() for f in video.frames]) > 10.0
+
+
+@needs_real
+def test_several_rates_in_one_open_match_one_rate_each() -> None:
+    both = sample_video_rates(REAL / "pancake.mkv", (1.0, 2.0, 1.0), max_tokens=4096)
+    assert list(both) == [1.0, 2.0]
+    for fps, video in both.items():
+        alone = sample_video(REAL / "pancake.mkv", fps=fps, max_tokens=4096)
+        assert video.frame_indices == alone.frame_indices and video.size == alone.size
+        assert all(np.array_equal(a, b) for a, b in zip(video.frames, alone.frames))
+        assert len(video.frames) * video.tokens_per_frame <= 4096
+    assert len(both[2.0].frames) == 20 > len(both[1.0].frames) == 16  # 10.3 s: 2 fps gives 20 frames
+    assert both[2.0].tokens_per_frame < both[1.0].tokens_per_frame  # more frames, fewer tokens each
 
 
 @needs_real

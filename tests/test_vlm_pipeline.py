@@ -109,6 +109,10 @@ def check_serving(tiny_run: PipelineRun) -> None:
     version = client.get_model_version_by_alias("seedvl", "latest-pipeline")
     assert endpoint["registered"] == f"models:/seedvl/{version.version}"
     assert client.get_run(version.run_id).data.tags["mlflow.runName"] == "serve"
+    assert client.get_run(version.tags["trained_by_run_id"]).data.tags["step"] == "vlm_stage2"  # the scores' links
+    assert client.get_run(version.tags["eval_run_id"]).data.tags["step"] == "vlm_eval_stage2"
+    assert client.get_run(version.tags["pipeline_run_id"]).data.tags["kind"] == "pipeline"
+    assert "| counting_accuracy |" in version.description and "checkpoint" not in version.tags
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "components.serve.deploy", "--model", "models:/seedvl@latest-pipeline",
@@ -155,7 +159,7 @@ def check_mlflow(root: Path) -> None:
     assert len(stage1) == 2  # the shared run and the ablation; the evaluation change retrained nothing
     for run in stage1:
         assert {"loss_last", "tokens_per_s_mean"} <= set(run.data.metrics)
-        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "stage1/loss")
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
         assert [point.step for point in history] == [1, 2, 3]
         assert run.data.params["stage.steps"] == "3" and "stage2.steps" not in run.data.params
     evaluations = trained("vlm_eval_stage1")

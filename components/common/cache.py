@@ -34,6 +34,7 @@ class Manifest:
     created_at: float
     duration_s: float
     artifacts: list[str] = dataclasses.field(default_factory=list)  # files worth logging to MLflow
+    run_id: str = ""  # the MLflow run that produced the entry ('' when untracked): cache hits link to it
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

@@ -68,7 +68,7 @@ def component_main(comp: Component[Any], argv: list[str] | None = None) -> int:
         ensure_ray(config.ray.address, config.ray.num_cpus, config.ray.include_dashboard, REPO_ROOT)
         result, duration = run_into(comp, stage_config, inputs, staged, config.run.seed,
                                     lambda metrics, step: tracker.log_metrics(run_id, metrics, step))
-        manifest = manifest_for(comp, key, material, result, duration)
+        manifest = manifest_for(comp, key, material, result, duration, run_id if tracker.tracking_uri else "")
         publish_folder(staged, output, manifest)
         tracker.log_metrics(run_id, manifest.metrics)
         status = "FINISHED"

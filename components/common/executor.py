@@ -39,11 +39,11 @@ def run_into(
 
 
 def manifest_for(
-    comp: Component[Any], key: str, material: dict[str, Any], result: StageResult, duration: float
+    comp: Component[Any], key: str, material: dict[str, Any], result: StageResult, duration: float, run_id: str = ""
 ) -> Manifest:
     return Manifest(
         component=comp.name, version=comp.version, cache_key=key, key_material=material,
         outputs={name: name for name in comp.outputs}, files={},
         metrics={k: float(v) for k, v in result.metrics.items()} | {"duration_s": duration},
-        created_at=time.time(), duration_s=duration, artifacts=list(result.artifacts),
+        created_at=time.time(), duration_s=duration, artifacts=list(result.artifacts), run_id=run_id,
     )

@@ -7,6 +7,11 @@ to `max_tokens // smallest` frames. Frame i of n is the frame at the centre of t
 slices of the frame range: `floor((i + 0.5) * num_frames / n)`, uniform in time at a constant frame
 rate and strictly increasing because n <= num_frames. One token is a 28x28 pixel area (14 px patches,
 2x2 merge), and each frame is shown to the model after a timestamp prefix such as `[12.0 second]`.
+
+Dynamic frame rate per task: `sample_video_rates` samples one video at several rates in one open
+(e.g. 1 fps for captions, 2-5 fps for temporal grounding), each rate with its own plan under the same
+`max_tokens`, so a faster rate gets more frames at fewer tokens each, never more tokens in all. The
+frames the plans share are decoded once.
 """
 
 from __future__ import annotations
@@ -180,11 +185,14 @@ def _info_of(reader: Any, path: str | Path) -> VideoInfo:
 
 
 def _decode(reader: Any, path: str | Path, indices: tuple[int, ...], width: int, height: int) -> list[np.ndarray]:
+    return [_resize(frame, width, height) for frame in _native_frames(reader, path, indices)]
+
+
+def _native_frames(reader: Any, path: str | Path, indices: tuple[int, ...] | list[int]) -> np.ndarray:
     try:
-        batch = reader.get_batch(list(indices)).asnumpy()  # (frames, H, W, 3) uint8
+        return reader.get_batch(list(indices)).asnumpy()  # (frames, H, W, 3) uint8
     except Exception as exc:
         raise VideoDecodeError("video_decode_failed", f"{path}: {str(exc).splitlines()[0]}") from exc
-    return [_resize(frame, width, height) for frame in batch]
 
 
 def _resize(frame: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -208,13 +216,30 @@ def read_frames(path: str | Path, plan: SamplingPlan, width: int, height: int,
 def sample_video(path: str | Path, fps: float = 1.0, min_frames: int = 16, budgets: tuple[int, ...] = DEFAULT_BUDGETS,
                  max_tokens: int = DEFAULT_MAX_TOKENS, timeout_s: float = 120.0) -> SampledVideo:
     """Probe, plan, decode and resize one video in a single open; raises VideoDecodeError with a reason."""
+    return sample_video_rates(path, (fps,), min_frames, budgets, max_tokens, timeout_s)[fps]
 
-    def run() -> SampledVideo:
+
+def sample_video_rates(path: str | Path, rates: tuple[float, ...] | list[float], min_frames: int = 16,
+                       budgets: tuple[int, ...] = DEFAULT_BUDGETS, max_tokens: int = DEFAULT_MAX_TOKENS,
+                       timeout_s: float = 120.0) -> dict[float, SampledVideo]:
+    """`sample_video` at each of several frame rates, in one open: {rate: SampledVideo}. Each rate has its
+    own plan within `max_tokens`; the union of their frames is decoded once, then resized per plan."""
+    rates = tuple(dict.fromkeys(rates))
+    if not rates:
+        raise ValueError("rates must name at least one frame rate")
+
+    def run() -> dict[float, SampledVideo]:
         reader = _open_reader(path)
         info = _info_of(reader, path)
-        plan = plan_sampling(info.duration_s, info.native_fps, info.num_frames, fps, min_frames, budgets, max_tokens)
-        width, height = frame_size_for_budget(info.width, info.height, plan.tokens_per_frame)
-        frames = _decode(reader, path, plan.frame_indices, width, height)
-        return SampledVideo(frames, plan.timestamps, plan.frame_indices, plan.tokens_per_frame, (width, height))
+        plans = {fps: plan_sampling(info.duration_s, info.native_fps, info.num_frames, fps, min_frames, budgets,
+                                    max_tokens) for fps in rates}
+        union = sorted({i for plan in plans.values() for i in plan.frame_indices})
+        native = dict(zip(union, _native_frames(reader, path, union)))
+        out = {}
+        for fps, plan in plans.items():
+            width, height = frame_size_for_budget(info.width, info.height, plan.tokens_per_frame)
+            frames = [_resize(native[i], width, height) for i in plan.frame_indices]
+            out[fps] = SampledVideo(frames, plan.timestamps, plan.frame_indices, plan.tokens_per_frame, (width, height))
+        return out
 
     return _guarded(run, timeout_s)

@@ -83,6 +83,7 @@ class IngestConfig:
 
     sources: list[SourceConfig] = dataclasses.field(default_factory=list)
     max_image_pixels: int = 178_956_970  # larger images are dropped (decompression-bomb guard)
+    signals: bool = True  # dedup's sha256, pHash and thumbnail on ingest's own decode (no second decode)
     resources: Resources = dataclasses.field(default_factory=Resources)
 
 
@@ -242,6 +243,9 @@ class VideoSourceConfig:
     caption: str = ""
 
 
+VIDEO_TASKS = ("caption", "qa", "grounding")  # the video samples a clip gives; a real file gives a caption
+
+
 @dataclasses.dataclass
 class VideoConfig:
     """Video samples: synthetic clips with exact labels plus real files, sampled by the paper's rule."""
@@ -256,6 +260,9 @@ class VideoConfig:
     max_objects: int = 3
     sources: list[VideoSourceConfig] = dataclasses.field(default_factory=list)
     sample_fps: float = 1.0  # the paper: 1 fps by default, up to 5 for motion-heavy tasks
+    # Dynamic frame rate: fps per video task (caption, qa, grounding); a task not listed uses sample_fps.
+    # Temporal grounding needs finer time steps; every rate stays within max_tokens per video.
+    task_fps: dict[str, float] = dataclasses.field(default_factory=lambda: {"grounding": 2.0})
     min_frames: int = 16
     budgets: list[int] = dataclasses.field(default_factory=lambda: [640, 512, 384, 256, 160, 128])
     max_tokens: int = 81_920
@@ -271,6 +278,12 @@ class VideoConfig:
                              f"{self.max_duration_s}")
         if not 0 < self.sample_fps <= 5:
             raise ValueError(f"sample_fps must be in (0, 5] (the paper's range), got {self.sample_fps}")
+        unknown = sorted(set(self.task_fps) - set(VIDEO_TASKS))
+        if unknown:
+            raise ValueError(f"task_fps names unknown video tasks {unknown}; the tasks are {list(VIDEO_TASKS)}")
+        for task, fps in self.task_fps.items():
+            if not 0 < fps <= 5:
+                raise ValueError(f"task_fps.{task} must be in (0, 5] (the paper's range), got {fps}")
         if not self.clip_fps or min(self.clip_fps) <= 0:
             raise ValueError("clip_fps must list positive frame rates")
         if not self.budgets or sorted(self.budgets, reverse=True) != list(self.budgets) or min(self.budgets) < 1:
@@ -282,6 +295,12 @@ class VideoConfig:
             raise ValueError("need clip_width >= 64, clip_height >= 48 and frame_quality in [1, 95]")
         if self.decode_timeout_s <= 0 or not 1 <= self.max_objects <= 4:
             raise ValueError("need decode_timeout_s > 0 and max_objects in [1, 4]")
+
+    def fps_for(self, task: str) -> float:
+        """The frame rate video samples of this task are drawn at (task_fps, else sample_fps)."""
+        if task not in VIDEO_TASKS:
+            raise ValueError(f"unknown video task {task!r}; the tasks are {list(VIDEO_TASKS)}")
+        return float(self.task_fps.get(task, self.sample_fps))
 
 
 @dataclasses.dataclass

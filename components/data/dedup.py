@@ -1,7 +1,8 @@
 """Dedup step: exact (content hash) and perceptual (64-bit pHash within a Hamming threshold)
 duplicates, found with the LSH index of `dedup_core` (never all pairs), one representative kept.
 
-Ray Data hashes every image (one decode each: pHash and an 8x8 RGB thumbnail) into a scratch table;
+Every image's signals (sha256, pHash, an 8x8 RGB thumbnail) come from ingest's decode (`lib/signals.py`);
+rows without them (ingest's `signals` off, tables from elsewhere) are decoded once here, into a scratch table;
 the driver finds the row pairs within the pHash threshold with the LSH index, keeps those that also
 pass a second signal (identical bytes, or aspect ratios within `max_aspect_change` in log space and
 thumbnails within `max_thumbnail_diff` at every cell: pHash alone confuses simple flat scenes), joins
@@ -32,35 +33,17 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component, file_stats
 from components.data.config import DedupConfig
-from components.data.lib.dedup_core import (LSHStats, choose_representatives, connected_roots,
-                                        content_hash, distinct, near_pairs, phash64)
+from components.data.lib.dedup_core import LSHStats, choose_representatives, connected_roots, distinct, near_pairs
+from components.data.lib.signals import THUMB_SIDE, add_signals
 from components.data.lib.table import data_dir, drop_metrics, plot_counts, read_columns, read_kept, write_stats
 
 DUPLICATE_LABELS = ("exact_duplicate", "near_duplicate")
-THUMB_SIDE = 8
-
-
-def add_hashes(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: `content_sha256`, `phash` (uint64) and `thumbnail` (8x8 RGB) columns, one decode each."""
-    digests, phashes, thumbnails = [], [], []
-    for data in batch.column("image").to_pylist():
-        digests.append(content_hash(data))
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            phashes.append(phash64(image))
-            thumbnails.append(thumbnail(image))
-    return batch.append_column("content_sha256", pa.array(digests, pa.string())).append_column(
-        "phash", pa.array(phashes, pa.uint64())).append_column("thumbnail", pa.array(thumbnails, pa.binary()))
-
-
-def thumbnail(image: Image.Image) -> bytes:
-    """The second signal: an 8x8 RGB box-filtered thumbnail (192 bytes)."""
-    return image.convert("RGB").resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
 
 
 def mark_duplicates(batch: pa.Table, reasons: dict[str, str]) -> pa.Table:
+    """Ray Data UDF: `drop_reason` for the rows dedup drops; the signal columns stay (sample schema)."""
     drop = [reasons.get(key) for key in batch.column("key").to_pylist()]
-    return batch.drop_columns(["content_sha256", "thumbnail"]).append_column("drop_reason", pa.array(drop, pa.string()))
+    return batch.append_column("drop_reason", pa.array(drop, pa.string()))
 
 
 def candidate_pairs(hashes: np.ndarray, threshold: int, max_bucket: int, stats: LSHStats) -> np.ndarray:
@@ -146,7 +129,7 @@ def shard_images(path: Path) -> Iterator[bytes]:
 
 
 def read_shard_signals(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: shard paths in, the same signals `add_hashes` computes for each of their images out."""
+    """Ray Data UDF: shard paths in, the same signals ingest computes for each of their images out."""
     images = [data for path in batch.column("path").to_pylist() for data in shard_images(Path(path))]
     sizes = []
     for data in images:
@@ -154,7 +137,7 @@ def read_shard_signals(batch: pa.Table) -> pa.Table:
             sizes.append(image.size)
     table = pa.table({"image": pa.array(images, pa.binary()), "width": [w for w, _ in sizes],
                       "height": [h for _, h in sizes]})
-    return add_hashes(table).drop_columns(["image"])
+    return add_signals(table).drop_columns(["image"])
 
 
 def earlier_signals(cfg: DedupConfig) -> pa.Table:
@@ -238,7 +221,7 @@ def label_metrics(meta: list[str], keys: list[str], kept_for: dict[str, str]) ->
             "distinct_removed_rate": wrongly / max(1, len(distinct))}
 
 
-@component(name="dedup", version="4", config="data.dedup", inputs=("samples",), outputs=("samples",),
+@component(name="dedup", version="5", config="data.dedup", inputs=("samples",), outputs=("samples",),
            external_fingerprint=against_fingerprint, key_exclude=("against",))
 def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     import ray.data
@@ -246,7 +229,7 @@ def dedup(ctx: StageContext[DedupConfig]) -> StageResult:
     cfg = ctx.config
     hashed_dir = ctx.workdir / "_hashed"
     read_kept(ctx.inputs["samples"]).map_batches(
-        add_hashes, batch_size=cfg.resources.batch_size, batch_format="pyarrow", **cfg.resources.map_kwargs(),
+        add_signals, batch_size=cfg.resources.batch_size, batch_format="pyarrow", **cfg.resources.map_kwargs(),
     ).write_parquet(str(hashed_dir))
     table = ctx.outputs["samples"]
     hashed_files = sorted(hashed_dir.glob("*.parquet"))

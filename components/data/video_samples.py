@@ -4,7 +4,9 @@ frame-resolution rule into task-`video` samples (frames + timestamps + caption /
 Synthetic clips (`video_synthesis.render_clip`) are written as Motion-JPEG AVI into the `clips` output
 and read back through the same decord path as real files, so both are sampled identically. Each clip
 gives three samples: a caption, a multi-turn QA, and temporal grounding ("When does X happen?" ->
-"From 4.0 to 7.0 seconds."). A real file gives one caption sample; its caption comes from the source
+"From 4.0 to 7.0 seconds."), each sampled at its task's frame rate (`data.video.task_fps`: the
+paper's dynamic frame rate, 1 fps by default and faster for temporal grounding), all rates of a clip
+in one decode and each within the per-video token budget. A real file gives one caption sample; its caption comes from the source
 config or a `.txt` beside the file. Files that cannot be decoded are kept in the table with their
 reason (`video_unreadable`, `video_decode_failed`, ...), as are files without a caption
 (`caption_missing`), so counts add up and nothing crashes the job.
@@ -24,10 +26,10 @@ from PIL import Image
 
 from components.common.contract import StageContext, StageResult, component, file_stats
 from components.data.synthesis.avi_writer import write_bytes_atomic
-from components.data.config import VideoConfig, VideoSourceConfig
+from components.data.config import VIDEO_TASKS, VideoConfig, VideoSourceConfig
 from components.data.lib.table import data_dir, drop_metrics, plot_counts, write_stats
 from components.data.lib.tasks import encode_image, rows_to_task_table, task_row
-from components.common.video import SampledVideo, VideoDecodeError, sample_video, timestamp_prefix
+from components.common.video import SampledVideo, VideoDecodeError, sample_video_rates, timestamp_prefix
 from components.data.synthesis.video import SyntheticClip, render_clip
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")
@@ -72,14 +74,16 @@ def safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "video"
 
 
-def sample(path: Path, cfg: VideoConfig) -> SampledVideo:
-    """Sample one video in a child process: ffmpeg can abort or hang on a broken file, and then only the
-    child goes down (`video_decoder_crashed` / `video_decode_timeout`), never the Ray worker."""
+def sample(path: Path, cfg: VideoConfig, tasks: tuple[str, ...] = VIDEO_TASKS) -> dict[str, SampledVideo]:
+    """Sample one video at each task's frame rate ({task: SampledVideo}), in a child process: ffmpeg can
+    abort or hang on a broken file, and then only the child goes down (`video_decoder_crashed` /
+    `video_decode_timeout`), never the Ray worker."""
     import multiprocessing
 
+    rates = tuple(dict.fromkeys(cfg.fps_for(task) for task in tasks))
     context = multiprocessing.get_context("forkserver")
     receiver, sender = context.Pipe(duplex=False)
-    args = (sender, str(path), cfg.sample_fps, cfg.min_frames, tuple(cfg.budgets), cfg.max_tokens, cfg.decode_timeout_s)
+    args = (sender, str(path), rates, cfg.min_frames, tuple(cfg.budgets), cfg.max_tokens, cfg.decode_timeout_s)
     child = context.Process(target=_sample_into, args=args, daemon=True)
     child.start()
     sender.close()
@@ -97,13 +101,14 @@ def sample(path: Path, cfg: VideoConfig) -> SampledVideo:
         receiver.close()
     if status == "error":
         raise VideoDecodeError(*payload)
-    return payload[0]
+    by_rate = payload[0]
+    return {task: by_rate[cfg.fps_for(task)] for task in tasks}
 
 
-def _sample_into(sender: Any, path: str, fps: float, min_frames: int, budgets: tuple[int, ...], max_tokens: int,
-                 timeout_s: float) -> None:
+def _sample_into(sender: Any, path: str, rates: tuple[float, ...], min_frames: int, budgets: tuple[int, ...],
+                 max_tokens: int, timeout_s: float) -> None:
     try:
-        sender.send(("ok", sample_video(path, fps, min_frames, budgets, max_tokens, timeout_s)))
+        sender.send(("ok", sample_video_rates(path, rates, min_frames, budgets, max_tokens, timeout_s)))
     except VideoDecodeError as error:
         sender.send(("error", error.reason, str(error).removeprefix(f"{error.reason}: ")))
     except Exception as error:  # anything else is still this file's failure, named as such
@@ -118,8 +123,8 @@ def frame_fields(sampled: SampledVideo, cfg: VideoConfig) -> dict[str, Any]:
     return {"images": frames, "image_ext": "jpg", "width": width, "height": height}
 
 
-def sampling_annotations(sampled: SampledVideo) -> dict[str, Any]:
-    return {"timestamps": list(sampled.timestamps), "frame_indices": list(sampled.frame_indices),
+def sampling_annotations(sampled: SampledVideo, fps: float) -> dict[str, Any]:
+    return {"sample_fps": fps, "timestamps": list(sampled.timestamps), "frame_indices": list(sampled.frame_indices),
             "tokens_per_frame": sampled.tokens_per_frame,
             "frame_prefixes": [timestamp_prefix(t) for t in sampled.timestamps]}
 
@@ -133,17 +138,23 @@ def clip_rows(index: int, cfg: VideoConfig, seed: int, clips_dir: Path) -> list[
     path = clips_dir / f"{key}.avi"
     write_bytes_atomic(path, clip.video)
     sampled = sample(path, cfg)
-    base = {**frame_fields(sampled, cfg), "source": "synthetic_video", "caption": clip.caption}
     meta = {"generator": "video_synthesis", "seed": seed, "index": index, "clip": path.name, "fps": clip.fps,
             "num_frames": clip.num_frames, "duration_s": clip.duration_s}
-    truth = sampling_annotations(sampled) | {"events": [event_dict(e) for e in clip.events]}
+    events = {"events": [event_dict(e) for e in clip.events]}
+    fields: dict[float, dict[str, Any]] = {}  # frames encoded once per rate, shared by the tasks at that rate
+    for task in VIDEO_TASKS:
+        if cfg.fps_for(task) not in fields:
+            fields[cfg.fps_for(task)] = frame_fields(sampled[task], cfg)
+
+    def row(task: str, turns: list[tuple[str, str]], labels: dict[str, Any]) -> dict[str, Any]:
+        truth = sampling_annotations(sampled[task], cfg.fps_for(task)) | events | labels
+        return task_row(key=f"{key}-{task}", task="video", turns=turns, annotations=truth, meta=meta,
+                        source="synthetic_video", caption=clip.caption, **fields[cfg.fps_for(task)])
+
     return [
-        task_row(key=f"{key}-caption", task="video", turns=[(DESCRIBE, clip.caption)], annotations=truth, meta=meta,
-                 **base),
-        task_row(key=f"{key}-qa", task="video", turns=[(q["question"], q["answer"]) for q in clip.qa],
-                 annotations=truth | {"qa": clip.qa}, meta=meta, **base),
-        task_row(key=f"{key}-grounding", task="video", turns=grounding_turns(clip),
-                 annotations=truth | {"temporal_grounding": clip.temporal_grounding}, meta=meta, **base),
+        row("caption", [(DESCRIBE, clip.caption)], {}),
+        row("qa", [(q["question"], q["answer"]) for q in clip.qa], {"qa": clip.qa}),
+        row("grounding", grounding_turns(clip), {"temporal_grounding": clip.temporal_grounding}),
     ]
 
 
@@ -166,13 +177,14 @@ def file_rows(path: Path, source: VideoSourceConfig, cfg: VideoConfig) -> list[d
     empty = {"images": [], "image_ext": "jpg", "width": 0, "height": 0, "source": source.name or "video",
              "caption": caption, "turns": [], "annotations": {}}
     try:
-        sampled = sample(path, cfg)
+        sampled = sample(path, cfg, ("caption",))["caption"]
     except VideoDecodeError as error:
         return [task_row(key=key, task="video", meta=meta | {"error": str(error)}, drop_reason=error.reason, **empty)]
     if not caption:
         return [task_row(key=key, task="video", meta=meta, drop_reason="caption_missing", **empty)]
     return [task_row(key=key, task="video", source=source.name or "video", caption=caption,
-                     turns=[(DESCRIBE, caption)], annotations=sampling_annotations(sampled), meta=meta,
+                     turns=[(DESCRIBE, caption)], annotations=sampling_annotations(sampled, cfg.fps_for("caption")),
+                     meta=meta,
                      **frame_fields(sampled, cfg))]
 
 
@@ -188,7 +200,7 @@ def make_rows(batch: pa.Table, cfg: VideoConfig, seed: int, clips_dir: str) -> p
     return rows_to_task_table(rows)
 
 
-@component(name="video_samples", version="1", config="data.video", outputs=("samples", "clips"),
+@component(name="video_samples", version="2", config="data.video", outputs=("samples", "clips"),
            external_fingerprint=video_fingerprint, key_exclude=("path",))
 def video_samples(ctx: StageContext[VideoConfig]) -> StageResult:
     import ray.data

@@ -38,7 +38,8 @@ from components.data.lib.tasks import TASK_SCHEMA, TASK_TYPES
 
 SCHEMA_VERSION = 2
 TASK_INPUTS = ("ocr", "grounding", "video")  # optional inputs: task tables (tasks.py) of the synthesis steps
-# Columns of the two input schemas that are not scores; anything else (clip_score, phash, ...) is a score.
+# Columns of the two input schemas that are not scores; anything else (clip_score, ...) is a score. Dedup's
+# signals (sha256, pHash, thumbnail) are sample-table columns since ingest computes them, so not scores.
 BASE_COLUMNS = frozenset(KEPT_SCHEMA.names) | frozenset(TASK_SCHEMA.names) | {"repeat"}
 SHARD_ROW_SCHEMA = pa.schema([
     ("key", pa.string()), ("task", pa.string()), ("shard", pa.int32()), ("media", pa.list_(pa.binary())),
@@ -217,7 +218,7 @@ def job_stats(expected: dict[str, dict[str, Any]], shard_stats: list[dict[str, A
     return stats
 
 
-@component(name="write_shards", version="2", config="data.shards", inputs=("samples", *TASK_INPUTS),
+@component(name="write_shards", version="3", config="data.shards", inputs=("samples", *TASK_INPUTS),
            optional_inputs=TASK_INPUTS, outputs=("shards",))
 def write_shards(ctx: StageContext[ShardsConfig]) -> StageResult:
     import ray.data

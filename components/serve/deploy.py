@@ -111,7 +111,8 @@ def check_api_key(cfg: ServeConfig) -> str:
     return ""
 
 
-@component(name="serve", version="1", config="serve", inputs=("vlm",), outputs=("endpoint",), preflight=check_api_key)
+@component(name="serve", version="1", config="serve", inputs=("vlm", "eval"), optional_inputs=("eval",),
+           outputs=("endpoint",), preflight=check_api_key)
 def serve_step(ctx: StageContext[ServeConfig]) -> StageResult:
     """Register the final checkpoint (when tracking is on and serve.register is set), deploy it, ask it once."""
     cfg = ctx.config
@@ -124,9 +125,14 @@ def serve_step(ctx: StageContext[ServeConfig]) -> StageResult:
         started = time.perf_counter()
         from components.serve.registry import register_checkpoint
 
-        version, new = register_checkpoint(ctx.tracking_uri, ctx.run_id, folder, cfg.model_name, {
-            "checkpoint": str(folder), "stage": folder.parent.parent.parent.name,
-            "checkpoint_key": folder.parent.parent.name})  # <step>/<cache key>/vlm/model
+        from mlflow.tracking import MlflowClient
+
+        from components.serve.registry import lineage
+
+        parent = MlflowClient(tracking_uri=ctx.tracking_uri).get_run(ctx.run_id).data.tags.get("mlflow.parentRunId", "")
+        eval_input = ctx.inputs.get("eval")
+        tags, description = lineage(ctx.inputs["vlm"].parent, eval_input.parent if eval_input else None, parent)
+        version, new = register_checkpoint(ctx.tracking_uri, ctx.run_id, folder, cfg.model_name, tags, description)
         record["registered"] = f"models:/{cfg.model_name}/{version}"
         metrics |= {"registered_version": float(version), "registered_new": float(new),
                     "register_s": time.perf_counter() - started}

@@ -115,13 +115,46 @@ def read_log(path: Path) -> TrainLogRecords:
     return TrainLogRecords([steps[s] for s in sorted(steps)], ends, max(0, len(starts) - 1), starts)
 
 
-def log_step_metrics(records: list[dict[str, Any]], log_metrics: Callable[[dict[str, float], int | None], None],
-                     prefix: str = "") -> None:
-    """Every step record's numbers to MLflow as `<part>/<metric>` at its global step."""
+TRAIN_PREFIX = "train"  # every trained stage logs `train/<metric>`, so the UI overlays the stages' curves
+SMOOTHING = 0.9  # the EMA weight of the past in `train/loss_smoothed`
+
+
+def smoothed(values: list[float], beta: float = SMOOTHING) -> list[float]:
+    """The debiased exponential moving average of `values` (TensorBoard's smoothing): the first point is
+    the first value, and early points are not pulled towards zero."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {beta}")
+    out, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = beta * average + (1 - beta) * value
+        out.append(average / (1 - beta ** count))
+    return out
+
+
+def step_metric_series(records: list[dict[str, Any]]) -> list[tuple[dict[str, float], int]]:
+    """Each step record as `(metrics, global_step)`: every number as `train/<metric>` (`train/loss`,
+    `train/lr`, `train/tokens_per_s`, ...) plus `train/loss_smoothed`, an EMA that restarts with each
+    part (a ViT phase's loss is another quantity than the one before it)."""
+    series: list[tuple[dict[str, float], int]] = []
+    average, count, part = 0.0, 0, None
     for record in records:
-        log_metrics({f"{prefix or record['part']}/{key}": float(value) for key, value in record.items()
-                     if isinstance(value, (int, float)) and not isinstance(value, bool)
-                     and key not in ("global_step", "step")}, int(record["global_step"]))
+        if record["part"] != part:
+            average, count, part = 0.0, 0, record["part"]
+        metrics = {f"{TRAIN_PREFIX}/{key}": float(value) for key, value in record.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and key not in ("global_step", "step")}
+        if "loss" in record:
+            average, count = SMOOTHING * average + (1 - SMOOTHING) * float(record["loss"]), count + 1
+            metrics[f"{TRAIN_PREFIX}/loss_smoothed"] = average / (1 - SMOOTHING ** count)
+        series.append((metrics, int(record["global_step"])))
+    return series
+
+
+def log_step_metrics(records: list[dict[str, Any]], log_metrics: Callable[[dict[str, float], int | None], None]
+                     ) -> None:
+    """Every step record's numbers to MLflow at its global step (`step_metric_series`)."""
+    for metrics, step in step_metric_series(records):
+        log_metrics(metrics, step)
 
 
 def summarise(records: list[dict[str, Any]], end: dict[str, Any] | None, timed_keys: tuple[str, ...]) -> dict[str, float]:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from components.training.config import DeepSpeedSettings
-from components.training.runtime import FAILED_ONCE, deepspeed_config
+from components.training.runtime import FAILED_ONCE, SMOOTHING, deepspeed_config
 from components.training.shards import DropCounter
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,9 @@ def run_steps(loop: StepLoop, engine: Any, progress: Progress, step: Callable[[i
               data_state: Callable[[], dict[str, Any]], worker: WorkerInfo, train_log: TrainLog,
               out_dir: Path) -> None:
     """Call `step(step_in_part)` until the part has `loop.steps` steps; log every step's metrics (with the
-    step's wall time); checkpoint every `checkpoint_every` steps and at the end."""
+    step's wall time); checkpoint every `checkpoint_every` steps and at the end. Rank 0 prints a progress
+    line (`ProgressPrinter`) to the driver's terminal."""
+    printer = ProgressPrinter(loop.part, loop.steps, progress.step) if worker.rank == 0 else None
     while progress.step < loop.steps:
         maybe_fail(loop.fail_at_step, progress.global_step, worker, out_dir)
         started = time.perf_counter()
@@ -127,9 +130,60 @@ def run_steps(loop: StepLoop, engine: Any, progress: Progress, step: Callable[[i
         progress.global_step += 1
         record = {"part": loop.part, **metrics, "step": progress.step, "global_step": progress.global_step}
         train_log.write(record)
+        if printer is not None:
+            printer.update(progress.step, metrics)
         if progress.step % loop.checkpoint_every == 0 or progress.step == loop.steps:
             progress.data = data_state()
             save_checkpoint(engine, progress, worker.rank, record)
+
+
+class ProgressPrinter:
+    """`[part] step N/M  loss L (smoothed S)  lr R  T s/step  ETA ...` printed at the first step, then at
+    most once every `every_s` seconds, and at the last step; the ETA is the mean step time since this
+    worker group (re)started times the steps left."""
+
+    def __init__(self, part: str, steps: int, start_step: int, every_s: float = 10.0,
+                 write: Callable[[str], None] | None = None) -> None:
+        self.part, self.steps, self.start_step, self.every_s = part, steps, start_step, every_s
+        self.write = write or write_stdout
+        self.started = self.last = time.perf_counter()
+        self.average, self.count, self.printed = 0.0, 0, False
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if "loss" in metrics:
+            self.average, self.count = SMOOTHING * self.average + (1 - SMOOTHING) * float(metrics["loss"]), self.count + 1
+        now = time.perf_counter()
+        if self.printed and step < self.steps and now - self.last < self.every_s:
+            return
+        self.printed, self.last = True, now
+        self.write(self.line(step, metrics, (now - self.started) / max(1, step - self.start_step)))
+
+    def line(self, step: int, metrics: dict[str, float], seconds_per_step: float) -> str:
+        parts = [f"[{self.part}] step {step}/{self.steps}"]
+        if "loss" in metrics:
+            parts.append(f"loss {float(metrics['loss']):.4f} (smoothed {self.average / (1 - SMOOTHING ** self.count):.4f})")
+        if "lr" in metrics:
+            parts.append(f"lr {float(metrics['lr']):.2e}")
+        parts.append(f"{seconds_per_step:.2f} s/step")
+        parts.append("done" if step >= self.steps else f"ETA {format_seconds(seconds_per_step * (self.steps - step))}")
+        return "  ".join(parts)
+
+
+def write_stdout(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver's terminal. Not `print`: Ray
+    Train patches it to also log the line, and the driver then shows it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def format_seconds(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h07m`."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def save_checkpoint(engine: Any, progress: Progress, rank: int, metrics: dict[str, Any]) -> None:

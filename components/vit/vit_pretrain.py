@@ -6,7 +6,7 @@ Inputs: `shards` (write_shards' output) and, optionally, `scorer` (the data stag
 tiny profile's teacher and text tower). Output `vit/`: `initial/`, `mim/`, `siglip/`, `video/` (plain
 exported checkpoints: `vit.safetensors`, `towers.safetensors`, `config.json`) and `train_log.jsonl`.
 Per-step loss terms, learning rate, images/s, tokens/s (and MFU on GPU) go to the step's MLflow run
-as `<phase>/<metric>`.
+as `train/<metric>` (`runtime.step_metric_series`; the phases follow each other in global steps).
 """
 
 from __future__ import annotations

@@ -322,7 +322,11 @@ def make_eval_runner(stage: str) -> Any:
                                          out_dir / f"{name}.jsonl", controls=prefix == "eval")
             metrics |= prefixed(prefix, scores)
         (out_dir / "scores.json").write_text(json.dumps(metrics, indent=1))
-        return StageResult(metrics=metrics, artifacts=["eval/scores.json", *(f"eval/{n}.jsonl" for _, _, n in runs)])
+        from components.vlm.eval_gallery import draw_galleries  # a few items drawn, to look at in MLflow
+
+        gallery = draw_galleries(out_dir, [n for _, _, n in runs], held_out_rows(ctx.inputs["shards"], ctx.config)[0])
+        return StageResult(metrics=metrics, artifacts=["eval/scores.json", *(f"eval/{n}.jsonl" for _, _, n in runs),
+                                                       *gallery])
     run_eval.__name__ = f"run_eval_{stage}"
     return run_eval
 

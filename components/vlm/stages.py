@@ -76,7 +76,7 @@ def train_tokenizer_from_shards(shards_dir: Path, job: LlmPretrainJob, folder: P
 
 
 def train(ctx: StageContext[Any], name: str, loop_extra: dict[str, Any], out_dir: Path) -> dict[str, float]:
-    """One Ray Train job for the stage, its per-step metrics to MLflow as `<stage>/<metric>`, its summary back."""
+    """One Ray Train job for the stage, its per-step metrics to MLflow as `train/<metric>`, its summary back."""
     from components.vlm.train_loop import train_loop_per_worker
 
     loop_config = {"config": ctx.config, "shards": str(ctx.inputs["shards"]), "out_dir": str(out_dir),

@@ -22,6 +22,13 @@ from components.common.cache import write_json_atomic
 DATA_DIR = "data"
 STATS_FILE = "stats.json"
 
+# Dedup's per-image signals, computed on ingest's one decode (lib/signals.py); null where not computed.
+SIGNAL_FIELDS = (
+    pa.field("content_sha256", pa.string()),  # sha256 hex of the encoded bytes
+    pa.field("phash", pa.uint64()),  # 64-bit DCT pHash
+    pa.field("thumbnail", pa.binary()),  # 8x8 RGB, area-averaged (192 bytes)
+)
+
 SAMPLE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # unique across sources: <source>-<shard>-<original key>
@@ -32,6 +39,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("source", pa.string()),
         ("meta", pa.string()),  # JSON: the source's own metadata (img2dataset json, cls, labels)
+        *SIGNAL_FIELDS,  # dedup's signals (sha256, pHash, thumbnail) from ingest's decode; null where not computed
         ("drop_reason", pa.string()),  # null: kept by this stage
     ]
 )
