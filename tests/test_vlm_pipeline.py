@@ -39,10 +39,11 @@ def test_vlm_stages_eval_export_ablation_and_resume(tiny_run: PipelineRun) -> No
                 "eval/image_use_gap", "eval/n_counting"} <= set(metrics), name
         assert metrics["eval/n_counting"] >= 1
         # every score beside its shuffled-image control, the gap per task, the probes of the export's tokens
-        assert {"eval_shuffled/counting_accuracy", "eval_gap/counting_accuracy", "eval_shuffled/caption_f1",
+        # (a kind whose held-out items all come from one sample has no other image to swap in: here counting)
+        assert {"eval_shuffled/caption_f1", "eval_gap/caption_f1", "eval_shuffled/caption_object_colour_recall",
                 "eval/image_use_gap_caption", "eval/probe_vit_colour_present_max",
                 "eval/probe_adapter_cell_colour"} <= set(metrics), name
-        assert metrics["eval_shuffled/n_counting"] == metrics["eval/n_counting"]
+        assert metrics["eval_shuffled/n_caption"] == metrics["eval/n_caption"] >= 2
         assert abs(metrics["eval_gap/caption_f1"] - (metrics["eval/caption_f1"] - metrics["eval_shuffled/caption_f1"])) < 1e-9
     vit_probes = steps["vit_eval"]["metrics"]
     assert {"probe_pixels_colour_present_mean", "probe_initial_colour_present_mean",
