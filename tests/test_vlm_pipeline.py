@@ -47,7 +47,7 @@ def test_vlm_stages_eval_export_ablation_and_resume(tiny_run: PipelineRun) -> No
         assert abs(metrics["eval_gap/caption_f1"] - (metrics["eval/caption_f1"] - metrics["eval_shuffled/caption_f1"])) < 1e-9
     vit_probes = steps["vit_eval"]["metrics"]
     assert {"probe_pixels_colour_present_mean", "probe_initial_colour_present_mean",
-            "probe_video_cell_colour", "probe_siglip_count_max"} <= set(vit_probes)
+            "probe_video_cell_object", "probe_siglip_count_max"} <= set(vit_probes)
     assert "eval_untrained/caption_f1" in steps["vlm_eval_stage0"]["metrics"]
     assert not any(k.startswith("eval_untrained/") for k in steps["vlm_eval_stage1"]["metrics"])
     assert not any(k.startswith("eval") for k in steps["vlm_stage1"]["metrics"])  # training steps only train
