@@ -147,7 +147,9 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
-def _placeholder(path: Path, title: str, message: str) -> Path:
+def _empty_chart(path: Path, title: str, message: str) -> Path:
+    """The chart of a pipeline run that has nothing of this kind (e.g. `--until write_shards` trains
+    nothing): the title and why it is empty, so the report's image never silently goes missing."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 1.6))
     axes.axis("off")
@@ -162,7 +164,7 @@ def eval_chart(steps: Sequence[Mapping[str, Any]], path: Path) -> Path:
     names, metrics, table = eval_table(steps)
     scores = [m for m in metrics if not is_count(m)]
     if not scores:
-        return _placeholder(path, "evaluation scores by stage", "no evaluation step ran in this pipeline")
+        return _empty_chart(path, "evaluation scores by stage", "no evaluation step ran in this pipeline")
     plt = _pyplot()
     columns = min(4, len(scores))
     rows = math.ceil(len(scores) / columns)
@@ -195,7 +197,7 @@ def loss_chart(steps: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
     curves = loss_curves(steps)
     if not curves:
-        return _placeholder(path, "training loss", "no trained step in this pipeline")
+        return _empty_chart(path, "training loss", "no trained step in this pipeline")
     plt = _pyplot()
     figure, axes_list = plt.subplots(len(curves), 1, figsize=(7, 2.3 * len(curves)), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -217,7 +219,7 @@ def step_time_chart(steps: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Each step's wall time in this run; a cached step shows (hatched) what it took when it ran."""
     shown = [s for s in steps if s.get("status") in ("ran", "cached")]
     if not shown:
-        return _placeholder(path, "step times", "no step ran or came from the cache")
+        return _empty_chart(path, "step times", "no step ran or came from the cache")
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 0.32 * len(shown) + 1.2))
     for index, step in enumerate(reversed(shown)):
@@ -240,7 +242,7 @@ def funnel_chart(steps: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """A stacked bar per data step: kept, then each drop reason; the shards' bar by task."""
     rows = funnel(steps)
     if not rows:
-        return _placeholder(path, "data funnel", "no data step in this pipeline")
+        return _empty_chart(path, "data funnel", "no data step in this pipeline")
     plt = _pyplot()
     segments = list(dict.fromkeys(label for _, parts in rows for label in parts))
     palette = plt.get_cmap("tab20")
