@@ -1,5 +1,5 @@
 """Verifiers of VLM answers: the thinking-block rules, each verifier on tricky hand-checked strings, the
-routing of `verify`, and no crash (and a score in [0, 1]) on junk."""
+routing of `verify`, agreement with `eval_tasks.score`, and no crash (and a score in [0, 1]) on junk."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import string
 
 import pytest
 
+from components.vlm.eval_tasks import EvalItem, score
 from components.vlm.verifiers import (
     POINT_HIT_RADIUS,
     VERIFIERS,
@@ -308,6 +309,43 @@ def test_verify_never_raises_on_non_str_responses(response: object) -> None:
                             ("caption_attributes", CAPTION), ("video_grounding", SPAN), ("numeric", "3")):
         assert verify(task, response, reference) == 0.0
         assert verify(task, response, reference, thinking=True) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+
+
+def item(kind: str, reference: str) -> EvalItem:
+    return EvalItem(key="k", kind=kind, question="<image>\nq", reference=reference, turn=0)
+
+
+AGREEMENT = [  # (eval kind, reference, eval metric, verifier task)
+    ("counting", "3", "counting_accuracy", "counting"),
+    ("grounding", BOX, "grounding_iou", "grounding"),
+    ("grounding", POINT, "pointing_hit", "grounding"),
+    ("ocr", "WGR-58310 Bridge", "ocr_exact", "ocr"),
+    ("video_grounding", SPAN, "video_tiou", "video_grounding"),
+    ("caption", CAPTION, "caption_shape_recall", None),
+]
+PREDICTIONS = ["3", "There are 2 and 1, so 3", "three", "[150, 100, 250, 200]", "[790, 752]", "wgr-58310 bridge.",
+               "From 4.5 to 5.5 seconds.", "a red circle", "", "<think>x</think>3", "<think>3",
+               "<think>a</think>[100, 100, 200, 200]"]
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_eval_scores_agree_with_the_verifiers(thinking: bool) -> None:
+    for kind, reference, metric, task in AGREEMENT:
+        for prediction in PREDICTIONS:
+            metrics = score(item(kind, reference), prediction, thinking=thinking)
+            if task is not None:
+                assert metrics[metric] == verify(task, prediction, reference, thinking=thinking), (kind, prediction)
+            assert ("format_ok" in metrics) is thinking
+            if thinking:
+                assert metrics["format_ok"] == verify_format(prediction)
+                if not format_ok(prediction):
+                    assert all(value == 0.0 for name, value in metrics.items() if name != "format_ok")
+    ocr = score(item("ocr", "kitten"), "<think>reading</think>sitting", thinking=True)
+    assert ocr == {"ocr_exact": 0.0, "ocr_similarity": pytest.approx(1 - 3 / 7), "format_ok": 1.0}
+    assert score(item("ocr", "kitten"), "sitting") == {"ocr_exact": 0.0, "ocr_similarity": pytest.approx(1 - 3 / 7)}
 
 
 # ---------------------------------------------------------------------------------------------- junk

@@ -10,10 +10,27 @@ from typing import Any
 
 import pytest
 
-from components.vlm.eval_tasks import (COLOURS, EVAL_TASKS, SHAPES, EvalItem, aggregate, attribute_recall,
-                                       box_iou, caption_f1, items_from_sample, normalise_text, parse_box,
-                                       parse_count, parse_point, parse_time_span, results_table, score,
-                                       temporal_iou)
+from components.vlm.eval_tasks import (
+    EVAL_TASKS,
+    EvalItem,
+    aggregate,
+    caption_f1,
+    items_from_sample,
+    results_table,
+    score,
+)
+from components.vlm.verifiers import (
+    COLOURS,
+    SHAPES,
+    attribute_recall,
+    box_iou,
+    normalise_text,
+    parse_box,
+    parse_count,
+    parse_point,
+    parse_time_span,
+    temporal_iou,
+)
 
 CAPTION = {"task": "caption", "key": "crawl-00000-000000002",
            "caption": "a red circle and a red triangle on a white background", "conversations": []}
@@ -381,7 +398,8 @@ def test_score_keys_per_kind() -> None:
     assert score(span, "4.0-4.3")["video_tiou50"] == 1.0
     assert score(span, "From 4.1 to 5.0 seconds.")["video_tiou50"] == 0.0
     ocr = items_from_sample(OCR)[0]
-    assert score(ocr, "wgr-58310 $133.24 bridge 782 $542.32 mk-92227.") == {"ocr_exact": 1.0}
+    assert score(ocr, "wgr-58310 $133.24 bridge 782 $542.32 mk-92227.") == {"ocr_exact": 1.0,
+                                                                            "ocr_similarity": 1.0}
     background = items_from_sample(VIDEO_QA)[0]
     assert score(background, "Gray.") == {"video_qa_exact": 1.0}
 

@@ -2,9 +2,11 @@
 model answers (boxes, points, counts, time spans) and scores and aggregates greedy predictions.
 
 Every (question, answer) turn of a held-out sample becomes its own item, asked alone with the sample's
-image or video, so one wrong early answer never leaks into a later question. Parsers never raise on junk
-model output: they return None, and an unparsed answer scores 0. Coordinates live in the [0, 999] space
-of `components.common.coords`; times are seconds. Chance levels (majority answers) are computed from the
+image or video, so one wrong early answer never leaks into a later question. Parsing and scoring are
+those of `components.vlm.verifiers`, the one implementation that SFT rejection sampling and RL rewards
+use too, so evaluation and rewards never disagree: parsers never raise on junk model output, they return
+None, and an unparsed answer scores 0. Coordinates live in the [0, 999] space of
+`components.common.coords`; times are seconds. Chance levels (majority answers) are computed from the
 references themselves, so a reader can tell learning from guessing.
 """
 
@@ -12,49 +14,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from components.vlm.verifiers import (
+    COLOURS,
+    answer_of,
+    caption_attribute_recalls,
+    exact_match,
+    format_ok,
+    is_box_answer,
+    is_point_answer,
+    normalise_text,
+    ocr_similarity,
+    parse_box,
+    parse_final_count,
+    parse_point,
+    parse_time_span,
+    split_background,
+    verify_counting,
+    verify_grounding,
+    verify_ocr,
+    verify_pointing,
+    verify_temporal,
+    vocabulary_words,
+    words,
+)
 
 EVAL_TASKS = ("caption", "counting", "grounding", "ocr", "video_grounding", "video_qa")
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 CAPTION_QUESTION = "Describe the image."
-COORD_MAX = 999.0
-POINT_HIT_RADIUS = 50.0
 VIDEO_QA_MAX_WORDS = 12  # longer answers are captions, not short-answer QA
-
-COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "white", "gray", "grey", "beige",
-           "pink", "brown")
-SHAPES = ("circle", "square", "triangle", "diamond", "star")
-WORD_ALIASES = {"grey": "gray"}
-
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
-                "twenty")
 
 USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "assistant"})
 SYSTEM_ROLES = frozenset({"system"})
 
-_NUM = r"(?<![\d.])(\d+(?:\.\d+)?)"  # starts only where a number starts: linear time on long digit runs
-_COORD = r"([-+]?\d+(?:\.\d+)?)"  # signed: a negative coordinate clamps to 0
-_SEP = r"(?:\s*,\s*|\s+)"
-_BOX_BRACKETS = re.compile(r"\[\s*" + _SEP.join([_COORD] * 4) + r"\s*\]")
-_BOX_CORNERS = re.compile(r"\(\s*" + _COORD + _SEP + _COORD + r"\s*\)\s*(?:,\s*)?\(\s*" + _COORD + _SEP + _COORD
-                          + r"\s*\)")
-_POINT = re.compile(r"\[\s*" + _COORD + _SEP + _COORD + r"\s*\]|\(\s*" + _COORD + _SEP + _COORD + r"\s*\)")
-_INTEGER = re.compile(r"(?<![\w.])(\d{1,9})(?!\.\d)(?!\w)")
-_NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
-_UNIT = r"(?:\s*(?:s|sec|secs|second|seconds)\b)?"
-_TIME_SPAN = re.compile(_NUM + _UNIT + r"\s*(?:to|and|until|till|-|–|—|~)\s*" + _NUM)
 _VIDEO_GROUNDING_ANSWER = re.compile(r"\s*from\s+\d+(?:\.\d+)?\s+to\s+\d+(?:\.\d+)?\s+seconds?\.?\s*",
                                      re.IGNORECASE)
 _MEDIA_TOKENS = re.compile(r"\s*(?:<image>|<video>)\s*")
-_WORD = re.compile(r"\w+(?:[.'-]\w+)*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,14 +151,6 @@ def classify_video_turn(question: str, answer: str) -> str | None:
     return "video_qa" if len(answer.split()) <= VIDEO_QA_MAX_WORDS else None
 
 
-def is_box_answer(answer: str) -> bool:
-    return answer.startswith("<box>") and answer.endswith("</box>") and parse_box(answer) is not None
-
-
-def is_point_answer(answer: str) -> bool:
-    return answer.startswith("<point>") and answer.endswith("</point>") and parse_point(answer) is not None
-
-
 def conversation_pairs(conversations: Any) -> list[tuple[str, str]] | None:
     """(question, answer) pairs of a conversation that alternates user and assistant messages (leading
     system messages skipped), or None when it is malformed. A JSON string is decoded first."""
@@ -202,100 +196,7 @@ def with_media_token(question: str, token: str) -> str:
     return f"{token}\n{strip_media_tokens(question)}"
 
 
-# ---------------------------------------------------------------------------------------------- parsers
-
-
-def clamp_coord(value: float) -> float:
-    return min(max(value, 0.0), COORD_MAX)
-
-
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    """The first box of `text` as (x1, y1, x2, y2) with x1 <= x2, y1 <= y2, clamped to [0, 999]:
-    "[x1, y1, x2, y2]" (inside or outside <box> tags) or "(x1, y1), (x2, y2)"; None when there is none."""
-    if not isinstance(text, str):
-        return None
-    found = [m for m in (_BOX_BRACKETS.search(text), _BOX_CORNERS.search(text)) if m is not None]
-    if not found:
-        return None
-    match = min(found, key=lambda m: m.start())
-    x1, y1, x2, y2 = (clamp_coord(float(v)) for v in match.groups())
-    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
-
-
-def parse_point(text: str) -> tuple[float, float] | None:
-    """The first point of `text` as (x, y) clamped to [0, 999]: "[x, y]" (inside or outside <point> tags)
-    or "(x, y)"; None when there is none."""
-    if not isinstance(text, str):
-        return None
-    match = _POINT.search(text)
-    if match is None:
-        return None
-    x, y = (clamp_coord(float(v)) for v in match.groups() if v is not None)
-    return x, y
-
-
-def parse_count(text: str) -> int | None:
-    """The first whole number of `text`, in digits or as a word from zero to twenty; None when there is none."""
-    if not isinstance(text, str):
-        return None
-    found = [m for m in (_INTEGER.search(text), _NUMBER_WORD.search(text.casefold())) if m is not None]
-    if not found:
-        return None
-    match = min(found, key=lambda m: m.start())
-    value = match.group(1)
-    return int(value) if value.isdigit() else NUMBER_WORDS.index(value)
-
-
-def parse_time_span(text: str) -> tuple[float, float] | None:
-    """The first time span of `text` as (start, end) seconds with start <= end: "From 4.0 to 4.2 seconds",
-    "4.0-4.2", "between 4 and 5 s", "4 s to 5 s"; None when there is none."""
-    if not isinstance(text, str):
-        return None
-    match = _TIME_SPAN.search(text)
-    if match is None:
-        return None
-    start, end = float(match.group(1)), float(match.group(2))
-    if not (math.isfinite(start) and math.isfinite(end)):
-        return None
-    return min(start, end), max(start, end)
-
-
-def normalise_text(text: str) -> str:
-    """Casefolded, whitespace collapsed to single spaces, trailing periods stripped."""
-    if not isinstance(text, str):
-        return ""
-    return " ".join(text.casefold().split()).rstrip(".").rstrip()
-
-
-def words(text: str) -> list[str]:
-    """The words of the normalised text (punctuation dropped; "4.0", "mk-92227" and "don't" stay whole)."""
-    return _WORD.findall(normalise_text(text))
-
-
 # ---------------------------------------------------------------------------------------------- metrics
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes; 0 when the union is empty."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(width, 0.0) * max(height, 0.0)
-    union = box_area(a) + box_area(b) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def box_area(box: Sequence[float]) -> float:
-    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
-
-
-def temporal_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (start, end) spans. A zero-length union (two identical instants)
-    scores 1, two different instants 0."""
-    inter = max(min(a[1], b[1]) - max(a[0], b[0]), 0.0)
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    if union <= 0:
-        return 1.0 if tuple(a) == tuple(b) else 0.0
-    return inter / union
 
 
 def caption_f1(prediction: str, reference: str) -> float:
@@ -311,64 +212,34 @@ def caption_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def vocabulary_words(text: str, vocabulary: Iterable[str]) -> set[str]:
-    """Words of `text` in `vocabulary`, plurals singularised ("circles") and aliases merged ("grey")."""
-    vocab = {WORD_ALIASES.get(w, w) for w in vocabulary}
-    found = set()
-    for word in words(text):
-        word = WORD_ALIASES.get(word, word)
-        if word not in vocab and word.endswith("s"):
-            word = WORD_ALIASES.get(word[:-1], word[:-1])
-        if word in vocab:
-            found.add(word)
-    return found
-
-
-def attribute_recall(prediction: str, reference: str, vocabulary: Iterable[str]) -> float | None:
-    """Share of the vocabulary words (colours, shapes) of the reference that the prediction names too;
-    None when the reference names none."""
-    vocab = tuple(vocabulary)
-    expected = vocabulary_words(reference, vocab)
-    if not expected:
-        return None
-    return len(expected & vocabulary_words(prediction, vocab)) / len(expected)
-
-
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score(item: EvalItem, prediction: str) -> dict[str, float]:
-    """Metrics of one prediction for its item (keys depend on the kind; every value is in [0, 1])."""
+def score(item: EvalItem, prediction: str, thinking: bool = False) -> dict[str, float]:
+    """Metrics of one prediction for its item (keys depend on the kind; every value is in [0, 1]), each
+    computed by the verifiers of `components.vlm.verifiers`, so a metric and the reward of the same answer
+    agree. With `thinking`, the prediction is the response of a thinking model: its answer
+    (`answer_of(prediction, True)`) is scored, `format_ok` (0/1) is added, and a broken format scores 0 on
+    every metric, as `verify` rewards it."""
     prediction = prediction if isinstance(prediction, str) else ""
     scorer = _SCORERS.get(item.kind)
     if scorer is None:
         raise ValueError(f"unknown evaluation kind {item.kind!r}")
-    return scorer(item.reference, prediction)
-
-
-_BACKGROUND = re.compile(r"\b(?:on|against)\s+(?:a|an|the)?\s*(\w+)\s+background\b", re.IGNORECASE)
-
-
-def split_background(caption: str) -> tuple[str, str | None]:
-    """(the caption without its "on a <colour> background" phrase, that colour word or None): a scene's
-    background is one flat colour that fills most of every visual token, so naming it proves little
-    about reading the objects; the two are scored apart."""
-    match = _BACKGROUND.search(caption)
-    if match is None:
-        return caption, None
-    return caption[:match.start()] + caption[match.end():], match.group(1)
+    if not thinking:
+        return scorer(item.reference, prediction)
+    ok = format_ok(prediction)
+    metrics = scorer(item.reference, answer_of(prediction, True))
+    if not ok:
+        metrics = dict.fromkeys(metrics, 0.0)
+    return metrics | {"format_ok": float(ok)}
 
 
 def score_caption(reference: str, prediction: str) -> dict[str, float]:
-    """Unigram F1, and recall of the objects' colours, the shapes and the background colour the reference
-    names (each only when the reference names any)."""
-    result = {"caption_f1": caption_f1(prediction, reference)}
-    ref_objects, ref_background = split_background(reference)
-    pred_objects, pred_background = split_background(prediction)
-    for name, vocabulary in (("caption_object_colour_recall", COLOURS), ("caption_shape_recall", SHAPES)):
-        recall = attribute_recall(pred_objects, ref_objects, vocabulary)
-        if recall is not None:
-            result[name] = recall
+    """Unigram F1, and recall of the objects' colours, the shapes (`caption_attribute_recalls`) and the
+    background colour the reference names (each only when the reference names any)."""
+    result = {"caption_f1": caption_f1(prediction, reference)} | caption_attribute_recalls(prediction, reference)
+    _, ref_background = split_background(reference)
+    _, pred_background = split_background(prediction)
     if ref_background is not None and vocabulary_words(ref_background, COLOURS):
         named = vocabulary_words(pred_background or "", COLOURS)
         result["caption_background_recall"] = float(vocabulary_words(ref_background, COLOURS) <= named)
@@ -376,45 +247,38 @@ def score_caption(reference: str, prediction: str) -> dict[str, float]:
 
 
 def score_counting(reference: str, prediction: str) -> dict[str, float]:
-    predicted = parse_count(prediction)
-    return {"counting_accuracy": float(predicted == int(reference)), "counting_parsed": float(predicted is not None)}
+    """Accuracy of the answer's final count (`verify_counting`: the last whole number it gives)."""
+    return {"counting_accuracy": verify_counting(prediction, reference),
+            "counting_parsed": float(parse_final_count(prediction) is not None)}
 
 
 def score_grounding(reference: str, prediction: str) -> dict[str, float]:
+    """IoU of the first box (`verify_grounding`) and its rate of IoU >= 0.5; a point reference is pointing."""
     if is_point_answer(reference):
         return score_pointing(reference, prediction)
-    expected = parse_box(reference)
-    if expected is None:
-        raise ValueError(f"grounding reference holds neither a box nor a point: {reference!r}")
-    predicted = parse_box(prediction)
-    iou = box_iou(predicted, expected) if predicted is not None else 0.0
+    iou = verify_grounding(prediction, reference)
     return {"grounding_iou50": float(iou >= 0.5), "grounding_iou": iou,
-            "grounding_parsed": float(predicted is not None)}
+            "grounding_parsed": float(parse_box(prediction) is not None)}
 
 
 def score_pointing(reference: str, prediction: str) -> dict[str, float]:
-    expected, predicted = parse_point(reference), parse_point(prediction)
-    if expected is None:
-        raise ValueError(f"pointing reference holds no point: {reference!r}")
-    hit = predicted is not None and math.dist(predicted, expected) <= POINT_HIT_RADIUS
-    return {"pointing_hit": float(hit), "pointing_parsed": float(predicted is not None)}
+    return {"pointing_hit": verify_pointing(prediction, reference),
+            "pointing_parsed": float(parse_point(prediction) is not None)}
 
 
 def score_ocr(reference: str, prediction: str) -> dict[str, float]:
-    return {"ocr_exact": float(normalise_text(prediction) == normalise_text(reference))}
+    """Normalised exact match (`verify_ocr`) and normalised edit-distance similarity (`ocr_similarity`)."""
+    return {"ocr_exact": verify_ocr(prediction, reference), "ocr_similarity": ocr_similarity(prediction, reference)}
 
 
 def score_video_grounding(reference: str, prediction: str) -> dict[str, float]:
-    expected, predicted = parse_time_span(reference), parse_time_span(prediction)
-    if expected is None:
-        raise ValueError(f"video grounding reference holds no time span: {reference!r}")
-    tiou = temporal_iou(predicted, expected) if predicted is not None else 0.0
+    tiou = verify_temporal(prediction, reference)
     return {"video_tiou50": float(tiou >= 0.5), "video_tiou": tiou,
-            "video_grounding_parsed": float(predicted is not None)}
+            "video_grounding_parsed": float(parse_time_span(prediction) is not None)}
 
 
 def score_video_qa(reference: str, prediction: str) -> dict[str, float]:
-    return {"video_qa_exact": float(normalise_text(prediction) == normalise_text(reference))}
+    return {"video_qa_exact": exact_match(prediction, reference)}
 
 
 _SCORERS = {"caption": score_caption, "counting": score_counting, "grounding": score_grounding, "ocr": score_ocr,
