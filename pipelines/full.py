@@ -2,7 +2,8 @@
 (CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance, plus OCR synthesis,
 grounding/counting synthesis and video samples -> WebDataset shards by task type -> Seed-ViT
 pretraining (MIM, SigLIP, video; Ray Train + DeepSpeed) -> its retrieval evaluation -> a text-pretrained
-MoE LLM -> VLM stages 0, 1, 2 (each evaluated by its own step) -> `serve`: the final checkpoint registered in the MLflow
+MoE LLM -> VLM stages 0, 1, 2 (each evaluated by its own step) -> SFT (conversations in a thinking and a
+direct mode, a first round, rejection sampling with the verifiers, a second round; evaluated in both modes) -> `serve`: the final checkpoint registered in the MLflow
 model registry and deployed on Ray Serve behind an OpenAI-style chat endpoint on 127.0.0.1:8000.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
@@ -40,8 +41,10 @@ from components.data.video_samples import video_samples  # noqa: E402
 from components.serve.deploy import keep_endpoint_up, serve_step  # noqa: E402
 from components.vit.vit_eval import vit_eval  # noqa: E402
 from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
-from components.vlm.evaluate import vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2  # noqa: E402
-from components.vlm.stages import llm_pretrain, vlm_stage0, vlm_stage1, vlm_stage2  # noqa: E402
+from components.vlm.evaluate import vlm_eval_sft, vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2  # noqa: E402
+from components.vlm.rejection_sampling import rejection_sampling  # noqa: E402
+from components.vlm.sft_data import sft_data  # noqa: E402
+from components.vlm.stages import llm_pretrain, vlm_sft, vlm_sft_rs, vlm_stage0, vlm_stage1, vlm_stage2  # noqa: E402
 from components.schema import PipelineConfig, available, load_config  # noqa: E402
 from pipelines.runner import PipelineConfigError, PipelineError, PipelineRunner, Selection, Step  # noqa: E402
 
@@ -51,6 +54,15 @@ def vlm_stage_enabled(config: PipelineConfig, stage: str) -> bool:
 
 def vlm_eval_enabled(config: PipelineConfig, stage: str) -> bool:
     return vlm_stage_enabled(config, stage) and config.train.vlm.eval.enabled
+
+
+def sft_enabled(config: PipelineConfig) -> bool:
+    vlm = config.train.vlm
+    return vlm_stage_enabled(config, "stage2") and vlm.sft_data.enabled and vlm.sft.enabled
+
+
+def sft_rs_enabled(config: PipelineConfig) -> bool:
+    return sft_enabled(config) and config.train.vlm.rejection_sampling.enabled and config.train.vlm.sft_rs.enabled
 
 
 def eval_inputs(stage: str) -> dict:
@@ -91,8 +103,18 @@ STEPS = [
     Step(vlm_stage2, inputs={**VLM_INPUTS, "previous": [("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")]},
          enabled=lambda config: vlm_stage_enabled(config, "stage2")),
     Step(vlm_eval_stage2, inputs=eval_inputs("stage2"), enabled=lambda config: vlm_eval_enabled(config, "stage2")),
-    Step(serve_step, inputs={"vlm": [("vlm_stage2", "vlm"), ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")],
-                             "eval": [(f"vlm_eval_{stage}", "eval") for stage in reversed(VLM_STAGES)]},  # its scores
+    Step(sft_data, inputs={"shards": ("write_shards", "shards")}, enabled=sft_enabled),
+    Step(vlm_sft, inputs={"sft": ("sft_data", "sft"), "previous": ("vlm_stage2", "vlm")}, enabled=sft_enabled),
+    Step(rejection_sampling, inputs={"shards": ("write_shards", "shards"), "vlm": ("vlm_sft", "vlm")},
+         enabled=sft_rs_enabled),
+    Step(vlm_sft_rs, inputs={"sft": ("sft_data", "sft"), "rs": ("rejection_sampling", "samples"),
+                             "previous": ("vlm_sft", "vlm")}, enabled=sft_rs_enabled),
+    Step(vlm_eval_sft, inputs={"shards": ("write_shards", "shards"), "vlm": [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm")]},
+         enabled=lambda config: sft_enabled(config) and config.train.vlm.eval.enabled),
+    Step(serve_step, inputs={"vlm": [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm"), ("vlm_stage2", "vlm"),
+                                     ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")],
+                             "eval": [("vlm_eval_sft", "eval"),
+                                      *((f"vlm_eval_{stage}", "eval") for stage in reversed(VLM_STAGES))]},  # its scores
          enabled=lambda config: config.serve.enabled and any(vlm_stage_enabled(config, s) for s in VLM_STAGES),
          cached=False),
 ]

@@ -26,7 +26,7 @@ from vlm_exports import VIT, write_random_export
 
 MODEL = "seedvl-test"
 CONTEXT = 16_384
-THINKING = ThinkingConfig()
+THINKING = ThinkingConfig(non_thinking_system_prompt="")  # as for an export no SFT trained (no direct prompt)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,21 @@ def is_count(metric: str) -> bool:
 
 
 EvalTable = dict[str, dict[str, dict[str, float]]]  # step -> variant prefix -> metric -> value
+ANSWER_MODES = ("direct", "thinking")  # the SFT evaluation's `eval_<mode>/`, `eval_<mode>_shuffled/`, `eval_<mode>_gap/`
+
+
+def split_modes(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """An evaluation's metrics per answer mode ("" for a stage's, "direct" and "thinking" for the SFT
+    evaluation's), each with the plain variant prefixes (`eval/`, `eval_shuffled/`, `eval_gap/`)."""
+    modes: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        prefix, slash, metric = key.partition("/")
+        mode = ""
+        for name in ANSWER_MODES:
+            if prefix == f"eval_{name}" or prefix.startswith(f"eval_{name}_"):
+                mode, prefix = name, "eval" + prefix[len(f"eval_{name}"):]
+        modes.setdefault(mode, {})[f"{prefix}{slash}{metric}"] = value
+    return modes
 
 
 def eval_table(steps: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], EvalTable]:
@@ -52,13 +67,14 @@ def eval_table(steps: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]
     value) over the steps whose metrics hold `eval/`, `eval_untrained/` or `eval_shuffled/` keys."""
     table: EvalTable = {}
     for step in steps:
-        found: dict[str, dict[str, float]] = {}
-        for key, value in step.get("metrics", {}).items():
-            prefix, _, metric = key.partition("/")
-            if metric and prefix in dict(EVAL_VARIANTS):
-                found.setdefault(prefix, {})[metric] = float(value)
-        if found:
-            table[str(step["name"])] = found
+        for mode, metrics in split_modes(step.get("metrics", {})).items():
+            found: dict[str, dict[str, float]] = {}
+            for key, value in metrics.items():
+                prefix, _, metric = key.partition("/")
+                if metric and prefix in dict(EVAL_VARIANTS):
+                    found.setdefault(prefix, {})[metric] = float(value)
+            if found:
+                table[f"{step['name']} ({mode})" if mode else str(step["name"])] = found
     metrics = sorted({m for variants in table.values() for values in variants.values() for m in values})
     ordered = [m for m in metrics if not is_count(m)] + [m for m in metrics if is_count(m)]
     return list(table), ordered, table

@@ -194,10 +194,13 @@ class ChatIngress:
         self.model, self.cfg, self.model_id, self.instance = model, cfg, model_id, instance
         saved = json.loads((Path(checkpoint) / "config.json").read_text())
         self.vit_cfg = SeedViTConfig(**saved["vit"])
-        # the system prompt training used is the default of non-thinking requests
+        # an SFT export was trained in both modes under the configured prompts; any other answers non-thinking
+        # requests under the system prompt its training used
         trained_system = str(saved.get("system_prompt", "") or "")
-        self.thinking = dataclasses.replace(
-            cfg.thinking, non_thinking_system_prompt=cfg.thinking.non_thinking_system_prompt or trained_system)
+        if not saved.get("answer_modes"):
+            self.thinking = dataclasses.replace(cfg.thinking, non_thinking_system_prompt=trained_system)
+        else:
+            self.thinking = cfg.thinking
         self.last_answer = 0.0  # monotonic time the model last finished a request
         self.tokenizer = load_tokenizer(Path(checkpoint) / "llm")
         self.api_key = ""

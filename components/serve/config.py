@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from components.vlm.modes import DIRECT_SYSTEM_PROMPT, THINKING_SYSTEM_PROMPT
+
 THINKING_MODES = ("enabled", "disabled")
 IMAGE_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})  # Pillow's names
 
@@ -105,12 +107,14 @@ class MediaConfig:
 @dataclasses.dataclass
 class ThinkingConfig:
     """The thinking switch: a request's `thinking.type` picks one of these system prompts (put before any
-    system message of the request); the model's `<think>...</think>` span comes back as `reasoning_content`."""
+    system message of the request); the model's `<think>...</think>` span comes back as `reasoning_content`.
+    The defaults are the strings the SFT step trains each mode with (`components/vlm/modes.py`); an export
+    that no SFT step trained (stage 2's) answers non-thinking requests under the system prompt it was
+    trained with instead, since the direct prompt means nothing to it."""
 
     default: str = "disabled"  # the mode of requests that do not say
-    thinking_system_prompt: str = ("You are a helpful assistant. Think the question through step by step inside "
-                                   "<think> and </think>, then give the answer.")
-    non_thinking_system_prompt: str = ""  # empty: no system block unless the request has one
+    thinking_system_prompt: str = THINKING_SYSTEM_PROMPT  # the strings SFT trained the modes with
+    non_thinking_system_prompt: str = DIRECT_SYSTEM_PROMPT  # an export without SFT falls back to its own prompt
 
     def __post_init__(self) -> None:
         if self.default not in THINKING_MODES:

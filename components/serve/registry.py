@@ -57,7 +57,11 @@ def lineage(entry: Path, eval_entry: Path | None, pipeline_run_id: str = "") -> 
         tags["eval_run_id"] = evaluation.run_id
     lines.append(f"\nEvaluation by step `{evaluation.component}`"
                  + (f" (MLflow run `{evaluation.run_id}`)" if evaluation.run_id else "") + ", on held-out items:\n")
-    lines.append(scores_markdown(evaluation.metrics))
+    from components.common.report import split_modes
+
+    for mode, metrics in split_modes(evaluation.metrics).items():
+        lines.append(f"\nAnswering in {mode} mode:\n" if mode else "")
+        lines.append(scores_markdown(metrics))
     return tags, "\n".join(lines)
 
 

@@ -13,6 +13,8 @@ from components.training.config import DeepSpeedSettings
 PARTS = ("vit", "adapter", "llm")  # what a stage can train
 MIX_TASKS = ("caption", "ocr", "grounding", "counting", "video")  # the shard folders a stage can draw from
 STAGES = ("stage0", "stage1", "stage2")
+SFT_STAGES = ("sft", "sft_rs")  # SFT on the templated conversations, then again with the rejection-sampled answers
+VERIFIABLE_TASKS = ("counting", "grounding", "ocr", "video")  # tasks whose answers a verifier scores
 
 
 @dataclasses.dataclass
@@ -108,7 +110,59 @@ class VlmEvalConfig:
     num_gpus: float = 0.0  # per evaluation actor/task; with a GPU the model runs there in bf16
     gap_batches: int = 8  # batches of held-out answers for the image-use gap (true vs shuffled images)
     probe_images: int = 600  # pictures for the linear probes on the export's ViT and adapter tokens; 0: none
+    thinking_max_new_tokens: int = 512  # the SFT export's thinking-mode answers: reasoning, then the answer
     resources: Resources = dataclasses.field(default_factory=Resources)
+
+
+@dataclasses.dataclass
+class SftDataConfig:
+    """`sft_data`: the training split's samples as instruction conversations in two answer modes."""
+
+    enabled: bool = True
+    tasks: list[str] = dataclasses.field(default_factory=lambda: list(MIX_TASKS))
+    thinking_share: float = 0.5  # of the samples, written in thinking mode (templated reasoning); the rest direct
+    max_samples_per_task: int = 0  # 0: every training-split sample
+    samples_per_shard: int = 256
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.tasks) - set(MIX_TASKS))
+        if bad or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty list of {list(MIX_TASKS)}, got {self.tasks}")
+        if not 0.0 <= self.thinking_share <= 1.0:
+            raise ValueError(f"thinking_share must be in [0, 1], got {self.thinking_share}")
+        if self.max_samples_per_task < 0 or self.samples_per_shard < 1:
+            raise ValueError("max_samples_per_task must be >= 0 and samples_per_shard >= 1")
+
+
+@dataclasses.dataclass
+class RejectionSamplingConfig:
+    """`rejection_sampling`: the first SFT export answers training-split prompts k times with thinking on; the
+    verifiers keep the correct answers (the shortest of the ties, de-duplicated) for the second SFT round."""
+
+    enabled: bool = True
+    tasks: list[str] = dataclasses.field(default_factory=lambda: list(VERIFIABLE_TASKS))
+    prompts_per_task: int = 256
+    samples_per_prompt: int = 8  # k
+    keep_per_prompt: int = 1  # accepted answers kept per prompt, shortest first
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    batch_size: int = 8  # prompts per Ray Data batch
+    num_gpus: float = 0.0  # per sampling actor
+    samples_per_shard: int = 256
+    resources: Resources = dataclasses.field(default_factory=Resources)
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.tasks) - set(VERIFIABLE_TASKS))
+        if bad:
+            raise ValueError(f"rejection_sampling.tasks: {bad} have no verifier; use some of {list(VERIFIABLE_TASKS)}")
+        if min(self.prompts_per_task, self.samples_per_prompt, self.keep_per_prompt, self.max_new_tokens,
+               self.batch_size, self.samples_per_shard) < 1:
+            raise ValueError("prompts_per_task, samples_per_prompt, keep_per_prompt, max_new_tokens, batch_size and "
+                             "samples_per_shard must be >= 1")
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rejection sampling needs temperature > 0 and top_p in (0, 1], got {self.temperature} "
+                             f"and {self.top_p}")
 
 
 @dataclasses.dataclass
@@ -141,6 +195,14 @@ class VlmConfig:
         steps=10000, warmup_steps=500, max_tokens=8192))
     stage2: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(
         steps=2000, learning_rate=5e-05, warmup_steps=100, max_tokens=32768, max_images=128, frames_per_clip=16,
+        mix={"caption": 1.0, "ocr": 1.0, "grounding": 1.0, "counting": 1.0, "video": 1.0}))
+    sft_data: SftDataConfig = dataclasses.field(default_factory=SftDataConfig)
+    sft: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(
+        steps=2000, learning_rate=2e-05, warmup_steps=100, max_tokens=32768, max_images=128, frames_per_clip=16,
+        mix={"caption": 1.0, "ocr": 1.0, "grounding": 1.0, "counting": 1.0, "video": 1.0}))
+    rejection_sampling: RejectionSamplingConfig = dataclasses.field(default_factory=RejectionSamplingConfig)
+    sft_rs: StageConfig = dataclasses.field(default_factory=lambda: StageConfig(
+        steps=500, learning_rate=1e-05, warmup_steps=25, max_tokens=32768, max_images=128, frames_per_clip=16,
         mix={"caption": 1.0, "ocr": 1.0, "grounding": 1.0, "counting": 1.0, "video": 1.0}))
     eval: VlmEvalConfig = dataclasses.field(default_factory=VlmEvalConfig)
     num_workers: int = 8
@@ -218,6 +280,34 @@ class VlmEvalJob:
     system_prompt: str
     frames_per_clip: int
     max_tokens: int
+
+
+@dataclasses.dataclass
+class SftDataJob:
+    """What `sft_data` uses of `train.vlm`: its settings and the split (held-out samples never enter SFT)."""
+
+    data: SftDataConfig
+    holdout_fraction: float
+
+
+@dataclasses.dataclass
+class RejectionSamplingJob:
+    """What `rejection_sampling` uses: its settings, the split, and the first SFT round's frame count and
+    sequence length (the prompts are built as that round trained)."""
+
+    sampling: RejectionSamplingConfig
+    holdout_fraction: float
+    frames_per_clip: int
+    max_tokens: int
+
+
+def sft_data_view(vlm: VlmConfig) -> SftDataJob:
+    return SftDataJob(vlm.sft_data, vlm.holdout_fraction)
+
+
+def rejection_sampling_view(vlm: VlmConfig) -> RejectionSamplingJob:
+    return RejectionSamplingJob(vlm.rejection_sampling, vlm.holdout_fraction, vlm.sft.frames_per_clip,
+                                vlm.sft.max_tokens)
 
 
 def llm_pretrain_view(vlm: VlmConfig) -> LlmPretrainJob:

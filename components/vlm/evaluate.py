@@ -100,6 +100,23 @@ def load_for_inference(checkpoint: str | Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def generation_request(engine: Any, tokenizer: Any, question: str, images: Any, stamps: Any, system: str | None,
+                       sampling: Any) -> Any:
+    """One row's question with its PNG-encoded images (or frames with their times) as a generation request in
+    the chat template, under `system`."""
+    from components.generation.engine import GenerationInput
+    from components.vlm.conversation import prompt_ids
+    from components.vlm.data import image_token_count, images_to_vit_input
+
+    vit_cfg = engine.model.vit.config
+    pictures = [decode_png(bytes(data)) for data in images]
+    ids, used = prompt_ids(tokenizer=tokenizer, question=question,
+                           image_token_counts=[image_token_count(p, vit_cfg) for p in pictures],
+                           frame_timestamps=[float(t) for t in stamps] or None, system=system)
+    packed = images_to_vit_input(pictures[:len(used)], vit_cfg)
+    return GenerationInput(ids, packed.pixel_values if packed else None, packed.grid_hw if packed else None, sampling)
+
+
 class GreedyAnswerer:
     """A Ray Data callable class: loads the exported VLM once into the generation engine and answers a
     batch of items greedily, as far as the longest reference answer of the batch needs (at least
@@ -114,22 +131,13 @@ class GreedyAnswerer:
         self.max_new_tokens, self.system = max_new_tokens, system or None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from components.generation.engine import GenerationInput, SamplingParams
-        from components.vlm.conversation import answer_text, prompt_ids
-        from components.vlm.data import image_token_count, images_to_vit_input
+        from components.generation.engine import SamplingParams
+        from components.vlm.conversation import answer_text
 
-        vit_cfg = self.engine.model.vit.config
         longest = max(len(self.tokenizer(str(ref), add_special_tokens=False)["input_ids"]) for ref in batch["reference"])
         sampling = SamplingParams(max_tokens=max(self.max_new_tokens, longest + 4), temperature=0.0)
-        requests = []
-        for question, images, stamps in zip(batch["question"], batch["images"], batch["timestamps"]):
-            pictures = [decode_png(bytes(data)) for data in images]
-            ids, used = prompt_ids(tokenizer=self.tokenizer, question=str(question),
-                                   image_token_counts=[image_token_count(p, vit_cfg) for p in pictures],
-                                   frame_timestamps=[float(t) for t in stamps] or None, system=self.system)
-            packed = images_to_vit_input(pictures[:len(used)], vit_cfg)
-            requests.append(GenerationInput(ids, packed.pixel_values if packed else None,
-                                            packed.grid_hw if packed else None, sampling))
+        requests = [generation_request(self.engine, self.tokenizer, str(question), images, stamps, self.system, sampling)
+                    for question, images, stamps in zip(batch["question"], batch["images"], batch["timestamps"])]
         completions = self.engine.generate(requests)
         predictions = [answer_text(self.tokenizer, samples[0].token_ids) for samples in completions]
         return {"key": batch["key"], "kind": batch["kind"], "question": batch["question"],
@@ -152,10 +160,14 @@ def answer_items(checkpoint: Path, rows: list[dict[str, Any]], eval_cfg: VlmEval
     return dataset.take_all()
 
 
-def score_answers(answers: list[dict[str, Any]]) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+def score_answers(answers: list[dict[str, Any]], thinking: bool = False) -> tuple[dict[str, dict[str, float]],
+                                                                                 list[dict[str, Any]]]:
     """Aggregated metrics per control ("true", "shuffled"), and one example per item: its prediction and
-    scores with its own image, and with the shuffled image when it was asked so (`*_shuffled` keys)."""
+    scores with its own image, and with the shuffled image when it was asked so (`*_shuffled` keys). With
+    `thinking`, each prediction is scored on what follows its `</think>` (the verifiers' rule), with
+    `format_ok`; every prediction also gives `answer_words` (and `thinking_words`), the mean lengths."""
     from components.vlm.eval_tasks import EvalItem, aggregate, score
+    from components.vlm.verifiers import split_thinking
 
     scored: dict[str, list[Any]] = {"true": [], "shuffled": []}
     examples: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -163,7 +175,11 @@ def score_answers(answers: list[dict[str, Any]]) -> tuple[dict[str, dict[str, fl
         item = EvalItem(key=str(row["key"]), kind=str(row["kind"]), question=str(row["question"]),
                         reference=str(row["reference"]), turn=int(row["turn"]))
         control = str(row.get("control", "true"))
-        result = score(item, str(row["prediction"]))
+        result = score(item, str(row["prediction"]), thinking=thinking)
+        reasoning, answer = split_thinking(str(row["prediction"])) if thinking else (None, str(row["prediction"]))
+        result = {**result, "answer_words": float(len(answer.split()))}
+        if thinking:
+            result["thinking_words"] = float(len((reasoning or "").split()))
         scored[control].append((item, result))
         example = examples.setdefault((item.key, item.kind, item.turn),
                                       {"key": item.key, "kind": item.kind, "turn": item.turn,
@@ -268,21 +284,38 @@ def sample_loss(model: Any, encoded: Any, vit_cfg: Any) -> tuple[float, int]:
 
 
 def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int,
-                        examples_path: Path | None = None, controls: bool = True) -> dict[str, float]:
+                        examples_path: Path | None = None, controls: bool = True,
+                        mode: str | None = None) -> dict[str, float]:
     """Every evaluation metric of one exported checkpoint; with `controls`, each score's shuffled-image
-    control too (`shuffled/<metric>`) and its gap (`gap/<metric>`: true minus shuffled)."""
+    control too (`shuffled/<metric>`) and its gap (`gap/<metric>`: true minus shuffled). `mode` ("thinking"
+    or "direct", for an SFT export) asks under that mode's system prompt, and thinking answers are scored
+    after their reasoning; the image-use gap and the probes, which do not depend on the mode, are measured in
+    direct mode only."""
+    import dataclasses
+
     import ray
+
+    from components.vlm.modes import system_prompt
 
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} is not an exported VLM (no config.json)")
     rows, counter = held_out_rows(shards_dir, job)
     asked = rows + (shuffled_control(rows, seed) if controls else [])
-    by_control, examples = score_answers(answer_items(checkpoint, asked, job.eval, job.system_prompt))
+    system, eval_cfg = job.system_prompt, job.eval
+    if mode is not None:
+        system = system_prompt(mode)
+        job = dataclasses.replace(job, system_prompt=system)
+    if mode == "thinking":
+        eval_cfg = dataclasses.replace(eval_cfg, max_new_tokens=eval_cfg.thinking_max_new_tokens)
+    by_control, examples = score_answers(answer_items(checkpoint, asked, eval_cfg, system),
+                                         thinking=mode == "thinking")
     metrics = dict(by_control.get("true", {}))
     shuffled = by_control.get("shuffled", {})
     metrics |= {f"shuffled/{key}": value for key, value in shuffled.items()}
     metrics |= {f"gap/{key}": metrics[key] - value for key, value in shuffled.items()
                 if key in metrics and not key.startswith("n_") and not key.endswith("_majority")}
+    if mode == "thinking":
+        return finish_metrics(metrics, counter, examples, examples_path)
     gap_task = ray.remote(image_use_gap).options(num_cpus=job.eval.resources.num_cpus, num_gpus=job.eval.num_gpus,
                                                    **job.eval.resources.placement_kwargs())
     metrics |= ray.get(gap_task.remote(checkpoint, shards_dir, job, seed))
@@ -291,6 +324,12 @@ def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, see
                                                       **job.eval.resources.placement_kwargs())
         metrics |= ray.get(probe_task.remote(checkpoint, shards_dir, job.eval.probe_images,
                                              max(1, int(job.eval.resources.num_cpus))))
+    return finish_metrics(metrics, counter, examples, examples_path)
+
+
+def finish_metrics(metrics: dict[str, float], counter: DropCounter, examples: list[dict[str, Any]],
+                   examples_path: Path | None) -> dict[str, float]:
+    """The held-out sample count added, and the scored examples written (one JSON line each)."""
     metrics["held_out_samples"] = float(counter.get("kept", 0))
     if examples_path is not None:
         examples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,7 +376,30 @@ def eval_component(stage: str) -> Component[VlmEvalJob]:
 
 
 vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2 = (eval_component(stage) for stage in STAGES)
-EVAL_COMPONENTS = {c.name: c for c in (vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2)}
+
+
+def run_eval_sft(ctx: StageContext[VlmEvalJob]) -> StageResult:
+    """The SFT export (the last round that ran) evaluated in both answer modes, each with its shuffled-image
+    controls: `eval_direct/*` and `eval_thinking/*` (with `_shuffled` and `_gap` beside them), thinking answers
+    scored after their reasoning, and the mean answer and reasoning lengths per mode."""
+    trained, out_dir = ctx.inputs["vlm"], ctx.outputs["eval"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {}
+    for mode in ("direct", "thinking"):
+        scores = evaluate_checkpoint(trained / "model", ctx.inputs["shards"], ctx.config, ctx.seed,
+                                     out_dir / f"{mode}.jsonl", controls=True, mode=mode)
+        metrics |= prefixed(f"eval_{mode}", scores)
+    (out_dir / "scores.json").write_text(json.dumps(metrics, indent=1))
+    from components.vlm.eval_gallery import draw_galleries
+
+    gallery = draw_galleries(out_dir, ["direct", "thinking"], held_out_rows(ctx.inputs["shards"], ctx.config)[0])
+    return StageResult(metrics=metrics, artifacts=["eval/scores.json", "eval/direct.jsonl", "eval/thinking.jsonl",
+                                                   *gallery])
+
+
+vlm_eval_sft = component(name="vlm_eval_sft", version="1", config="train.vlm", inputs=("shards", "vlm"),
+                         outputs=("eval",), view=eval_view("sft"))(run_eval_sft)
+EVAL_COMPONENTS = {c.name: c for c in (vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2, vlm_eval_sft)}
 
 
 if __name__ == "__main__":

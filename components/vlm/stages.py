@@ -18,8 +18,8 @@ from typing import Any
 
 from components.common.contract import Component, StageContext, StageResult, component, file_stats
 from components.training.runtime import launch, log_step_metrics, read_log, summarise
-from components.vlm.config import (MIX_TASKS, STAGES, LlmConfig, LlmPretrainJob, VlmStageJob, llm_pretrain_view,
-                                   stage_view)
+from components.vlm.config import (MIX_TASKS, SFT_STAGES, STAGES, LlmConfig, LlmPretrainJob, VlmStageJob,
+                                   llm_pretrain_view, stage_view)
 
 log = logging.getLogger(__name__)
 RUN_ONLY = ("fail_at_step", "checkpoint_every", "max_failures")  # how a job runs, not what it computes
@@ -79,7 +79,7 @@ def train(ctx: StageContext[Any], name: str, loop_extra: dict[str, Any], out_dir
     """One Ray Train job for the stage, its per-step metrics to MLflow as `train/<metric>`, its summary back."""
     from components.vlm.train_loop import train_loop_per_worker
 
-    loop_config = {"config": ctx.config, "shards": str(ctx.inputs["shards"]), "out_dir": str(out_dir),
+    loop_config = {"config": ctx.config, "shards": str(ctx.inputs.get("shards", "")), "out_dir": str(out_dir),
                    "seed": ctx.seed, **loop_extra}
     launch(name, train_loop_per_worker, loop_config, ctx.config.job, ctx.workdir / "ray_train", out_dir)
     log = read_log(out_dir / "train_log.jsonl")
@@ -115,6 +115,40 @@ def make_stage_runner(stage: str) -> Callable[[StageContext[VlmStageJob]], Stage
     return run_stage
 
 
+def make_sft_runner(stage: str) -> Callable[[StageContext[VlmStageJob]], StageResult]:
+    def run_sft(ctx: StageContext[VlmStageJob]) -> StageResult:
+        """SFT on the training runtime from the previous export (stage 2's for `sft`, the first round's for
+        `sft_rs`), on the SFT conversations and, when given, the rejection-sampled answers; loss on the
+        answers (reasoning included) only; the export records the two answer modes for serving."""
+        from components.vlm.modes import MODES
+
+        out_dir = ctx.outputs["vlm"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sources = [ctx.inputs["sft"], *([ctx.inputs["rs"]] if "rs" in ctx.inputs else [])]
+        mix_dir = merged_shard_tree(sources, ctx.workdir / "sft_mix")
+        extra = {"previous": str(ctx.inputs["previous"] / "model"), "shards": str(mix_dir),
+                 "summary": {"answer_modes": dict(MODES)}}
+        metrics = train(ctx, stage, extra, out_dir)
+        (out_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
+        return StageResult(metrics=metrics, artifacts=["vlm/summary.json", "vlm/train_log.jsonl"])
+    run_sft.__name__ = f"run_{stage}"
+    return run_sft
+
+
+def merged_shard_tree(sources: list[Path], folder: Path) -> Path:
+    """One `<task>/*.tar` tree over several steps' shard trees, by symbolic links (the sources are read-only
+    cache entries), so the mixed stream draws each task from all of them."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    for index, source in enumerate(sources):
+        for shard in sorted(Path(source).glob("*/*.tar")):
+            target = folder / shard.parent.name / f"{index:02d}-{shard.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(shard.resolve())
+    return folder
+
+
 def last_vit_export(vit_dir: Path) -> Path:
     """The ViT pretraining step's latest phase export (video, else siglip, else mim)."""
     for phase in ("video", "siglip", "mim", "initial"):
@@ -136,7 +170,16 @@ def stage_component(stage: str) -> Component[VlmStageJob]:
 
 
 vlm_stage0, vlm_stage1, vlm_stage2 = (stage_component(stage) for stage in STAGES)
-STEP_COMPONENTS = {c.name: c for c in (llm_pretrain, vlm_stage0, vlm_stage1, vlm_stage2)}
+
+
+def sft_component(stage: str) -> Component[VlmStageJob]:
+    return component(name=f"vlm_{stage}", version="1", config="train.vlm", inputs=("sft", "rs", "previous"),
+                     optional_inputs=("rs",), outputs=("vlm",), key_exclude=RUN_ONLY,
+                     view=stage_view(stage))(make_sft_runner(stage))
+
+
+vlm_sft, vlm_sft_rs = (sft_component(stage) for stage in SFT_STAGES)
+STEP_COMPONENTS = {c.name: c for c in (llm_pretrain, vlm_stage0, vlm_stage1, vlm_stage2, vlm_sft, vlm_sft_rs)}
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from components.vlm.config import LlmPretrainConfig, LlmPretrainJob, StageConfig
 from components.vlm.token_balance import balanced_image_features
 
 log = logging.getLogger(__name__)
-STAGE_SEEDS = {"llm_pretrain": 0, "stage0": 1, "stage1": 2, "stage2": 3}  # each stage draws its own data order
+STAGE_SEEDS = {"llm_pretrain": 0, "stage0": 1, "stage1": 2, "stage2": 3, "sft": 4, "sft_rs": 5}  # each stage draws its own data order
 ALL_TASKS = ("caption", "ocr", "grounding", "counting", "video")
 
 
@@ -53,7 +53,7 @@ class PackFeed:
 
 def make_encoder(tokenizer: Any, job: LlmPretrainJob | VlmStageJob, vit_cfg: Any, counter: DropCounter) -> Any:
     """sample -> EncodedSample, or None with the drop counted: text-only (llm_pretrain) or with images."""
-    from components.vlm.conversation import BadSample, encode_sample, turns_of
+    from components.vlm.conversation import BadSample, encode_sample, system_prompt_of, turns_of
     from components.vlm.data import image_token_count, select_frames
 
     stage = job.stage
@@ -80,7 +80,7 @@ def make_encoder(tokenizer: Any, job: LlmPretrainJob | VlmStageJob, vit_cfg: Any
             encoded = encode_sample(key=sample.key, task=sample.task, turns=turns, tokenizer=tokenizer,
                                     image_token_counts=[image_token_count(im, vit_cfg) for im in images],
                                     media=images, frame_timestamps=stamps, max_tokens=stage.max_tokens,
-                                    system=job.system_prompt or None)
+                                    system=system_prompt_of(sample.info) or job.system_prompt or None)  # its own wins
         except BadSample as bad:
             counter[bad.reason] += 1
             return None
@@ -290,7 +290,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_log.end(job.name, samples, progress.global_step)
     summary = {"stage": job.name, "steps": progress.step, "seconds": time.perf_counter() - started,
                "samples": dict(samples), "trainable": trainable,
-               "system_prompt": getattr(job, "system_prompt", "")}  # serving's default system prompt
+               "system_prompt": getattr(job, "system_prompt", ""),  # serving's default system prompt
+               **loop_config.get("summary", {})}  # e.g. the SFT steps' answer modes
     export = export_llm if text_only else export_vlm
     export_on_rank0(engine, worker.rank, lambda module: export(module, tokenizer, out_dir / "model", summary))
     engine.destroy()
