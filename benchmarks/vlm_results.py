@@ -1,12 +1,12 @@
-"""The VLM results tables (what each stage bought, each score beside its shuffled-image control, the
-probes, and the stage-0 ablation) in one command.
+"""The VLM results tables (what each stage and SFT in each answer mode bought, each score beside its
+shuffled-image control, the probes, rejection sampling, and the stage-0 ablation) in one command.
 
     .venv/bin/python benchmarks/vlm_results.py [--profile tiny] [--root DIR] [--set key=value ...] [--no-readme]
         [--seeds 0 1 2] [--no-ablation]
 
-Runs the pipeline through vlm_eval_stage2 in a subprocess against one run root (default: `runs`, so steps
-already cached there are reused): as configured (once per seed with `--seeds`), and with the `skip_stage0`
-experiment. Reads each VLM step's metrics from the run summary and prints Markdown tables: evaluation per
+Runs the pipeline through vlm_eval_sft (SFT included) in a subprocess against one run root (default: `runs`,
+so steps already cached there are reused): as configured (once per seed with `--seeds`), and through
+vlm_eval_stage2 with the `skip_stage0` experiment. Reads each VLM step's metrics from the run summary and prints Markdown tables: evaluation per
 checkpoint, every cell "true images / shuffled images" (each held-out item asked again with another
 item's image; with several seeds, the mean and the spread over seeds); the image-use gap per task (answer
 loss with shuffled minus own images, nats); the linear probes of per-image facts on the ViT after each
@@ -32,6 +32,10 @@ from results_file import record
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 STAGES = ("vlm_stage0", "vlm_stage1", "vlm_stage2")
+SFT_MODES = (("thinking", "sft (thinking)"), ("direct", "sft (non-thinking)"))  # vlm_eval_sft's eval_<mode>/
+SFT_COLUMNS = ("format_ok", "answer_words", "thinking_words")
+RS_COLUMNS = ("prompts", "samples", "sample_pass_rate", "acceptance_rate", "accepted", "format_failures", "truncated",
+              "mean_thinking_words", "accepted_thinking_words")
 EVAL_COLUMNS = ("caption_f1", "caption_object_colour_recall", "caption_shape_recall", "caption_background_recall",
                 "counting_accuracy", "counting_majority", "grounding_iou", "grounding_iou50", "pointing_hit",
                 "ocr_exact", "video_tiou50", "video_qa_exact", "video_qa_majority")
@@ -43,10 +47,10 @@ TRAIN_COLUMNS = ("seconds", "steps", "loss_first", "loss_last10", "aux_loss_mean
                  "padding_mean")
 
 
-def run_pipeline(root: Path, args: list[str]) -> tuple[float, dict[str, dict[str, Any]]]:
+def run_pipeline(root: Path, args: list[str], until: str = "vlm_eval_sft") -> tuple[float, dict[str, dict[str, Any]]]:
     env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "pipelines/full.py", "--until", "vlm_eval_stage2", *args], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "pipelines/full.py", "--until", until, *args], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"pipeline failed:\n{done.stderr[-4000:]}")
@@ -69,6 +73,25 @@ def evaluation_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, 
         row = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")}
         row |= {"shuffled:" + k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval_shuffled/")}
         rows[f"{name.removeprefix('vlm_')}{suffix}"] = row
+    sft = steps.get("vlm_eval_sft")
+    if sft and sft["status"] != "skipped":
+        for mode, label in SFT_MODES:
+            metrics = sft["metrics"]
+            row = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"eval_{mode}/")}
+            row |= {"shuffled:" + k.split("/", 1)[1]: v for k, v in metrics.items()
+                    if k.startswith(f"eval_{mode}_shuffled/")}
+            rows[f"{label}{suffix}"] = row
+    return rows
+
+
+def sampling_rows(steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Rejection sampling per task: `<task>/<metric>` of the step's metrics."""
+    metrics = steps.get("rejection_sampling", {}).get("metrics", {})
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        task, slash, metric = key.partition("/")
+        if slash:
+            rows.setdefault(task, {})[metric] = value
     return rows
 
 
@@ -128,7 +151,7 @@ def table(rows: dict[str, dict[str, tuple[float, float]]], columns: tuple[str, .
 
 def training_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, dict[str, float]]:
     rows = {}
-    for name in ("llm_pretrain", *STAGES):
+    for name in ("llm_pretrain", *STAGES, "vlm_sft", "rejection_sampling", "vlm_sft_rs"):
         step = steps.get(name)
         if step and step["status"] != "skipped":
             seconds = step["duration_s"]
@@ -162,15 +185,16 @@ def main() -> None:
     base = ["--profile", args.profile, *[x for o in args.overrides for x in ("--set", o)]]
     root = Path(args.root).resolve()
     seeds = args.seeds or [None]
-    walls, evaluations, probes, trainings = [], [], [], []
+    walls, evaluations, probes, trainings, samplings = [], [], [], [], []
     for seed in seeds:
         wall, steps = run_pipeline(root, base + ([] if seed is None else ["--set", f"run.seed={seed}"]))
         walls.append(round(wall, 1))
         evaluations.append(evaluation_rows(steps, ""))
         probes.append(probe_rows(steps))
         trainings.append(training_rows(steps, ""))
+        samplings.append(sampling_rows(steps))
     wall_ablation, ablation_steps = (0.0, {}) if args.no_ablation else run_pipeline(
-        root, [*base, "--experiment", "skip_stage0"])
+        root, [*base, "--experiment", "skip_stage0"], until="vlm_eval_stage2")
     evaluation = over_seeds(evaluations)
     evaluation |= {k: {m: (v, 0.0) for m, v in row.items()} for k, row in
                    evaluation_rows(ablation_steps, " (no stage 0)").items() if not k.startswith("untrained")}
@@ -185,6 +209,10 @@ def main() -> None:
              f"{' --seeds ' + ' '.join(map(str, seeds)) if args.seeds else ''}` "
              f"(held-out items: {items or 'none'}{seeds_text}). Each cell: true images / shuffled images.\n\n"
              f"{table(evaluation, EVAL_COLUMNS, controls=True)}\n"
+             f"Answer lengths (words) and the thinking format (one `<think>` block, then an answer):\n\n"
+             f"{table(evaluation, SFT_COLUMNS, controls=True)}\n"
+             f"Rejection sampling from the first SFT round, with thinking on (per task; acceptance: prompts with at "
+             f"least one verified answer):\n\n{table(over_seeds(samplings), RS_COLUMNS)}\n"
              f"Answer loss on held-out samples and the image-use gap (shuffled minus own images, nats):\n\n"
              f"{table(evaluation, GAP_COLUMNS)}\n"
              f"Linear probes (held-out fifth of {int(next(iter(probes[0].values()), {}).get('images', 0))} pictures; "
@@ -196,7 +224,7 @@ def main() -> None:
            {"profile": args.profile, "overrides": args.overrides, "seeds": seeds,
             "wall_s": {"main": walls, "ablation": round(wall_ablation, 1)}},
            [{"table": "evaluation", "rows": evaluations}, {"table": "probes", "rows": probes},
-            {"table": "training", "rows": trainings},
+            {"table": "training", "rows": trainings}, {"table": "rejection_sampling", "rows": samplings},
             {"table": "ablation", "rows": evaluation_rows(ablation_steps, " (no stage 0)")}])
     if not args.no_readme:
         replace_readme_block(block, args.profile)

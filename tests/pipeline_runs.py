@@ -28,11 +28,16 @@ SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthet
          "--set", "train.vlm.eval.max_new_tokens=4", "--set", "train.vlm.eval.batch_size=4",
          "--set", "train.vlm.eval.gap_batches=1", "--set", "train.vlm.holdout_fraction=0.1",
          "--set", "train.vit_eval.probe_images=60", "--set", "train.vlm.eval.probe_images=60",
-         "--set", "train.vit_pretrain.holdout_fraction=0.1"]  # the single clip (hash 0.12) stays in training
+         "--set", "train.vit_pretrain.holdout_fraction=0.1",  # the single clip (hash 0.12) stays in training
+         "--set", "train.vlm.sft.steps=2", "--set", "train.vlm.sft_rs.steps=2",
+         "--set", "train.vlm.rejection_sampling.prompts_per_task=2",
+         "--set", "train.vlm.rejection_sampling.samples_per_prompt=2",
+         "--set", "train.vlm.rejection_sampling.max_new_tokens=8", "--set", "train.vlm.eval.thinking_max_new_tokens=8"]
 DATA_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "rebalance",
               "ocr_samples", "grounding_samples", "video_samples", "write_shards")
 VLM_STEPS = ("llm_pretrain", "vlm_stage0", "vlm_eval_stage0", "vlm_stage1", "vlm_eval_stage1", "vlm_stage2",
              "vlm_eval_stage2")
+SFT_STEPS = ("sft_data", "vlm_sft", "rejection_sampling", "vlm_sft_rs", "vlm_eval_sft")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,8 +44,9 @@ def test_the_modes_are_defined_once_and_serving_uses_them() -> None:
 def test_counting_reasoning_enumerates_then_counts() -> None:
     annotations = COUNTING["annotations"]
     text = counting_reasoning("<image>\nHow many diamonds are there?", "2", annotations)
-    assert text is not None and text.startswith("I see 3 shapes: a purple diamond at the top right [763, 117]")
-    assert "a red circle at the middle left [50, 440]" in text and text.endswith("That makes 2.")
+    assert text is not None and text.startswith("I see 3 shapes: a purple diamond at the top right, a black diamond")
+    assert "and a red circle at the middle left." in text
+    assert text.endswith("The diamonds: at the top right and the bottom right. That makes 2.")
     assert counting_reasoning("How many green shapes are there?", "0", annotations).endswith("so there are 0.")
     assert counting_reasoning("How many diamonds are there?", "3", annotations) is None  # answer disagrees
     assert counting_reasoning("How many stars are there?", "1", annotations) is None  # no such question
@@ -56,7 +57,7 @@ def test_grounding_ocr_and_position_words() -> None:
     annotations = {"objects": OBJECTS, "referring": [{"expression": "the black shape", "target": 1},
                                                      {"expression": "the red circle", "target": 7}]}
     text = grounding_reasoning("Point to the black shape.", "<point>[750, 752]</point>", annotations)
-    assert text == "The black shape is a black diamond at the bottom right [750, 752]. Its point follows."
+    assert text == "The black shape is a black diamond at the bottom right. Its point follows."
     assert grounding_reasoning("Box of the red circle?", "<box>[1, 2, 3, 4]</box>", annotations) is None
     assert (where([500, 500]), where([0, 998]), where([998, 400])) == ("middle", "bottom left", "middle right")
     lines = {"lines": [{"text": "Total $4.50"}, {"text": "Thank you!"}]}

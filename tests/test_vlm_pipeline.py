@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_runs import REPO, SMALL, VLM_STEPS, PipelineRun, free_port, last_summary, pipeline
+from pipeline_runs import REPO, SFT_STEPS, SMALL, VLM_STEPS, PipelineRun, free_port, last_summary, pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -90,8 +90,47 @@ def test_vlm_stages_eval_export_ablation_and_resume(tiny_run: PipelineRun) -> No
     check_serving(tiny_run)
 
 
+def test_sft_data_rounds_rejection_sampling_and_both_modes(tiny_run: PipelineRun) -> None:
+    """The SFT steps of the shared run: conversations in both modes from the training split (counts in = kept +
+    dropped), two SFT rounds from stage 2's export on the training runtime, rejection sampling judged by the
+    verifiers, and the evaluation in both modes with its controls; the export records its answer modes."""
+    from components.common.webdataset_tar import iter_samples
+    from components.vlm.model import load_vlm
+    from components.vlm.modes import MODES
+    from components.vlm.verifiers import split_thinking
+
+    steps = tiny_run.steps
+    assert [steps[name]["status"] for name in SFT_STEPS] == ["ran"] * len(SFT_STEPS)
+    data = steps["sft_data"]["metrics"]
+    assert data["samples_thinking"] > 0 and data["samples_kept"] > data["samples_thinking"]
+    for task in ("caption", "counting", "grounding", "ocr"):
+        assert data[f"{task}/read"] == data[f"{task}/kept"] + data[f"{task}/dropped"] and data[f"{task}/kept"] > 0
+    assert data["counting/thinking"] > 0 and data["grounding/thinking"] > 0 and data["mean_thinking_words"] > 5
+    shards = Path(steps["sft_data"]["output_dir"]) / "sft"
+    _, members = next(iter_samples(sorted((shards / "counting").glob("*.tar"))[0]))
+    first = json.loads(members["json"])
+    assert first["conversations"][0]["from"] == "system" and first["conversations"][0]["value"] in MODES.values()
+    for name in ("vlm_sft", "vlm_sft_rs"):
+        assert steps[name]["metrics"]["steps"] == 2 and steps[name]["metrics"]["restarts"] == 0
+    sampled = steps["rejection_sampling"]["metrics"]
+    assert sampled["all/prompts"] >= 2 and sampled["all/samples"] == 2 * sampled["all/prompts"]
+    assert 0.0 <= sampled["all/acceptance_rate"] <= 1.0 and "counting/format_failures" in sampled
+    rows = (Path(steps["rejection_sampling"]["output_dir"]) / "samples" / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == sampled["all/samples"] and {"reward", "correct", "response"} <= set(json.loads(rows[0]))
+    evaluation = steps["vlm_eval_sft"]["metrics"]
+    for mode in ("direct", "thinking"):
+        assert {f"eval_{mode}/caption_f1", f"eval_{mode}_shuffled/caption_f1", f"eval_{mode}_gap/caption_f1",
+                f"eval_{mode}/counting_accuracy", f"eval_{mode}/answer_words"} <= set(evaluation), mode
+    assert "eval_thinking/format_ok" in evaluation and "eval_thinking/thinking_words" in evaluation
+    assert "eval_direct/image_use_gap" in evaluation and "eval_thinking/image_use_gap" not in evaluation
+    examples = (Path(steps["vlm_eval_sft"]["output_dir"]) / "eval" / "thinking.jsonl").read_text().splitlines()
+    assert examples and all(split_thinking(json.loads(e)["prediction"]) is not None for e in examples)
+    _, _, saved = load_vlm(Path(steps["vlm_sft_rs"]["output_dir"]) / "vlm" / "model")
+    assert saved["stage"] == "sft_rs" and saved["answer_modes"] == MODES
+
+
 def check_serving(tiny_run: PipelineRun) -> None:
-    """The shared run's last step registered stage 2's export and served it (it ended with the process,
+    """The shared run's last step registered the last SFT round's export and served it (it ended with the process,
     serve.keep_alive=false); the registered version is then served on its own and answers the openai client."""
     import signal
     import threading
@@ -105,15 +144,16 @@ def check_serving(tiny_run: PipelineRun) -> None:
     served = tiny_run.steps["serve"]
     assert served["status"] == "ran" and served["metrics"]["smoke_completion_tokens"] >= 1
     endpoint = json.loads((Path(served["output_dir"]) / "endpoint" / "endpoint.json").read_text())
-    assert endpoint["url"].startswith("http://127.0.0.1:") and "vlm_stage2" in endpoint["checkpoint"]
+    assert endpoint["url"].startswith("http://127.0.0.1:") and "vlm_sft_rs" in endpoint["checkpoint"]
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version_by_alias("seedvl", "latest-pipeline")
     assert endpoint["registered"] == f"models:/seedvl/{version.version}"
     assert client.get_run(version.run_id).data.tags["mlflow.runName"] == "serve"
-    assert client.get_run(version.tags["trained_by_run_id"]).data.tags["step"] == "vlm_stage2"  # the scores' links
-    assert client.get_run(version.tags["eval_run_id"]).data.tags["step"] == "vlm_eval_stage2"
+    assert client.get_run(version.tags["trained_by_run_id"]).data.tags["step"] == "vlm_sft_rs"  # the scores' links
+    assert client.get_run(version.tags["eval_run_id"]).data.tags["step"] == "vlm_eval_sft"
     assert client.get_run(version.tags["pipeline_run_id"]).data.tags["kind"] == "pipeline"
     assert "| counting_accuracy |" in version.description and "checkpoint" not in version.tags
+    assert "Answering in thinking mode" in version.description and "Answering in direct mode" in version.description
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "components.serve.deploy", "--model", "models:/seedvl@latest-pipeline",

@@ -55,12 +55,13 @@ def where(point: Sequence[float]) -> str:
 
 
 def object_phrase(obj: Mapping[str, Any]) -> str | None:
-    """"a red circle at the top left [87, 105]" for one annotated object, or None without colour and shape."""
+    """"a red circle at the top left" for one annotated object, or None without colour, shape or place. Places
+    are words, not coordinates: reasoning a small model can learn to say from the picture."""
     colour, shape = obj.get("colour"), obj.get("shape")
     point = obj.get("point") or box_centre(obj.get("box"))
     if not isinstance(colour, str) or not isinstance(shape, str) or point is None:
         return None
-    return f"a {colour} {shape} at the {where(point)} [{int(point[0])}, {int(point[1])}]"
+    return f"a {colour} {shape} at the {where(point)}"
 
 
 def box_centre(box: Any) -> list[float] | None:
@@ -103,8 +104,8 @@ def counting_reasoning(question: str, answer: str, annotations: Mapping[str, Any
         return None
     if not points:
         return f"{listed} None of them is one of the {asked}, so there are 0."
-    at = joined([f"[{int(p[0])}, {int(p[1])}]" for p in points])
-    return f"{listed} The {asked} are the ones at {at}. That makes {len(points)}."
+    at = joined([f"the {where(p)}" for p in points])
+    return f"{listed} The {asked}: at {at}. That makes {len(points)}."
 
 
 def grounding_reasoning(question: str, answer: str, annotations: Mapping[str, Any]) -> str | None:
