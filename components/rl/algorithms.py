@@ -80,7 +80,8 @@ class RlAlgoConfig:
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"rl.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.value_clip is not None and not self.value_clip > 0:
-            raise ValueError(f"rl.value_clip must be > 0, or null to turn value clipping off, got {self.value_clip}")
+            raise ValueError(f"rl.value_clip must be > 0, or null to turn value clipping off, "
+                             f"got {self.value_clip}")
         if not 0.0 < self.pass_min_iou <= 1.0:
             raise ValueError(f"rl.pass_min_iou must be in (0, 1] (e.g. 0.5), got {self.pass_min_iou}")
         if self.max_response_tokens < 1:
@@ -174,7 +175,8 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | N
     rewards[rows, last[rows]] = scores.to(rewards.dtype)[rows]
     if kl is not None:
         if kl_coef_per_seq is None:
-            raise ValueError("token_rewards got a kl without kl_coef_per_seq; pass kl_coef_per_sequence(types, ...)")
+            raise ValueError("token_rewards got a kl without kl_coef_per_seq; "
+                             "pass kl_coef_per_sequence(types, config.kl_coef)")
         coef = _per_sequence(kl_coef_per_seq, batch, rewards)
         rewards = rewards - coef[:, None] * torch.where(m, kl.to(rewards.dtype), torch.zeros_like(rewards))
     return rewards
@@ -343,10 +345,12 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-level mean entropy of the policy, H_t = -sum_v p_t(v) log p_t(v) = logsumexp(z_t) - sum_v p_t(v) z_t,
-    over the response tokens of `logits` (B, T, V); a 0-dim tensor (0 over no tokens), differentiable."""
+    """Token-level mean entropy of the policy, H_t = -sum_v p_t(v) log p_t(v) with p_t = softmax(z_t), over the
+    response tokens of `logits` (B, T, V); a 0-dim tensor (0 over no tokens), differentiable."""
     log_p = F.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)  # (B, T)
+    p = log_p.exp()
+    safe_log_p = torch.where(p > 0, log_p, torch.zeros_like(log_p))  # 0 * log 0 = 0 (a -inf logit is allowed)
+    entropy = -(p * safe_log_p).sum(dim=-1)  # (B, T)
     return masked_mean(entropy, mask)
 
 
