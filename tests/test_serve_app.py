@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from test_pipeline_e2e import free_port
-from vlm_exports import write_random_export
+from vlm_exports import THINK_ANSWER, THINK_QUESTION, THINK_REASONING, write_random_export, write_two_mode_export
 
 pytestmark = pytest.mark.e2e
 MODEL = "seedvl-test"
@@ -58,11 +58,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.
     monkeypatch_module.setenv(KEY_ENV, KEY)
     keyed, _ = load_config("tiny", [], [*overrides, "serve.app_name=keyed", "serve.route_prefix=/keyed",
                                         f"serve.api_key_env={KEY_ENV}"])
+    trained, _ = load_config("tiny", [], [*overrides, "serve.app_name=sft", "serve.route_prefix=/sft"])
+    sft_folder = write_two_mode_export(tmp_path_factory.mktemp("serve_sft") / "model")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     try:
         url = deploy(folder, config.serve, MODEL)
         keyed_url = deploy(folder, keyed.serve, MODEL)
-        yield {"url": url, "keyed_url": keyed_url, "folder": folder, "config": config.serve}
+        sft_url = deploy(sft_folder, trained.serve, MODEL)
+        yield {"url": url, "keyed_url": keyed_url, "sft_url": sft_url, "folder": folder, "config": config.serve}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -170,6 +173,34 @@ def test_thinking_switch(client: Any) -> None:
     streamed_reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in stream
                                  if c.choices)
     assert streamed_reasoning == reasoning
+
+
+def test_thinking_is_trained_behaviour_streamed_reasoning_then_content(server: dict[str, Any]) -> None:
+    """An export trained in both modes (as the SFT steps export): thinking on streams the model's own reasoning
+    as `reasoning_content` deltas, then the answer as `content`; thinking off answers directly."""
+    import openai
+
+    sft = openai.OpenAI(base_url=f"{server['sft_url']}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": THINK_QUESTION}]
+    stream = sft.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0, stream=True,
+                                         extra_body={"thinking": {"type": "enabled"}})
+    kinds, reasoning, content = [], "", ""
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if getattr(delta, "reasoning_content", None):
+            kinds.append("reasoning")
+            reasoning += delta.reasoning_content
+        if delta.content:
+            kinds.append("content")
+            content += delta.content
+    assert reasoning.strip() == THINK_REASONING and content.strip() == THINK_ANSWER
+    assert "content" in kinds and "reasoning" not in kinds[kinds.index("content"):]  # reasoning first, then content
+    direct = sft.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
+                                         extra_body={"thinking": {"type": "disabled"}})
+    assert direct.choices[0].message.content.strip() == THINK_ANSWER
+    assert getattr(direct.choices[0].message, "reasoning_content", None) in (None, "")
 
 
 def test_sampling_seed_stop_and_length(client: Any) -> None:

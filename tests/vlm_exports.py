@@ -46,3 +46,44 @@ def write_random_export(folder: Path, seed: int = 0, weight_scale: float = 0.3) 
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * weight_scale)
     export_vlm(model.eval(), tokenizer, folder, {"stage": "random", "steps": 0})
     return folder
+
+
+THINK_QUESTION = "How many circles are there?"
+THINK_REASONING = "I see three red circles."
+THINK_ANSWER = "3"
+
+
+def write_two_mode_export(folder: Path, seed: int = 0, max_steps: int = 300) -> Path:
+    """An export trained (on one question, a few hundred Adam steps, a few seconds) to answer
+    `THINK_QUESTION` with `<think>THINK_REASONING</think>THINK_ANSWER` under the thinking system prompt and
+    with `THINK_ANSWER` alone under the direct one, and exported as an SFT step exports (with its answer
+    modes): a served model whose thinking is trained behaviour, for the serving tests."""
+    ensure_torchvision_importable()
+    from components.vit.model import SeedViT
+    from components.vlm.conversation import encode_sample
+    from components.vlm.model import VisionLanguageModel, build_llm, causal_lm_loss, export_vlm
+    from components.vlm.modes import MODES, system_prompt
+    from components.vlm.tokenizer import SpecialIds, train_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(corpus() + [THINK_REASONING] * 3, vocab_size=LLM.vocab_size)
+    special = SpecialIds.of(tokenizer)
+    model = VisionLanguageModel(SeedViT(VIT), build_llm(LLM, vocab_size=len(tokenizer), pad_id=special.pad),
+                                special.image_pad)
+    answers = {"thinking": f"<think>{THINK_REASONING}</think>{THINK_ANSWER}", "direct": THINK_ANSWER}
+    samples = [encode_sample(key=mode, task="counting", turns=[(THINK_QUESTION, answer)], tokenizer=tokenizer,
+                             image_token_counts=[], max_tokens=512, system=system_prompt(mode))
+               for mode, answer in answers.items()]
+    optimizer = torch.optim.Adam(model.llm.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(max_steps):
+        loss = sum(causal_lm_loss(model.llm, model.embed(torch.tensor([s.input_ids]), None, None),
+                                  torch.arange(len(s.input_ids))[None], torch.tensor([s.labels]), 0.0).lm_loss
+                   for s in samples)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if float(loss.detach()) < 0.02:  # both answers the greedy ones by far
+            break
+    export_vlm(model.eval(), tokenizer, folder, {"stage": "sft", "steps": max_steps, "answer_modes": dict(MODES)})
+    return folder
