@@ -133,6 +133,8 @@ def test_rejection_verdicts_selection_and_rates() -> None:
         row("grounding", "<box>[0, 0, 100, 100]</box>", "<think>?</think><box>[0, 0, 40, 40]</box>", 1, 6, key="g"),
     )]
     assert [r["correct"] for r in judged] == [True, True, True, False, False, True, False]
+    unreadable = judge(row("counting", "many", "<think>x</think>3", 0, 5))  # no whole number to check against
+    assert unreadable["correct"] is False and unreadable["reward"] == 0.0 and not unreadable["reference_readable"]
     assert judged[3]["format_ok"] is False and judged[3]["reward"] == 0.0
     assert judged[5]["reward"] == pytest.approx(0.9)
     accepted = select_accepted(judged, keep=2)

@@ -138,11 +138,14 @@ def judge(row: dict[str, Any]) -> dict[str, Any]:
 
     kind, response = str(row["kind"]), str(row["response"])
     well_formed = format_ok(response)
-    reward = verify(VERIFIER_OF[kind], response, str(row["reference"]), thinking=True)
-    correct = well_formed and (reward >= MIN_IOU if kind in CONTINUOUS else reward >= 1.0)
+    try:
+        reward, readable = verify(VERIFIER_OF[kind], response, str(row["reference"]), thinking=True), True
+    except ValueError:  # a reference the verifier cannot read: no ground truth, so nothing is accepted
+        reward, readable = 0.0, False
+    correct = readable and well_formed and (reward >= MIN_IOU if kind in CONTINUOUS else reward >= 1.0)
     reasoning = split_thinking(response)[0] or ""
     return {**row, "reward": float(reward), "format_ok": well_formed, "correct": bool(correct),
-            "thinking_words": len(reasoning.split())}
+            "reference_readable": readable, "thinking_words": len(reasoning.split())}
 
 
 def select_accepted(judged: list[dict[str, Any]], keep: int) -> dict[tuple[str, int], list[dict[str, Any]]]:
@@ -202,6 +205,7 @@ def acceptance_metrics(judged: list[dict[str, Any]], accepted: dict[tuple[str, i
             f"{task}/acceptance_rate": len(kept) / max(1, len(asked)),
             f"{task}/accepted": float(len(kept_rows)),
             f"{task}/format_failures": float(sum(not r["format_ok"] for r in mine)),
+            f"{task}/no_ground_truth": float(sum(not r.get("reference_readable", True) for r in mine)),
             f"{task}/truncated": float(sum(r["finish_reason"] == "length" for r in mine)),
             f"{task}/mean_reward": sum(r["reward"] for r in mine) / max(1, len(mine)),
             f"{task}/mean_thinking_words": sum(r["thinking_words"] for r in mine) / max(1, len(mine)),
