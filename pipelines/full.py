@@ -42,6 +42,7 @@ from components.serve.deploy import keep_endpoint_up, serve_step  # noqa: E402
 from components.vit.vit_eval import vit_eval  # noqa: E402
 from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
 from components.vlm.evaluate import vlm_eval_sft, vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2  # noqa: E402
+from components.rl.reward_model import reward_model  # noqa: E402
 from components.vlm.rejection_sampling import rejection_sampling  # noqa: E402
 from components.vlm.sft_data import sft_data  # noqa: E402
 from components.vlm.stages import llm_pretrain, vlm_sft, vlm_sft_rs, vlm_stage0, vlm_stage1, vlm_stage2  # noqa: E402
@@ -65,12 +66,17 @@ def sft_rs_enabled(config: PipelineConfig) -> bool:
     return sft_enabled(config) and config.train.vlm.rejection_sampling.enabled and config.train.vlm.sft_rs.enabled
 
 
+def reward_model_enabled(config: PipelineConfig) -> bool:
+    return sft_rs_enabled(config) and config.train.vlm.reward_model.enabled
+
+
 def eval_inputs(stage: str) -> dict:
     return {"shards": ("write_shards", "shards"), "vlm": (f"vlm_{stage}", "vlm")}
 
 
 VLM_STAGES = ("stage0", "stage1", "stage2")
 VLM_INPUTS: dict = {"shards": ("write_shards", "shards"), "vit": ("vit_pretrain", "vit"), "llm": ("llm_pretrain", "llm")}
+SFT_EXPORTS = [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm")]  # the last SFT round that ran
 CURATED = [("dedup", "samples"), ("clip_filter", "samples"), ("basic_filters", "samples")]  # the first enabled
 STEPS = [
     Step(synthetic_crawl, enabled=lambda config: config.data.synthetic_crawl.enabled),
@@ -111,6 +117,8 @@ STEPS = [
                              "previous": ("vlm_sft", "vlm")}, enabled=sft_rs_enabled),
     Step(vlm_eval_sft, inputs={"shards": ("write_shards", "shards"), "vlm": [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm")]},
          enabled=lambda config: sft_enabled(config) and config.train.vlm.eval.enabled),
+    Step(reward_model, inputs={"shards": ("write_shards", "shards"), "rs": ("rejection_sampling", "samples"),
+                               "vlm": SFT_EXPORTS}, enabled=reward_model_enabled),
     Step(serve_step, inputs={"vlm": [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm"), ("vlm_stage2", "vlm"),
                                      ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")],
                              "eval": [("vlm_eval_sft", "eval"),
