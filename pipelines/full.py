@@ -42,6 +42,7 @@ from components.serve.deploy import keep_endpoint_up, serve_step  # noqa: E402
 from components.vit.vit_eval import vit_eval  # noqa: E402
 from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
 from components.vlm.evaluate import vlm_eval_sft, vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2  # noqa: E402
+from components.rl.driver import vlm_rl  # noqa: E402
 from components.rl.reward_model import reward_model  # noqa: E402
 from components.vlm.rejection_sampling import rejection_sampling  # noqa: E402
 from components.vlm.sft_data import sft_data  # noqa: E402
@@ -68,6 +69,10 @@ def sft_rs_enabled(config: PipelineConfig) -> bool:
 
 def reward_model_enabled(config: PipelineConfig) -> bool:
     return sft_rs_enabled(config) and config.train.vlm.reward_model.enabled
+
+
+def rl_enabled(config: PipelineConfig) -> bool:
+    return reward_model_enabled(config) and config.train.vlm.rl.enabled
 
 
 def eval_inputs(stage: str) -> dict:
@@ -119,6 +124,8 @@ STEPS = [
          enabled=lambda config: sft_enabled(config) and config.train.vlm.eval.enabled),
     Step(reward_model, inputs={"shards": ("write_shards", "shards"), "rs": ("rejection_sampling", "samples"),
                                "vlm": SFT_EXPORTS}, enabled=reward_model_enabled),
+    Step(vlm_rl, inputs={"shards": ("write_shards", "shards"), "vlm": SFT_EXPORTS,
+                         "reward_model": ("reward_model", "reward_model")}, enabled=rl_enabled),
     Step(serve_step, inputs={"vlm": [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm"), ("vlm_stage2", "vlm"),
                                      ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")],
                              "eval": [("vlm_eval_sft", "eval"),

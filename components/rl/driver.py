@@ -1,0 +1,310 @@
+"""The hybrid RL step (`vlm_rl`): one readable driver loop over long-lived Ray worker groups
+(`components/rl/workers.py`), the SFT export as the starting policy and the reference, the reward model's
+export as the reward group's scorer and the critic's starting point.
+
+Every step:
+  1. a batch of prompts with both types in it (`PromptSampler`, the mix of `train.vlm.rl.mix`);
+  2. rollout: n samples per prompt with their token log-probs (cut at the limit, counted);
+  3. in parallel: the reference policy's log-probs, the critic's values, the rewards (reward model for
+     general prompts, verifiers for verifiable ones);
+  4. token rewards with the KL to the reference at each prompt type's coefficient, VAPO's decoupled GAE
+     (length-adaptive lambda for the policy's advantages, lambda 1.0 for the critic's returns);
+  5. the critic's update; from step `value_pretrain_steps` on, the actor's update too (before it, value
+     pretraining: the critic learns the SFT policy's returns while the policy stays put);
+  6. the actor's new weights to the rollout group (through the object store, never the driver);
+  7. `rl/<metric>` logged to the step's MLflow run; every `checkpoint_every` steps the loop's whole state
+     (actor and critic weights and optimisers, their RNG, the sampler's position) saved under the step's
+     output folder.
+
+An actor group that dies (a crash, or the test-only `fail_at_step`) makes the driver recreate every group and
+resume from the last checkpoint, up to `max_restarts` times; rollout seeds are a function of (seed, step,
+prompt), so the resumed run replays what an uninterrupted one would have done. The checkpoints live in the
+step's staging folder: a rerun of the pipeline after the whole process was killed starts the step afresh.
+The policy is exported with `export_vlm` (its summary names the answer modes), so serving loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.common.contract import StageContext, StageResult, component
+from components.rl.algorithms import (advantages_and_returns, explained_variance, kl_by_type, kl_coef_per_sequence,
+                                      kl_penalty, token_rewards)
+from components.rl.config import RlConfig, RlJob
+from components.rl.prompts import PromptSampler, rl_prompts
+from components.rl.sequences import pad_rows
+from components.training.shards import DropCounter
+from components.vlm.config import rl_view
+
+log = logging.getLogger(__name__)
+FAILED_ONCE = ".rl_failed_once"
+KEEP_CHECKPOINTS = 2
+
+
+class WorkerGroups:
+    """The five long-lived actor groups (one Ray actor each here), their resources from config."""
+
+    def __init__(self, job: RlJob, policy: str, reward_model: str, out_dir: Path) -> None:
+        import ray
+
+        from components.rl.workers import ActorWorker, CriticWorker, ReferenceWorker, RewardWorker, RolloutWorker
+        from components.vlm.modes import system_prompt
+
+        cfg, groups = job.rl, job.rl.groups
+
+        def spawn(cls: type, group: Any, *args: Any) -> Any:
+            threads = max(1, int(round(group.num_cpus)))
+            return ray.remote(cls).options(num_cpus=group.num_cpus, num_gpus=group.num_gpus,
+                                           max_restarts=0).remote(*args, threads=threads)
+
+        self.rollout = spawn(RolloutWorker, groups.rollout, policy, system_prompt(cfg.answer_mode))
+        self.reference = spawn(ReferenceWorker, groups.reference, policy, cfg.temperature)
+        self.reward = spawn(RewardWorker, groups.reward, reward_model, cfg.answer_mode == "thinking", job.rm_max_tokens,
+                            cfg.algo.pass_min_iou)
+        self.critic = spawn(CriticWorker, groups.critic, reward_model, cfg.critic_learning_rate, cfg.trainable,
+                            cfg.algo.value_clip, cfg.gradient_clipping)
+        self.actor = spawn(ActorWorker, groups.actor, policy, cfg.actor_learning_rate, cfg.trainable, cfg.algo,
+                           cfg.temperature, cfg.gradient_clipping, cfg.fail_at_step, str(out_dir / FAILED_ONCE))
+        self.all = [self.rollout, self.reference, self.reward, self.critic, self.actor]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for handle in self.all:
+            ray.kill(handle, no_restart=True)
+
+
+def rollout_seeds(seed: int, step: int, prompts: list[dict[str, Any]]) -> list[int]:
+    """One seed per prompt, a function of (run seed, step, prompt): a resumed run samples what the
+    uninterrupted one did."""
+    return [zlib.crc32(f"{seed}:{step}:{p['prompt_id']}".encode()) for p in prompts]
+
+
+def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: int, seed: int) -> dict[str, float]:
+    """One step of the loop (the module docstring's 1-6); its metrics."""
+    import ray
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    prompts = sampler.next_batch(cfg.prompts_per_step)
+    generated = ray.get(groups.rollout.generate.remote(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                                       cfg.samples_per_prompt, rollout_seeds(seed, step, prompts),
+                                                       cfg.algo.max_response_tokens))
+    timings["generation"] = time.perf_counter() - started
+    rollouts = generated["rollouts"]
+    sequences = ray.put([r["sequence"] for r in rollouts])
+    rows = [{**{k: prompts[r["prompt"]][k] for k in ("key", "kind", "type", "question", "reference", "images",
+                                                      "timestamps")}, "text": r["text"]} for r in rollouts]
+    types = [row["type"] for row in rows]
+
+    mark = time.perf_counter()
+    reference_ref, values_ref, reward_ref = (groups.reference.logprobs.remote(sequences),
+                                             groups.critic.values.remote(sequences), groups.reward.score.remote(rows))
+    scored = ray.get(reward_ref)
+    timings["reward"] = time.perf_counter() - mark
+    reference, values = ray.get(reference_ref), ray.get(values_ref)
+    timings["reference_and_values"] = time.perf_counter() - mark
+
+    old_logprobs, mask = pad_rows([torch.tensor(r["logprobs"], dtype=torch.float32) for r in rollouts])
+    ref_logprobs, _ = pad_rows([torch.tensor(v, dtype=torch.float32) for v in reference["logprobs"]])
+    old_values, _ = pad_rows([torch.tensor(v, dtype=torch.float32) for v in values])
+    kl = kl_penalty(old_logprobs, ref_logprobs, cfg.algo.kl_estimator)
+    scores = torch.tensor(scored["rewards"], dtype=torch.float32)
+    rewards = token_rewards(scores, mask, kl, kl_coef_per_sequence(types, cfg.algo.kl_coef))
+    advantages, returns = advantages_and_returns(rewards, old_values, mask, cfg.algo)
+
+    mark = time.perf_counter()
+    critic_stats = ray.get(groups.critic.update.remote(sequences, old_values, returns))
+    timings["critic"] = time.perf_counter() - mark
+    metrics: dict[str, float] = {**scored["stats"], **critic_stats}
+    policy_moves = step >= cfg.value_pretrain_steps
+    if policy_moves:
+        mark = time.perf_counter()
+        for _ in range(cfg.updates_per_step):
+            metrics |= ray.get(groups.actor.update.remote(sequences, old_logprobs, advantages, step))
+        timings["actor"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        ray.get(groups.rollout.set_weights.remote(groups.actor.weights.remote()))
+        timings["weight_sync"] = time.perf_counter() - mark
+
+    lengths = mask.sum(dim=1).float()
+    metrics |= {f"kl/{kind}": value for kind, value in kl_by_type(kl, mask, types).items()}
+    for kind in ("general", "verifiable"):
+        rows_of = torch.tensor([t == kind for t in types])
+        if bool(rows_of.any()):
+            metrics[f"response_length/{kind}"] = float(lengths[rows_of].mean())
+    ev = explained_variance(old_values, returns, mask)
+    if ev is not None:
+        metrics["explained_variance"] = ev
+    step_seconds = time.perf_counter() - started
+    metrics |= {"response_length": float(lengths.mean()) if len(lengths) else 0.0,
+                "truncated": float(generated["truncated"]), "rollouts": float(len(rollouts)),
+                "policy_updating": float(policy_moves), "rollout_tokens_per_s": generated["tokens"] / max(
+                    generated["seconds"], 1e-9),
+                "rollout_peak_rss_mib": generated["peak_rss_mib"], "reference_peak_rss_mib": reference["peak_rss_mib"],
+                "reward_peak_rss_mib": scored["peak_rss_mib"], "step_seconds": step_seconds,
+                **{f"seconds/{k}": v for k, v in timings.items()}}
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(groups: WorkerGroups, sampler: PromptSampler, step: int, folder: Path) -> Path:
+    """The loop's state after `step` steps, written to a temporary folder and renamed into place (the
+    newest complete one is what a restart reads); older ones beyond `KEEP_CHECKPOINTS` removed."""
+    import ray
+
+    final = folder / f"step-{step:06d}"
+    tmp = folder / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    actor_state, critic_state = ray.get([groups.actor.state.remote(), groups.critic.state.remote()])
+    torch.save(actor_state, tmp / "actor.pt")
+    torch.save(critic_state, tmp / "critic.pt")
+    (tmp / "driver.json").write_text(json.dumps({"step": step, "sampler": sampler.state_dict()}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+    for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "driver.json").is_file())
+    return done[-1] if done else None
+
+
+def restore_checkpoint(groups: WorkerGroups, sampler: PromptSampler, checkpoint: Path) -> int:
+    """Load a checkpoint into fresh groups (the rollout group gets the actor's weights); the step to resume at."""
+    import ray
+
+    driver = json.loads((checkpoint / "driver.json").read_text())
+    actor_state = torch.load(checkpoint / "actor.pt", weights_only=False)
+    critic_state = torch.load(checkpoint / "critic.pt", weights_only=False)
+    ray.get([groups.actor.load_state.remote(actor_state), groups.critic.load_state.remote(critic_state)])
+    ray.get(groups.rollout.set_weights.remote(groups.actor.weights.remote()))
+    sampler.load_state(driver["sampler"])
+    return int(driver["step"])
+
+
+# ---------------------------------------------------------------------------------------------- the step
+
+
+def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, reward_model: str, out_dir: Path,
+             seed: int, log_metrics: Any) -> tuple[list[dict[str, float]], int, WorkerGroups]:
+    """The loop, with restarts from the last checkpoint; (per-step metrics, restarts, the live groups)."""
+    import ray
+
+    cfg = job.rl
+    total = cfg.value_pretrain_steps + cfg.steps
+    checkpoints = out_dir / "checkpoints"
+    history: dict[int, dict[str, float]] = {}
+    restarts = 0
+    while True:
+        groups = WorkerGroups(job, policy, reward_model, out_dir)
+        sampler = PromptSampler(pools, cfg.mix, seed)
+        latest = latest_checkpoint(checkpoints)
+        step = restore_checkpoint(groups, sampler, latest) if latest else 0
+        try:
+            while step < total:
+                metrics = rl_step(groups, sampler, cfg, step, seed)
+                metrics["restarts"] = float(restarts)
+                history[step] = metrics
+                log_metrics({f"rl/{k}": v for k, v in metrics.items()}, step)
+                step += 1
+                if step % cfg.checkpoint_every == 0 or step == total:
+                    save_checkpoint(groups, sampler, step, checkpoints)
+                log.info("rl step %d/%d: reward general %s verifiable %s, kl %s, %.1fs", step, total,
+                         _fmt(metrics.get("reward/general")), _fmt(metrics.get("reward/verifiable")),
+                         _fmt(metrics.get("kl/general")), metrics["step_seconds"])
+            return [history[s] for s in sorted(history)], restarts, groups
+        except ray.exceptions.RayActorError as error:
+            groups.shutdown()
+            restarts += 1
+            if restarts > cfg.max_restarts:
+                raise RuntimeError(f"vlm_rl: a worker group died {restarts} times (train.vlm.rl.max_restarts="
+                                   f"{cfg.max_restarts}); last error: {error}") from error
+            log.warning("vlm_rl: a worker group died at step %d (%s); restarting from %s", step,
+                        type(error).__name__, latest_checkpoint(checkpoints) or "the start")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def summarise_history(history: list[dict[str, float]], value_pretrain_steps: int) -> dict[str, float]:
+    """The step's headline numbers: reward by type at the first and last policy steps (means over the
+    first and last quarter of them, the curve's ends), and means of the rest over the policy steps."""
+    policy = history[value_pretrain_steps:] or history
+    quarter = max(1, len(policy) // 4)
+    out: dict[str, float] = {"steps": float(len(history)), "policy_steps": float(len(history) - value_pretrain_steps)}
+    for key in ("reward/general", "reward/verifiable", "reward/all", "verifier/pass_rate", "rm/score"):
+        first = [m[key] for m in policy[:quarter] if key in m]
+        last = [m[key] for m in policy[-quarter:] if key in m]
+        if first and last:
+            name = key.replace("/", "_")
+            out[f"{name}_first"], out[f"{name}_last"] = sum(first) / len(first), sum(last) / len(last)
+    for key in ("kl/general", "kl/verifiable", "entropy", "response_length", "clip_fraction_low",
+                "clip_fraction_high", "value_loss", "explained_variance", "truncated", "verifier/unparseable",
+                "rollout_tokens_per_s", "step_seconds"):
+        values = [m[key] for m in policy if key in m]
+        if values:
+            out[f"mean_{key.replace('/', '_')}"] = sum(values) / len(values)
+    return out
+
+
+def run_rl(ctx: StageContext[RlJob]) -> StageResult:
+    import ray
+
+    from components.vlm.modes import MODES
+
+    job, out_dir = ctx.config, ctx.outputs["vlm"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = ctx.inputs["vlm"] / "model"
+    reward_model = ctx.inputs["reward_model"] / "model"
+    for folder, what in ((policy, "SFT export"), (reward_model, "reward-model export")):
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"vlm_rl: {folder} is not a {what}; run its step first")
+    counter = DropCounter()
+    cfg = job.rl
+    pools = rl_prompts(ctx.inputs["shards"], [*cfg.general_kinds, *cfg.verifiable_kinds], cfg.prompts_per_task,
+                       job.holdout_fraction, job.frames_per_clip, counter)
+    if not any(pools.values()):
+        raise ValueError("vlm_rl found no training-split prompt of train.vlm.rl.general_kinds or verifiable_kinds "
+                         "in the shards; check the data steps")
+    started = time.perf_counter()
+    history, restarts, groups = train_rl(job, pools, str(policy), str(reward_model), out_dir, ctx.seed,
+                                         ctx.log_metrics)
+    metrics = summarise_history(history, cfg.value_pretrain_steps)
+    metrics |= {"restarts": float(restarts), "seconds": time.perf_counter() - started,
+                **{f"prompts_{kind}": float(len(pool)) for kind, pool in pools.items()}}
+    summary = {"stage": "rl", "answer_modes": dict(MODES), "rl_answer_mode": cfg.answer_mode, "rl": metrics}
+    ray.get(groups.actor.export.remote(str(out_dir / "model"), summary))
+    groups.shutdown()
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the export is what later steps read
+    (out_dir / FAILED_ONCE).unlink(missing_ok=True)
+    (out_dir / "rl_log.jsonl").write_text("".join(json.dumps({"step": s, **m}) + "\n" for s, m in enumerate(history)))
+    (out_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
+    return StageResult(metrics=metrics, artifacts=["vlm/summary.json", "vlm/rl_log.jsonl"])
+
+
+vlm_rl = component(name="vlm_rl", version="1", config="train.vlm", inputs=("shards", "vlm", "reward_model"),
+                   outputs=("vlm",), key_exclude=("fail_at_step", "checkpoint_every", "max_restarts", "groups"),
+                   view=rl_view)(run_rl)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from components.common.cli import component_main
+
+    sys.exit(component_main(vlm_rl))

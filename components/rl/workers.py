@@ -1,0 +1,280 @@
+"""The RL step's long-lived worker groups, one Ray actor class each, with the coarse methods the driver
+loop calls (verl's single-controller shape): `RolloutWorker.generate` (the generation engine: n samples per
+prompt with their token log-probs), `ReferenceWorker.logprobs` (the frozen SFT policy), `RewardWorker.score`
+(the reward model for general prompts, the verifiers for verifiable ones, routed by `route_rewards`),
+`CriticWorker.values` / `.update` (one value model for both prompt types, started from the reward model)
+and `ActorWorker.update` (the policy: VAPO's token-level clip-higher loss).
+
+The actor and the critic train with a plain torch AdamW (gradient clipping as DeepSpeed's) rather than the
+training runtime's DeepSpeed engine: a DeepSpeed engine needs a process group, and a long-lived Ray actor
+outside Ray Train has none; with one rank per group here ZeRO would shard nothing. A multi-GPU actor group
+is a Ray Train worker group (`make_engine`) behind the same `update` method; that is future work.
+
+Each group's model runs one sequence at a time (`components/rl/sequences.py`) and pads the per-token
+results for the algorithm's (B, T) functions, so every token of the batch weighs the same in the losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.rl.algorithms import (RlAlgoConfig, entropy_from_logits, masked_mean, policy_loss, route_rewards,
+                                      strip_thinking, truncate_rollouts, value_loss)
+from components.rl.sequences import Sequence, pad_rows
+
+log = logging.getLogger(__name__)
+
+
+def _threads(threads: int) -> None:
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (the group's peak memory on a CPU machine)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class RolloutWorker:
+    """The generation engine on a copy of the policy; weights replaced from the actor every step."""
+
+    def __init__(self, checkpoint: str, system: str, threads: int = 1) -> None:
+        from components.generation.engine import GenerationEngine
+        from components.vlm.evaluate import load_for_inference
+
+        _threads(threads)
+        self.model, self.tokenizer = load_for_inference(checkpoint)
+        self.engine, self.system = GenerationEngine(self.model, self.tokenizer), system
+
+    def set_weights(self, state: dict[str, torch.Tensor]) -> int:
+        """The actor's policy weights, loaded in place (dtype and device converted); returns the tensors set."""
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value.to(own[name].dtype))
+        return len(state)
+
+    def generate(self, prompts: list[dict[str, Any]], max_new_tokens: int, temperature: float, top_p: float,
+                 n: int, seeds: list[int], max_response_tokens: int) -> dict[str, Any]:
+        """`n` samples of every prompt: per sample its prompt index, the scored sequence, its token log-probs
+        and answer text; rollouts longer than `max_response_tokens` are cut and counted."""
+        from components.generation.engine import SamplingParams
+        from components.vlm.conversation import answer_text
+        from components.vlm.evaluate import generation_request
+
+        started = time.perf_counter()
+        requests = [generation_request(self.engine, self.tokenizer, str(p["question"]), p["images"], p["timestamps"],
+                                       self.system, SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                                   top_p=top_p, seed=seed, n=n))
+                    for p, seed in zip(prompts, seeds)]
+        completions = self.engine.generate(requests) if requests else []
+        samples = [(index, completion) for index, group in enumerate(completions) for completion in group]
+        cut, truncated = truncate_rollouts([c.token_ids for _, c in samples], max_response_tokens)
+        rollouts = []
+        for (index, completion), ids in zip(samples, cut):
+            request = requests[index]
+            rollouts.append({"prompt": index, "sequence": Sequence(request.prompt_ids, request.pixel_values,
+                                                                   request.grid_hw, ids),
+                             "logprobs": list(completion.logprobs[:len(ids)]),
+                             "text": answer_text(self.tokenizer, ids),
+                             "finish_reason": completion.finish_reason})
+        tokens = sum(len(ids) for ids in cut)
+        return {"rollouts": rollouts, "truncated": truncated, "tokens": tokens,
+                "seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}
+
+
+class ReferenceWorker:
+    """The frozen SFT policy: log-probs of the rollouts' tokens, for the KL term."""
+
+    def __init__(self, checkpoint: str, temperature: float, threads: int = 1) -> None:
+        from components.vlm.model import load_vlm
+
+        _threads(threads)
+        self.model, _, _ = load_vlm(checkpoint)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def logprobs(self, sequences: list[Sequence]) -> dict[str, Any]:
+        from components.rl.sequences import response_logits, token_logprobs
+
+        values = [token_logprobs(response_logits(self.model, s, self.temperature), s.response_ids).tolist()
+                  for s in sequences]
+        return {"logprobs": values, "peak_rss_mib": peak_rss_mib()}
+
+
+class RewardWorker:
+    """The reward model (general prompts: the answer with its `<think>` part cut off, scored, normalised to
+    [0, 1] with the statistics saved at its training) and the verifiers (verifiable prompts), routed by each
+    prompt's type. A response no verifier can read gets 0 and is counted, never raised."""
+
+    def __init__(self, rm_folder: str, thinking: bool, max_tokens: int, min_iou: float, threads: int = 1) -> None:
+        from components.rl.sequences import load_value_model
+
+        _threads(threads)
+        self.model, self.tokenizer, meta = load_value_model(Path(rm_folder))
+        self.model.eval()
+        self.mean, self.std = float(meta["score_mean"]), float(meta["score_std"])
+        self.thinking, self.max_tokens, self.min_iou = thinking, max_tokens, min_iou
+
+    def verifier(self, task: str, response: str, reference: str) -> float:
+        from components.vlm.verifiers import verify
+
+        return verify(task, response, reference, thinking=self.thinking)
+
+    @torch.no_grad()
+    def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """`rows`: type, kind, question, images, timestamps, reference, text. -> rewards, raw RM scores, stats."""
+        from components.rl.algorithms import normalise_scores
+        from components.rl.sequences import answer_ids, encode_prompt
+        from components.vlm.modes import system_prompt
+
+        rm_scores: list[float | None] = []
+        raw_scores: list[float] = []
+        cache: dict[str, tuple[Any, Any, Any]] = {}
+        for row in rows:
+            if row["type"] != "general":
+                rm_scores.append(None)
+                continue
+            prompt_key = f"{row['key']}:{row['question']}"
+            if prompt_key not in cache:
+                cache[prompt_key] = encode_prompt(self.model.vlm, self.tokenizer, str(row["question"]), row["images"],
+                                                  row["timestamps"], system_prompt("direct"))
+            ids, pixels, grid = cache[prompt_key]
+            answer = answer_ids(self.tokenizer, strip_thinking(str(row["text"])), max(1, self.max_tokens - len(ids)))
+            raw = self.model.score(Sequence(ids, pixels, grid, answer))
+            raw_scores.append(float(raw))
+            rm_scores.append(float(normalise_scores(raw, self.mean, self.std)))
+        rewards, stats = route_rewards([r["type"] for r in rows], [str(r["text"]) for r in rows],
+                                       [r.get("reference") for r in rows], [str(r["kind"]) for r in rows],
+                                       self.verifier, rm_scores, self.min_iou)
+        if raw_scores:
+            stats["rm/raw_score"] = sum(raw_scores) / len(raw_scores)
+        return {"rewards": rewards, "stats": stats, "peak_rss_mib": peak_rss_mib()}
+
+
+class _Trained:
+    """A trained group's optimiser, checkpoint state and the test-only kill switch."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def state(self) -> dict[str, Any]:
+        """Weights, optimiser state and the torch RNG, for the loop's checkpoint."""
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+
+    def _step(self, loss: torch.Tensor, clip: float) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        self.optimizer.step()
+        return float(norm)
+
+
+class CriticWorker(_Trained):
+    """One value model for both prompt types, started from the reward model's export (backbone and head)."""
+
+    def __init__(self, rm_folder: str, learning_rate: float, trainable: list[str], clip: float | None,
+                 gradient_clipping: float, threads: int = 1) -> None:
+        from components.rl.sequences import load_value_model, set_value_trainable
+
+        _threads(threads)
+        self.model, _, _ = load_value_model(Path(rm_folder))
+        groups = set_value_trainable(self.model, trainable)
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, weight_decay=0.0)
+        self.clip, self.gradient_clipping = clip, gradient_clipping
+
+    @torch.no_grad()
+    def values(self, sequences: list[Sequence]) -> list[list[float]]:
+        self.model.eval()
+        return [self.model.values(s).tolist() for s in sequences]
+
+    def update(self, sequences: list[Sequence], old_values: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        """One step on the token-level (clipped) value loss against the returns; (B, T) tensors, right-padded."""
+        started = time.perf_counter()
+        self.model.train()
+        values, mask = pad_rows([self.model.values(s) for s in sequences])
+        loss, stats = value_loss(values, old_values[:, :values.shape[1]], returns[:, :values.shape[1]], mask, self.clip)
+        norm = self._step(loss, self.gradient_clipping)
+        return {"value_loss": float(loss.detach()), "critic_grad_norm": norm, **stats,
+                "critic_seconds": time.perf_counter() - started, "critic_peak_rss_mib": peak_rss_mib()}
+
+
+class ActorWorker(_Trained):
+    """The policy under training: `update` takes one step of VAPO's token-level clip-higher loss; `weights`
+    hands the trainable state to the rollout group; `export` writes the plain VLM export."""
+
+    def __init__(self, checkpoint: str, learning_rate: float, trainable: list[str], algo: RlAlgoConfig,
+                 temperature: float, gradient_clipping: float, fail_at_step: int, marker: str,
+                 threads: int = 1) -> None:
+        from components.vlm.model import load_vlm, set_trainable
+
+        _threads(threads)
+        self.model, self.tokenizer, self.saved = load_vlm(checkpoint)
+        set_trainable(self.model, trainable)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        self.algo, self.temperature, self.gradient_clipping = algo, temperature, gradient_clipping
+        self.fail_at_step, self.marker = fail_at_step, Path(marker)
+        self.trainable = trainable
+
+    def update(self, sequences: list[Sequence], old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               step: int) -> dict[str, float]:
+        from components.rl.sequences import response_logits, token_logprobs
+
+        self.maybe_fail(step)
+        started = time.perf_counter()
+        self.model.train()
+        logits = [response_logits(self.model, s, self.temperature) for s in sequences]
+        logprobs, mask = pad_rows([token_logprobs(z, s.response_ids) for z, s in zip(logits, sequences)])
+        length = logprobs.shape[1]
+        loss, stats = policy_loss(logprobs, old_logprobs[:, :length], advantages[:, :length], mask,
+                                  self.algo.eps_low, self.algo.eps_high)
+        padded_logits, _ = pad_rows(logits)
+        entropy = entropy_from_logits(padded_logits.detach(), mask)
+        norm = self._step(loss, self.gradient_clipping)
+        return {"policy_loss": float(loss.detach()), "entropy": float(entropy), "actor_grad_norm": norm, **stats,
+                "actor_seconds": time.perf_counter() - started, "actor_peak_rss_mib": peak_rss_mib()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The parts that train, as CPU tensors (what the rollout group loads each step)."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k.split(".")[0] in self.trainable}
+
+    @torch.no_grad()
+    def mean_logprob(self, sequences: list[Sequence]) -> float:
+        from components.rl.sequences import response_logits, token_logprobs
+
+        self.model.eval()
+        values = [token_logprobs(response_logits(self.model, s, self.temperature), s.response_ids) for s in sequences]
+        padded, mask = pad_rows(values)
+        return float(masked_mean(padded, mask))
+
+    def export(self, folder: str, summary: dict[str, Any]) -> None:
+        from components.vlm.model import export_vlm
+
+        self.model.eval()
+        keep = {k: v for k, v in self.saved.items() if k not in ("architecture", "vit", "adapter", "image_pad_id")}
+        export_vlm(self.model, self.tokenizer, Path(folder), {**keep, **summary})
+
+    def maybe_fail(self, step: int) -> None:
+        """Testing aid: this actor's process exits once, abruptly, at `fail_at_step` (a marker file makes it once)."""
+        if step != self.fail_at_step or self.marker.exists():
+            return
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(str(step))
+        log.warning("fail_at_step=%d: the actor group's process exits now", step)
+        os._exit(1)
