@@ -3,7 +3,9 @@
 grounding/counting synthesis and video samples -> WebDataset shards by task type -> Seed-ViT
 pretraining (MIM, SigLIP, video; Ray Train + DeepSpeed) -> its retrieval evaluation -> a text-pretrained
 MoE LLM -> VLM stages 0, 1, 2 (each evaluated by its own step) -> SFT (conversations in a thinking and a
-direct mode, a first round, rejection sampling with the verifiers, a second round; evaluated in both modes) -> `serve`: the final checkpoint registered in the MLflow
+direct mode, a first round, rejection sampling with the verifiers, a second round; evaluated in both modes) -> a reward
+model (Bradley-Terry on our own preference pairs) -> hybrid RL (reward model and verifiers in every batch, one
+driver loop over Ray worker groups; evaluated as SFT is) -> `serve`: the final checkpoint registered in the MLflow
 model registry and deployed on Ray Serve behind an OpenAI-style chat endpoint on 127.0.0.1:8000.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
@@ -43,6 +45,7 @@ from components.vit.vit_eval import vit_eval  # noqa: E402
 from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
 from components.vlm.evaluate import vlm_eval_sft, vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2  # noqa: E402
 from components.rl.driver import vlm_rl  # noqa: E402
+from components.rl.evaluate import vlm_eval_rl  # noqa: E402
 from components.rl.reward_model import reward_model  # noqa: E402
 from components.vlm.rejection_sampling import rejection_sampling  # noqa: E402
 from components.vlm.sft_data import sft_data  # noqa: E402
@@ -126,9 +129,11 @@ STEPS = [
                                "vlm": SFT_EXPORTS}, enabled=reward_model_enabled),
     Step(vlm_rl, inputs={"shards": ("write_shards", "shards"), "vlm": SFT_EXPORTS,
                          "reward_model": ("reward_model", "reward_model")}, enabled=rl_enabled),
-    Step(serve_step, inputs={"vlm": [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm"), ("vlm_stage2", "vlm"),
+    Step(vlm_eval_rl, inputs={"shards": ("write_shards", "shards"), "vlm": ("vlm_rl", "vlm")},
+         enabled=lambda config: rl_enabled(config) and config.train.vlm.eval.enabled),
+    Step(serve_step, inputs={"vlm": [("vlm_rl", "vlm"), ("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm"), ("vlm_stage2", "vlm"),
                                      ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")],
-                             "eval": [("vlm_eval_sft", "eval"),
+                             "eval": [("vlm_eval_rl", "eval"), ("vlm_eval_sft", "eval"),
                                       *((f"vlm_eval_{stage}", "eval") for stage in reversed(VLM_STAGES))]},  # its scores
          enabled=lambda config: config.serve.enabled and any(vlm_stage_enabled(config, s) for s in VLM_STAGES),
          cached=False),

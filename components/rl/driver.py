@@ -158,19 +158,18 @@ def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: i
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(groups: WorkerGroups, sampler: PromptSampler, step: int, folder: Path) -> Path:
-    """The loop's state after `step` steps, written to a temporary folder and renamed into place (the
-    newest complete one is what a restart reads); older ones beyond `KEEP_CHECKPOINTS` removed."""
-    import ray
-
+def write_checkpoint(folder: Path, step: int, actor: dict[str, Any], critic: dict[str, Any],
+                     sampler: dict[str, Any]) -> Path:
+    """The loop's state after `step` steps (the trained groups' `state()`s and the sampler's), written to a
+    temporary folder and renamed into place, so the newest complete one is what a restart reads; older ones
+    beyond `KEEP_CHECKPOINTS` removed."""
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    actor_state, critic_state = ray.get([groups.actor.state.remote(), groups.critic.state.remote()])
-    torch.save(actor_state, tmp / "actor.pt")
-    torch.save(critic_state, tmp / "critic.pt")
-    (tmp / "driver.json").write_text(json.dumps({"step": step, "sampler": sampler.state_dict()}))
+    torch.save(actor, tmp / "actor.pt")
+    torch.save(critic, tmp / "critic.pt")
+    (tmp / "driver.json").write_text(json.dumps({"step": step, "sampler": sampler}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)
     for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
@@ -178,22 +177,36 @@ def save_checkpoint(groups: WorkerGroups, sampler: PromptSampler, step: int, fol
     return final
 
 
+def read_checkpoint(checkpoint: Path) -> tuple[int, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(step, actor state, critic state, sampler state) of a checkpoint folder (our own files: torch.load
+    with pickles allowed, for the optimisers' states)."""
+    driver = json.loads((checkpoint / "driver.json").read_text())
+    actor = torch.load(checkpoint / "actor.pt", weights_only=False)
+    critic = torch.load(checkpoint / "critic.pt", weights_only=False)
+    return int(driver["step"]), actor, critic, driver["sampler"]
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     done = sorted(p for p in folder.glob("step-*") if (p / "driver.json").is_file())
     return done[-1] if done else None
+
+
+def save_checkpoint(groups: WorkerGroups, sampler: PromptSampler, step: int, folder: Path) -> Path:
+    import ray
+
+    actor, critic = ray.get([groups.actor.state.remote(), groups.critic.state.remote()])
+    return write_checkpoint(folder, step, actor, critic, sampler.state_dict())
 
 
 def restore_checkpoint(groups: WorkerGroups, sampler: PromptSampler, checkpoint: Path) -> int:
     """Load a checkpoint into fresh groups (the rollout group gets the actor's weights); the step to resume at."""
     import ray
 
-    driver = json.loads((checkpoint / "driver.json").read_text())
-    actor_state = torch.load(checkpoint / "actor.pt", weights_only=False)
-    critic_state = torch.load(checkpoint / "critic.pt", weights_only=False)
-    ray.get([groups.actor.load_state.remote(actor_state), groups.critic.load_state.remote(critic_state)])
+    step, actor, critic, sampler_state = read_checkpoint(checkpoint)
+    ray.get([groups.actor.load_state.remote(actor), groups.critic.load_state.remote(critic)])
     ray.get(groups.rollout.set_weights.remote(groups.actor.weights.remote()))
-    sampler.load_state(driver["sampler"])
-    return int(driver["step"])
+    sampler.load_state(sampler_state)
+    return step
 
 
 # ---------------------------------------------------------------------------------------------- the step

@@ -84,6 +84,7 @@ class RolloutWorker:
             rollouts.append({"prompt": index, "sequence": Sequence(request.prompt_ids, request.pixel_values,
                                                                    request.grid_hw, ids),
                              "logprobs": list(completion.logprobs[:len(ids)]),
+                             "generated_tokens": len(completion.token_ids),  # before the cut
                              "text": answer_text(self.tokenizer, ids),
                              "finish_reason": completion.finish_reason})
         tokens = sum(len(ids) for ids in cut)
@@ -185,15 +186,26 @@ class _Trained:
         return float(norm)
 
 
+@torch.no_grad()
+def linearise_head(head: torch.nn.Linear, mean: float, std: float) -> None:
+    """Rescale the reward model's head so that it outputs the first-order expansion of the normalised score
+    sigmoid((raw - mean) / std) around the mean, 0.5 + 0.25 * (raw - mean) / std: the critic starts on the
+    rewards' [0, 1] scale instead of the raw scores' (which can sit far outside it)."""
+    head.weight.mul_(0.25 / std)
+    head.bias.copy_(0.5 + 0.25 * (head.bias - mean) / std)
+
+
 class CriticWorker(_Trained):
-    """One value model for both prompt types, started from the reward model's export (backbone and head)."""
+    """One value model for both prompt types, started from the reward model's export (backbone and head,
+    the head rescaled to the rewards' range by `linearise_head`)."""
 
     def __init__(self, rm_folder: str, learning_rate: float, trainable: list[str], clip: float | None,
                  gradient_clipping: float, threads: int = 1) -> None:
         from components.rl.sequences import load_value_model, set_value_trainable
 
         _threads(threads)
-        self.model, _, _ = load_value_model(Path(rm_folder))
+        self.model, _, meta = load_value_model(Path(rm_folder))
+        linearise_head(self.model.head, float(meta["score_mean"]), float(meta["score_std"]))
         groups = set_value_trainable(self.model, trainable)
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, weight_decay=0.0)
         self.clip, self.gradient_clipping = clip, gradient_clipping
