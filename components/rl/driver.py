@@ -88,8 +88,10 @@ def rollout_seeds(seed: int, step: int, prompts: list[dict[str, Any]]) -> list[i
     return [zlib.crc32(f"{seed}:{step}:{p['prompt_id']}".encode()) for p in prompts]
 
 
-def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: int, seed: int) -> dict[str, float]:
-    """One step of the loop (the module docstring's 1-6); its metrics."""
+def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: int,
+            seed: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """One step of the loop (the module docstring's 1-6): its metrics, and each prompt's first rollout with its
+    reward (what the policy says, to read beside the curves)."""
     import ray
 
     timings: dict[str, float] = {}
@@ -144,6 +146,9 @@ def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: i
     ev = explained_variance(old_values, returns, mask)
     if ev is not None:
         metrics["explained_variance"] = ev
+    examples = [{"step": step, "kind": row["kind"], "question": row["question"], "reference": row["reference"],
+                 "response": row["text"], "reward": reward}
+                for row, reward in zip(rows[::cfg.samples_per_prompt], scored["rewards"][::cfg.samples_per_prompt])]
     step_seconds = time.perf_counter() - started
     metrics |= {"response_length": float(lengths.mean()) if len(lengths) else 0.0,
                 "truncated": float(generated["truncated"]), "rollouts": float(len(rollouts)),
@@ -152,7 +157,7 @@ def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: i
                 "rollout_peak_rss_mib": generated["peak_rss_mib"], "reference_peak_rss_mib": reference["peak_rss_mib"],
                 "reward_peak_rss_mib": scored["peak_rss_mib"], "step_seconds": step_seconds,
                 **{f"seconds/{k}": v for k, v in timings.items()}}
-    return metrics
+    return metrics, examples
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -221,6 +226,7 @@ def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, re
     total = cfg.value_pretrain_steps + cfg.steps
     checkpoints = out_dir / "checkpoints"
     history: dict[int, dict[str, float]] = {}
+    examples: dict[int, list[dict[str, Any]]] = {}
     restarts = 0
     while True:
         groups = WorkerGroups(job, policy, reward_model, out_dir)
@@ -229,9 +235,9 @@ def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, re
         step = restore_checkpoint(groups, sampler, latest) if latest else 0
         try:
             while step < total:
-                metrics = rl_step(groups, sampler, cfg, step, seed)
+                metrics, shown = rl_step(groups, sampler, cfg, step, seed)
                 metrics["restarts"] = float(restarts)
-                history[step] = metrics
+                history[step], examples[step] = metrics, shown
                 log_metrics({f"rl/{k}": v for k, v in metrics.items()}, step)
                 step += 1
                 if step % cfg.checkpoint_every == 0 or step == total:
@@ -239,6 +245,7 @@ def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, re
                 log.info("rl step %d/%d: reward general %s verifiable %s, kl %s, %.1fs", step, total,
                          _fmt(metrics.get("reward/general")), _fmt(metrics.get("reward/verifiable")),
                          _fmt(metrics.get("kl/general")), metrics["step_seconds"])
+            write_jsonl(out_dir / "rollouts.jsonl", [e for s in sorted(examples) for e in examples[s]])
             return [history[s] for s in sorted(history)], restarts, groups
         except ray.exceptions.RayActorError as error:
             groups.shutdown()
@@ -248,6 +255,12 @@ def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, re
                                    f"{cfg.max_restarts}); last error: {error}") from error
             log.warning("vlm_rl: a worker group died at step %d (%s); restarting from %s", step,
                         type(error).__name__, latest_checkpoint(checkpoints) or "the start")
+
+
+def write_jsonl(path: Path, examples: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    tmp.replace(path)
 
 
 def _fmt(value: float | None) -> str:
@@ -305,9 +318,9 @@ def run_rl(ctx: StageContext[RlJob]) -> StageResult:
     groups.shutdown()
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the export is what later steps read
     (out_dir / FAILED_ONCE).unlink(missing_ok=True)
-    (out_dir / "rl_log.jsonl").write_text("".join(json.dumps({"step": s, **m}) + "\n" for s, m in enumerate(history)))
+    write_jsonl(out_dir / "rl_log.jsonl", [{"step": s, **m} for s, m in enumerate(history)])
     (out_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
-    return StageResult(metrics=metrics, artifacts=["vlm/summary.json", "vlm/rl_log.jsonl"])
+    return StageResult(metrics=metrics, artifacts=["vlm/summary.json", "vlm/rl_log.jsonl", "vlm/rollouts.jsonl"])
 
 
 vlm_rl = component(name="vlm_rl", version="1", config="train.vlm", inputs=("shards", "vlm", "reward_model"),
