@@ -18,6 +18,9 @@ from components.rl.algorithms import RlAlgoConfig, bradley_terry_loss  # noqa: E
 from components.rl.config import RlConfig  # noqa: E402
 from components.rl.prompts import PromptSampler, type_counts  # noqa: E402
 from components.rl.reward_model import caption_pairs, split_pairs, verifiable_pairs  # noqa: E402
+from components.training.config import DeepSpeedSettings  # noqa: E402
+
+DS = DeepSpeedSettings(zero_stage=2, bf16=False)
 
 
 def sample(key: str, response: str, correct: bool, turn: int = 0, reference: str = "3") -> dict[str, Any]:
@@ -182,7 +185,7 @@ def test_the_critic_starts_on_the_rewards_scale(rm_export: Path) -> None:
     raw_model, tokenizer, meta = load_value_model(rm_export)
     seq = Sequence(list(tokenizer("How many?", add_special_tokens=False)["input_ids"]), None, None,
                    list(tokenizer("3 red circles", add_special_tokens=False)["input_ids"]))
-    critic = CriticWorker(str(rm_export), 1e-3, ["llm"], 0.5, 1.0)
+    critic = CriticWorker(str(rm_export), 1e-3, ["llm"], 0.5, DS)
     raw = raw_model.values(seq).detach()
     expected = 0.5 + 0.25 * (raw - meta["score_mean"]) / meta["score_std"]
     assert torch.allclose(torch.tensor(critic.values([seq])[0]), expected, atol=1e-5)
@@ -205,7 +208,7 @@ def test_rollout_logprobs_match_the_actors_teacher_forced_ones(export: Path) -> 
     out = rollouts(export)
     assert len(out["rollouts"]) == 4 and all(len(r["sequence"].response_ids) <= 4 for r in out["rollouts"])
     assert out["truncated"] == sum(r["generated_tokens"] > 4 for r in out["rollouts"])
-    actor = ActorWorker(str(export), 1e-4, ["llm"], RlAlgoConfig(), 1.0, 1.0, -1, "/nonexistent/marker")
+    actor = ActorWorker(str(export), 1e-4, ["llm"], RlAlgoConfig(), 1.0, DS, -1, "/nonexistent/marker")
     with torch.no_grad():
         for rollout in out["rollouts"]:
             seq = rollout["sequence"]
@@ -243,24 +246,29 @@ def test_a_checkpoint_round_trip_resumes_the_same_update(export: Path, rm_export
 
     def fresh() -> tuple[Any, Any]:
         torch.manual_seed(0)
-        return (ActorWorker(str(export), 1e-3, ["llm"], RlAlgoConfig(), 1.0, 1.0, -1, str(tmp_path / "m")),
-                CriticWorker(str(rm_export), 1e-3, ["llm"], 0.5, 1.0))
+        return (ActorWorker(str(export), 1e-3, ["llm"], RlAlgoConfig(), 1.0, DS, -1, str(tmp_path / "m")),
+                CriticWorker(str(rm_export), 1e-3, ["llm"], 0.5, DS))
 
     actor, critic = fresh()
     stats, critic_stats = one_update(actor, critic, batch, 0)
     assert {"policy_loss", "entropy", "clip_fraction_low", "clip_fraction_high"} <= set(stats)
     assert "value_loss" in critic_stats
-    write_checkpoint(tmp_path / "ckpt", 1, actor.state(), critic.state(), {"epoch": {}, "position": {}})
-    write_checkpoint(tmp_path / "ckpt", 2, actor.state(), critic.state(), {"epoch": {"general": 1}, "position": {}})
-    write_checkpoint(tmp_path / "ckpt", 3, actor.state(), critic.state(), {"epoch": {"general": 2}, "position": {}})
+
+    def save(tmp: Path) -> None:
+        actor.save(str(tmp / "actor"))
+        critic.save(str(tmp / "critic"))
+
+    for step in (1, 2, 3):
+        write_checkpoint(tmp_path / "ckpt", step, {"epoch": {"general": step}, "position": {}}, save)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000002", "step-000003"]
     one_update(actor, critic, batch, 1)  # the uninterrupted run's next step
 
     resumed_actor, resumed_critic = fresh()
-    step, actor_state, critic_state, sampler = read_checkpoint(latest_checkpoint(tmp_path / "ckpt"))
-    assert step == 3 and sampler["epoch"] == {"general": 2}
-    resumed_actor.load_state(actor_state)
-    resumed_critic.load_state(critic_state)
+    checkpoint = latest_checkpoint(tmp_path / "ckpt")
+    step, sampler = read_checkpoint(checkpoint)
+    assert step == 3 and sampler["epoch"] == {"general": 3}
+    resumed_actor.load(str(checkpoint / "actor"))
+    resumed_critic.load(str(checkpoint / "critic"))
     one_update(resumed_actor, resumed_critic, batch, 1)
     for mine, theirs in ((resumed_actor.model, actor.model), (resumed_critic.model, critic.model)):
         for (name, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
@@ -272,7 +280,7 @@ def test_the_test_only_kill_switch_fires_once(export: Path, tmp_path: Path, monk
 
     exits = []
     monkeypatch.setattr(workers.os, "_exit", lambda code: exits.append(code))
-    actor = workers.ActorWorker(str(export), 1e-3, ["llm"], RlAlgoConfig(), 1.0, 1.0, 2, str(tmp_path / "marker"))
+    actor = workers.ActorWorker(str(export), 1e-3, ["llm"], RlAlgoConfig(), 1.0, DS, 2, str(tmp_path / "marker"))
     for step in (0, 1, 2, 2, 3):
         actor.maybe_fail(step)
     assert exits == [1]

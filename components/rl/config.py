@@ -8,6 +8,7 @@ import dataclasses
 
 from components.common.resources import Resources
 from components.rl.algorithms import PROMPT_TYPES, RlAlgoConfig
+from components.training.config import DeepSpeedSettings
 
 RL_VERIFIABLE_KINDS = ("counting", "grounding", "ocr", "video_grounding")  # prompt kinds a verifier scores
 RL_GENERAL_KINDS = ("caption",)  # prompt kinds the reward model scores
@@ -98,7 +99,7 @@ class RlConfig:
     critic_learning_rate: float = 5e-6
     trainable: list[str] = dataclasses.field(default_factory=lambda: ["adapter", "llm"])  # of the policy
     updates_per_step: int = 1  # passes over each step's rollouts (PPO epochs)
-    gradient_clipping: float = 1.0
+    deepspeed: DeepSpeedSettings = dataclasses.field(default_factory=lambda: DeepSpeedSettings(bf16=True))  # actor, critic
     checkpoint_every: int = 10  # steps; the whole loop's state (actor, critic, optimisers, data position, RNG)
     max_restarts: int = 2  # worker groups recreated from the last checkpoint after an actor dies
     fail_at_step: int = -1  # testing only: the actor group's process exits once at this step (-1: never)
@@ -138,9 +139,8 @@ class RlConfig:
         if bad_parts or not self.trainable:
             raise ValueError(f"train.vlm.rl.trainable must be a non-empty list of [vit, adapter, llm], "
                              f"got {self.trainable}")
-        if not self.actor_learning_rate > 0 or not self.critic_learning_rate > 0 or self.gradient_clipping < 0:
-            raise ValueError("train.vlm.rl.actor_learning_rate and critic_learning_rate must be > 0 and "
-                             "gradient_clipping >= 0 (0: off)")
+        if not self.actor_learning_rate > 0 or not self.critic_learning_rate > 0:
+            raise ValueError("train.vlm.rl.actor_learning_rate and critic_learning_rate must be > 0")
         if self.algo.max_response_tokens < self.max_new_tokens:
             raise ValueError(f"train.vlm.rl.algo.max_response_tokens ({self.algo.max_response_tokens}) is below "
                              f"train.vlm.rl.max_new_tokens ({self.max_new_tokens}): every long rollout would be cut; "

@@ -13,8 +13,8 @@ Every step:
      pretraining: the critic learns the SFT policy's returns while the policy stays put);
   6. the actor's new weights to the rollout group (through the object store, never the driver);
   7. `rl/<metric>` logged to the step's MLflow run; every `checkpoint_every` steps the loop's whole state
-     (actor and critic weights and optimisers, their RNG, the sampler's position) saved under the step's
-     output folder.
+     (actor and critic weights and optimisers as DeepSpeed checkpoints, their RNG, the sampler's position)
+     saved under the step's output folder.
 
 An actor group that dies (a crash, or the test-only `fail_at_step`) makes the driver recreate every group and
 resume from the last checkpoint, up to `max_restarts` times; rollout seeds are a function of (seed, step,
@@ -30,6 +30,7 @@ import logging
 import shutil
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,9 @@ class WorkerGroups:
         self.reward = spawn(RewardWorker, groups.reward, reward_model, cfg.answer_mode == "thinking", job.rm_max_tokens,
                             cfg.algo.pass_min_iou)
         self.critic = spawn(CriticWorker, groups.critic, reward_model, cfg.critic_learning_rate, cfg.trainable,
-                            cfg.algo.value_clip, cfg.gradient_clipping)
+                            cfg.algo.value_clip, cfg.deepspeed)
         self.actor = spawn(ActorWorker, groups.actor, policy, cfg.actor_learning_rate, cfg.trainable, cfg.algo,
-                           cfg.temperature, cfg.gradient_clipping, cfg.fail_at_step, str(out_dir / FAILED_ONCE))
+                           cfg.temperature, cfg.deepspeed, cfg.fail_at_step, str(out_dir / FAILED_ONCE))
         self.all = [self.rollout, self.reference, self.reward, self.critic, self.actor]
 
     def shutdown(self) -> None:
@@ -163,17 +164,16 @@ def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: i
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def write_checkpoint(folder: Path, step: int, actor: dict[str, Any], critic: dict[str, Any],
-                     sampler: dict[str, Any]) -> Path:
-    """The loop's state after `step` steps (the trained groups' `state()`s and the sampler's), written to a
-    temporary folder and renamed into place, so the newest complete one is what a restart reads; older ones
-    beyond `KEEP_CHECKPOINTS` removed."""
+def write_checkpoint(folder: Path, step: int, sampler: dict[str, Any], save_groups: Callable[[Path], None]) -> Path:
+    """The loop's state after `step` steps: `save_groups(tmp)` has the trained groups write theirs under `tmp`
+    (`actor/`, `critic/`: DeepSpeed's files and their RNG), then the sampler's position goes beside them and
+    the folder is renamed into place, so the newest complete one is what a restart reads; older ones beyond
+    `KEEP_CHECKPOINTS` removed."""
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(actor, tmp / "actor.pt")
-    torch.save(critic, tmp / "critic.pt")
+    save_groups(tmp)
     (tmp / "driver.json").write_text(json.dumps({"step": step, "sampler": sampler}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)
@@ -182,13 +182,10 @@ def write_checkpoint(folder: Path, step: int, actor: dict[str, Any], critic: dic
     return final
 
 
-def read_checkpoint(checkpoint: Path) -> tuple[int, dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(step, actor state, critic state, sampler state) of a checkpoint folder (our own files: torch.load
-    with pickles allowed, for the optimisers' states)."""
+def read_checkpoint(checkpoint: Path) -> tuple[int, dict[str, Any]]:
+    """(step, sampler state) of a checkpoint folder; the groups load their own parts from it."""
     driver = json.loads((checkpoint / "driver.json").read_text())
-    actor = torch.load(checkpoint / "actor.pt", weights_only=False)
-    critic = torch.load(checkpoint / "critic.pt", weights_only=False)
-    return int(driver["step"]), actor, critic, driver["sampler"]
+    return int(driver["step"]), driver["sampler"]
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -199,16 +196,18 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def save_checkpoint(groups: WorkerGroups, sampler: PromptSampler, step: int, folder: Path) -> Path:
     import ray
 
-    actor, critic = ray.get([groups.actor.state.remote(), groups.critic.state.remote()])
-    return write_checkpoint(folder, step, actor, critic, sampler.state_dict())
+    def save_groups(tmp: Path) -> None:
+        ray.get([groups.actor.save.remote(str(tmp / "actor")), groups.critic.save.remote(str(tmp / "critic"))])
+
+    return write_checkpoint(folder, step, sampler.state_dict(), save_groups)
 
 
 def restore_checkpoint(groups: WorkerGroups, sampler: PromptSampler, checkpoint: Path) -> int:
     """Load a checkpoint into fresh groups (the rollout group gets the actor's weights); the step to resume at."""
     import ray
 
-    step, actor, critic, sampler_state = read_checkpoint(checkpoint)
-    ray.get([groups.actor.load_state.remote(actor), groups.critic.load_state.remote(critic)])
+    step, sampler_state = read_checkpoint(checkpoint)
+    ray.get([groups.actor.load.remote(str(checkpoint / "actor")), groups.critic.load.remote(str(checkpoint / "critic"))])
     ray.get(groups.rollout.set_weights.remote(groups.actor.weights.remote()))
     sampler.load_state(sampler_state)
     return step

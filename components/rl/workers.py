@@ -5,10 +5,11 @@ prompt with their token log-probs), `ReferenceWorker.logprobs` (the frozen SFT p
 `CriticWorker.values` / `.update` (one value model for both prompt types, started from the reward model)
 and `ActorWorker.update` (the policy: VAPO's token-level clip-higher loss).
 
-The actor and the critic train with a plain torch AdamW (gradient clipping as DeepSpeed's) rather than the
-training runtime's DeepSpeed engine: a DeepSpeed engine needs a process group, and a long-lived Ray actor
-outside Ray Train has none; with one rank per group here ZeRO would shard nothing. A multi-GPU actor group
-is a Ray Train worker group (`make_engine`) behind the same `update` method; that is future work.
+The actor and the critic train in the training runtime's DeepSpeed engine (`make_engine`: AdamW, ZeRO,
+gradient clipping, bf16 from `train.vlm.rl.deepspeed`), each in a one-rank process group of its own (a
+long-lived Ray actor outside Ray Train has none, so `ensure_process_group` makes it): with one rank per group
+ZeRO shards nothing yet. A group of several ranks (one actor per GPU, one process group over them, the
+batch split between them) behind the same coarse methods is the next step for a cluster; not built.
 
 Each group's model runs one sequence at a time (`components/rl/sequences.py`) and pads the per-token
 results for the algorithm's (B, T) functions, so every token of the batch weighs the same in the losses.
@@ -17,7 +18,6 @@ results for the algorithm's (B, T) functions, so every token of the batch weighs
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from components.rl.algorithms import (RlAlgoConfig, entropy_from_logits, masked_mean, policy_loss, route_rewards,
+from components.rl.algorithms import (RlAlgoConfig, entropy_from_logits, policy_loss, route_rewards,
                                       strip_thinking, truncate_rollouts, value_loss)
 from components.rl.sequences import Sequence, pad_rows
+from components.training.config import DeepSpeedSettings
 
 log = logging.getLogger(__name__)
 
@@ -161,29 +162,53 @@ class RewardWorker:
         return {"rewards": rewards, "stats": stats, "peak_rss_mib": peak_rss_mib()}
 
 
+def ensure_process_group() -> None:
+    """A one-rank process group for this group's DeepSpeed engine (gloo on CPU, NCCL on a GPU), on a free
+    local port; a process that has one already (two groups in one test process) keeps it."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "seedvl" / "torch_extensions"))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+
+
 class _Trained:
-    """A trained group's optimiser, checkpoint state and the test-only kill switch."""
+    """A trained group: its model in a DeepSpeed engine (the training runtime's `make_engine`: AdamW, ZeRO,
+    gradient clipping from `train.vlm.rl.deepspeed`, a constant learning rate), its checkpoint, and the
+    test-only kill switch."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    engine: Any
+    tag = "rl"
 
-    def state(self) -> dict[str, Any]:
-        """Weights, optimiser state and the torch RNG, for the loop's checkpoint."""
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}
+    def _engine(self, groups: list[dict[str, Any]], learning_rate: float, settings: DeepSpeedSettings) -> None:
+        from components.training.worker import make_engine
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        ensure_process_group()
+        self.engine = make_engine(self.model, [g for g in groups if g["params"]], learning_rate, 0.0,
+                                  lambda step: 1.0, settings, micro_batch=1)
 
-    def _step(self, loss: torch.Tensor, clip: float) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-        self.optimizer.step()
-        return float(norm)
+    def save(self, folder: str) -> None:
+        """Weights, optimiser state (DeepSpeed's checkpoint files) and the torch RNG, under `folder`."""
+        self.engine.save_checkpoint(folder, tag=self.tag)
+        torch.save(torch.get_rng_state(), Path(folder) / "rng.pt")
+
+    def load(self, folder: str) -> None:
+        self.engine.load_checkpoint(folder, tag=self.tag)
+        torch.set_rng_state(torch.load(Path(folder) / "rng.pt"))
+
+    def _step(self, loss: torch.Tensor) -> float:
+        self.engine.backward(loss)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
 
 
 @torch.no_grad()
@@ -200,15 +225,15 @@ class CriticWorker(_Trained):
     the head rescaled to the rewards' range by `linearise_head`)."""
 
     def __init__(self, rm_folder: str, learning_rate: float, trainable: list[str], clip: float | None,
-                 gradient_clipping: float, threads: int = 1) -> None:
+                 deepspeed: DeepSpeedSettings, threads: int = 1) -> None:
         from components.rl.sequences import load_value_model, set_value_trainable
 
         _threads(threads)
         self.model, _, meta = load_value_model(Path(rm_folder))
         linearise_head(self.model.head, float(meta["score_mean"]), float(meta["score_std"]))
         groups = set_value_trainable(self.model, trainable)
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, weight_decay=0.0)
-        self.clip, self.gradient_clipping = clip, gradient_clipping
+        self._engine(groups, learning_rate, deepspeed)
+        self.clip = clip
 
     @torch.no_grad()
     def values(self, sequences: list[Sequence]) -> list[list[float]]:
@@ -221,7 +246,7 @@ class CriticWorker(_Trained):
         self.model.train()
         values, mask = pad_rows([self.model.values(s) for s in sequences])
         loss, stats = value_loss(values, old_values[:, :values.shape[1]], returns[:, :values.shape[1]], mask, self.clip)
-        norm = self._step(loss, self.gradient_clipping)
+        norm = self._step(loss)
         return {"value_loss": float(loss.detach()), "critic_grad_norm": norm, **stats,
                 "critic_seconds": time.perf_counter() - started, "critic_peak_rss_mib": peak_rss_mib()}
 
@@ -231,16 +256,15 @@ class ActorWorker(_Trained):
     hands the trainable state to the rollout group; `export` writes the plain VLM export."""
 
     def __init__(self, checkpoint: str, learning_rate: float, trainable: list[str], algo: RlAlgoConfig,
-                 temperature: float, gradient_clipping: float, fail_at_step: int, marker: str,
+                 temperature: float, deepspeed: DeepSpeedSettings, fail_at_step: int, marker: str,
                  threads: int = 1) -> None:
         from components.vlm.model import load_vlm, set_trainable
 
         _threads(threads)
         self.model, self.tokenizer, self.saved = load_vlm(checkpoint)
         set_trainable(self.model, trainable)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-        self.algo, self.temperature, self.gradient_clipping = algo, temperature, gradient_clipping
+        self._engine([{"params": [p for p in self.model.parameters() if p.requires_grad]}], learning_rate, deepspeed)
+        self.algo, self.temperature = algo, temperature
         self.fail_at_step, self.marker = fail_at_step, Path(marker)
         self.trainable = trainable
 
@@ -258,22 +282,13 @@ class ActorWorker(_Trained):
                                   self.algo.eps_low, self.algo.eps_high)
         padded_logits, _ = pad_rows(logits)
         entropy = entropy_from_logits(padded_logits.detach(), mask)
-        norm = self._step(loss, self.gradient_clipping)
+        norm = self._step(loss)
         return {"policy_loss": float(loss.detach()), "entropy": float(entropy), "actor_grad_norm": norm, **stats,
                 "actor_seconds": time.perf_counter() - started, "actor_peak_rss_mib": peak_rss_mib()}
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The parts that train, as CPU tensors (what the rollout group loads each step)."""
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k.split(".")[0] in self.trainable}
-
-    @torch.no_grad()
-    def mean_logprob(self, sequences: list[Sequence]) -> float:
-        from components.rl.sequences import response_logits, token_logprobs
-
-        self.model.eval()
-        values = [token_logprobs(response_logits(self.model, s, self.temperature), s.response_ids) for s in sequences]
-        padded, mask = pad_rows(values)
-        return float(masked_mean(padded, mask))
 
     def export(self, folder: str, summary: dict[str, Any]) -> None:
         from components.vlm.model import export_vlm
