@@ -115,6 +115,11 @@ def rl_rows(steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     return rows
 
 
+def only(runs: list[dict[str, dict[str, float]]], row: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """One row of `rl_rows` over seeds (the reward model and RL have tables of their own columns)."""
+    return {k: v for k, v in over_seeds(runs).items() if k == row}
+
+
 def probe_rows(steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """The probes: raw pixels, the ViT after each pretraining phase (vit_eval), each stage's ViT and adapter."""
     rows: dict[str, dict[str, float]] = {}
@@ -235,9 +240,9 @@ def main() -> None:
              f"Rejection sampling from the first SFT round, with thinking on (per task; acceptance: prompts with at "
              f"least one verified answer):\n\n{table(over_seeds(samplings), RS_COLUMNS)}\n"
              f"Reward model (Bradley-Terry on our own pairs: verified or reference answers over wrong samples, "
-             f"concise over rambling captions; held-out prompts' pairs):\n\n{table(over_seeds(rls), RM_COLUMNS)}\n"
+             f"concise over rambling captions; held-out prompts' pairs):\n\n{table(only(rls, 'reward model'), RM_COLUMNS)}\n"
              f"Hybrid RL, the reward curve (first and last quarter of the policy steps) and the run's means:\n\n"
-             f"{table(over_seeds(rls), RL_COLUMNS)}\n"
+             f"{table(only(rls, 'rl'), RL_COLUMNS)}\n"
              f"Answer loss on held-out samples and the image-use gap (shuffled minus own images, nats):\n\n"
              f"{table(evaluation, GAP_COLUMNS)}\n"
              f"Linear probes (held-out fifth of {int(next(iter(probes[0].values()), {}).get('images', 0))} pictures; "
