@@ -259,14 +259,15 @@ def test_a_checkpoint_round_trip_resumes_the_same_update(export: Path, rm_export
         critic.save(str(tmp / "critic"))
 
     for step in (1, 2, 3):
-        write_checkpoint(tmp_path / "ckpt", step, {"epoch": {"general": step}, "position": {}}, save)
+        write_checkpoint(tmp_path / "ckpt", step, {"epoch": {"general": step}, "position": {}}, save,
+                         {"history": {str(s): {"reward/all": 0.1 * s} for s in range(step)}})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000002", "step-000003"]
     one_update(actor, critic, batch, 1)  # the uninterrupted run's next step
 
     resumed_actor, resumed_critic = fresh()
     checkpoint = latest_checkpoint(tmp_path / "ckpt")
-    step, sampler = read_checkpoint(checkpoint)
-    assert step == 3 and sampler["epoch"] == {"general": 3}
+    step, sampler, logged = read_checkpoint(checkpoint)
+    assert step == 3 and sampler["epoch"] == {"general": 3} and sorted(logged["history"]) == ["0", "1", "2"]
     resumed_actor.load(str(checkpoint / "actor"))
     resumed_critic.load(str(checkpoint / "critic"))
     one_update(resumed_actor, resumed_critic, batch, 1)

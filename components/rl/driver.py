@@ -18,8 +18,9 @@ Every step:
 
 An actor group that dies (a crash, or the test-only `fail_at_step`) makes the driver recreate every group and
 resume from the last checkpoint, up to `max_restarts` times; rollout seeds are a function of (seed, step,
-prompt), so the resumed run replays what an uninterrupted one would have done. The checkpoints live in the
-step's staging folder: a rerun of the pipeline after the whole process was killed starts the step afresh.
+prompt), so the resumed run replays what an uninterrupted one would have done. The checkpoints live beside
+the step's staging folder under its cache key, so a rerun of the pipeline after the whole process was killed
+resumes the step from them too (`checkpoint_folder`).
 The policy is exported with `export_vlm` (its summary names the answer modes), so serving loads it.
 """
 
@@ -36,6 +37,7 @@ from typing import Any
 
 import torch
 
+from components.common.cache import STAGING_PREFIX
 from components.common.contract import StageContext, StageResult, component
 from components.rl.algorithms import (advantages_and_returns, explained_variance, kl_by_type, kl_coef_per_sequence,
                                       kl_penalty, token_rewards)
@@ -164,17 +166,19 @@ def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: i
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def write_checkpoint(folder: Path, step: int, sampler: dict[str, Any], save_groups: Callable[[Path], None]) -> Path:
+def write_checkpoint(folder: Path, step: int, sampler: dict[str, Any], save_groups: Callable[[Path], None],
+                     logged: dict[str, Any] | None = None) -> Path:
     """The loop's state after `step` steps: `save_groups(tmp)` has the trained groups write theirs under `tmp`
-    (`actor/`, `critic/`: DeepSpeed's files and their RNG), then the sampler's position goes beside them and
-    the folder is renamed into place, so the newest complete one is what a restart reads; older ones beyond
-    `KEEP_CHECKPOINTS` removed."""
+    (`actor/`, `critic/`: DeepSpeed's files and their RNG), then the sampler's position and what was logged
+    so far (`logged`: the per-step metrics and example rollouts, so a resumed run's summary covers every step)
+    go beside them and the folder is renamed into place, so the newest complete one is what a restart reads;
+    older ones beyond `KEEP_CHECKPOINTS` removed."""
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_groups(tmp)
-    (tmp / "driver.json").write_text(json.dumps({"step": step, "sampler": sampler}))
+    (tmp / "driver.json").write_text(json.dumps({"step": step, "sampler": sampler, "logged": logged or {}}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)
     for old in sorted(folder.glob("step-*"))[:-KEEP_CHECKPOINTS]:
@@ -182,10 +186,10 @@ def write_checkpoint(folder: Path, step: int, sampler: dict[str, Any], save_grou
     return final
 
 
-def read_checkpoint(checkpoint: Path) -> tuple[int, dict[str, Any]]:
-    """(step, sampler state) of a checkpoint folder; the groups load their own parts from it."""
+def read_checkpoint(checkpoint: Path) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(step, sampler state, what was logged) of a checkpoint folder; the groups load their own parts from it."""
     driver = json.loads((checkpoint / "driver.json").read_text())
-    return int(driver["step"]), driver["sampler"]
+    return int(driver["step"]), driver["sampler"], driver.get("logged", {})
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -193,45 +197,47 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(groups: WorkerGroups, sampler: PromptSampler, step: int, folder: Path) -> Path:
+def save_checkpoint(groups: WorkerGroups, sampler: PromptSampler, step: int, folder: Path,
+                    logged: dict[str, Any]) -> Path:
     import ray
 
     def save_groups(tmp: Path) -> None:
         ray.get([groups.actor.save.remote(str(tmp / "actor")), groups.critic.save.remote(str(tmp / "critic"))])
 
-    return write_checkpoint(folder, step, sampler.state_dict(), save_groups)
+    return write_checkpoint(folder, step, sampler.state_dict(), save_groups, logged)
 
 
-def restore_checkpoint(groups: WorkerGroups, sampler: PromptSampler, checkpoint: Path) -> int:
-    """Load a checkpoint into fresh groups (the rollout group gets the actor's weights); the step to resume at."""
+def restore_checkpoint(groups: WorkerGroups, sampler: PromptSampler, checkpoint: Path) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint into fresh groups (the rollout group gets the actor's weights): the step to resume at,
+    and what was logged up to it."""
     import ray
 
-    step, sampler_state = read_checkpoint(checkpoint)
+    step, sampler_state, logged = read_checkpoint(checkpoint)
     ray.get([groups.actor.load.remote(str(checkpoint / "actor")), groups.critic.load.remote(str(checkpoint / "critic"))])
     ray.get(groups.rollout.set_weights.remote(groups.actor.weights.remote()))
     sampler.load_state(sampler_state)
-    return step
+    return step, logged
 
 
 # ---------------------------------------------------------------------------------------------- the step
 
 
 def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, reward_model: str, out_dir: Path,
-             seed: int, log_metrics: Any) -> tuple[list[dict[str, float]], int, WorkerGroups]:
-    """The loop, with restarts from the last checkpoint; (per-step metrics, restarts, the live groups)."""
+             checkpoints: Path, seed: int, log_metrics: Any) -> tuple[list[dict[str, float]], int, WorkerGroups]:
+    """The loop, starting from the last checkpoint in `checkpoints` if there is one and restarting from it
+    when a group dies; (per-step metrics of every step, restarts in this call, the live groups)."""
     import ray
 
     cfg = job.rl
     total = cfg.value_pretrain_steps + cfg.steps
-    checkpoints = out_dir / "checkpoints"
-    history: dict[int, dict[str, float]] = {}
-    examples: dict[int, list[dict[str, Any]]] = {}
     restarts = 0
     while True:
         groups = WorkerGroups(job, policy, reward_model, out_dir)
         sampler = PromptSampler(pools, cfg.mix, seed)
         latest = latest_checkpoint(checkpoints)
-        step = restore_checkpoint(groups, sampler, latest) if latest else 0
+        step, logged = restore_checkpoint(groups, sampler, latest) if latest else (0, {})
+        history = {int(k): v for k, v in logged.get("history", {}).items()}
+        examples = {int(k): v for k, v in logged.get("examples", {}).items()}
         try:
             while step < total:
                 metrics, shown = rl_step(groups, sampler, cfg, step, seed)
@@ -240,7 +246,7 @@ def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, re
                 log_metrics({f"rl/{k}": v for k, v in metrics.items()}, step)
                 step += 1
                 if step % cfg.checkpoint_every == 0 or step == total:
-                    save_checkpoint(groups, sampler, step, checkpoints)
+                    save_checkpoint(groups, sampler, step, checkpoints, {"history": history, "examples": examples})
                 log.info("rl step %d/%d: reward general %s verifiable %s, kl %s, %.1fs", step, total,
                          _fmt(metrics.get("reward/general")), _fmt(metrics.get("reward/verifiable")),
                          _fmt(metrics.get("kl/general")), metrics["step_seconds"])
@@ -287,6 +293,17 @@ def summarise_history(history: list[dict[str, float]], value_pretrain_steps: int
     return out
 
 
+def checkpoint_folder(ctx: StageContext[RlJob]) -> Path:
+    """Where the loop's checkpoints live: beside the step's staging folder, named by the step's cache key
+    (`<cache>/vlm_rl/.resume-<key>/`), so that a rerun of the same step after the whole pipeline was killed
+    (its staging folder then removed as abandoned) resumes from them; removed when the step succeeds. A step
+    run outside the cache (an explicit output folder) keeps them in its output folder."""
+    name = ctx.workdir.name
+    if name.startswith(STAGING_PREFIX):
+        return ctx.workdir.parent / f".resume-{name[len(STAGING_PREFIX):].split('-')[0]}"
+    return ctx.outputs["vlm"] / "checkpoints"
+
+
 def run_rl(ctx: StageContext[RlJob]) -> StageResult:
     import ray
 
@@ -307,7 +324,8 @@ def run_rl(ctx: StageContext[RlJob]) -> StageResult:
         raise ValueError("vlm_rl found no training-split prompt of train.vlm.rl.general_kinds or verifiable_kinds "
                          "in the shards; check the data steps")
     started = time.perf_counter()
-    history, restarts, groups = train_rl(job, pools, str(policy), str(reward_model), out_dir, ctx.seed,
+    checkpoints = checkpoint_folder(ctx)
+    history, restarts, groups = train_rl(job, pools, str(policy), str(reward_model), out_dir, checkpoints, ctx.seed,
                                          ctx.log_metrics)
     metrics = summarise_history(history, cfg.value_pretrain_steps)
     metrics |= {"restarts": float(restarts), "seconds": time.perf_counter() - started,
@@ -315,7 +333,7 @@ def run_rl(ctx: StageContext[RlJob]) -> StageResult:
     summary = {"stage": "rl", "answer_modes": dict(MODES), "rl_answer_mode": cfg.answer_mode, "rl": metrics}
     ray.get(groups.actor.export.remote(str(out_dir / "model"), summary))
     groups.shutdown()
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the export is what later steps read
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the export is what later steps read
     (out_dir / FAILED_ONCE).unlink(missing_ok=True)
     write_jsonl(out_dir / "rl_log.jsonl", [{"step": s, **m} for s, m in enumerate(history)])
     (out_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
