@@ -285,3 +285,14 @@ def test_the_test_only_kill_switch_fires_once(export: Path, tmp_path: Path, monk
     for step in (0, 1, 2, 2, 3):
         actor.maybe_fail(step)
     assert exits == [1]
+
+
+def test_checkpoints_live_beside_the_staging_folder_under_the_cache_key(tmp_path: Path) -> None:
+    from components.common.contract import StageContext
+    from components.rl.driver import checkpoint_folder
+
+    staged = tmp_path / "cache" / "vlm_rl" / ".staging-0123abcd-4242-deadbeef"
+    ctx = StageContext(config=None, inputs={}, outputs={"vlm": staged / "vlm"}, workdir=staged)
+    assert checkpoint_folder(ctx) == tmp_path / "cache" / "vlm_rl" / ".resume-0123abcd"
+    elsewhere = StageContext(config=None, inputs={}, outputs={"vlm": tmp_path / "out" / "vlm"}, workdir=tmp_path / "out")
+    assert checkpoint_folder(elsewhere) == tmp_path / "out" / "vlm" / "checkpoints"
