@@ -238,6 +238,8 @@ def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, re
         step, logged = restore_checkpoint(groups, sampler, latest) if latest else (0, {})
         history = {int(k): v for k, v in logged.get("history", {}).items()}
         examples = {int(k): v for k, v in logged.get("examples", {}).items()}
+        if latest:
+            log.info("vlm_rl: resuming at step %d of %d from %s", step, total, latest)
         try:
             while step < total:
                 metrics, shown = rl_step(groups, sampler, cfg, step, seed)
