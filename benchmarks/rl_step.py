@@ -1,6 +1,7 @@
-"""Where an RL step's time and memory go: rollout tokens/s, the share of step time in generation, reward,
-reference + critic values, critic update, actor update and weight sync, and the peak memory of each worker
-group, from the `vlm_rl` step's per-step log.
+"""Where an RL step's time and memory go: rollout tokens/s, the share of step time in generation, scoring
+(reward, reference log-probs and critic values, the three groups at once; and within it the reward and
+reference groups' own compute), critic update, actor update and weight sync, and the peak memory of each
+worker group, from the `vlm_rl` step's per-step log.
 
     .venv/bin/python benchmarks/rl_step.py [--profile tiny] [--root DIR] [--set key=value ...] [--reuse]
 
@@ -25,7 +26,8 @@ from typing import Any
 from results_file import record
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("generation", "reward", "reference_and_values", "critic", "actor", "weight_sync")
+PHASES = ("generation", "scoring", "critic", "actor", "weight_sync")  # sequential phases of a step
+BUSY = ("reward_busy", "reference_busy")  # inside `scoring`, the reward and reference groups' own compute
 GROUPS = ("rollout", "reference", "reward", "critic", "actor")
 
 
@@ -50,6 +52,8 @@ def breakdown(records: list[dict[str, Any]]) -> dict[str, float]:
     for phase in PHASES:
         row[f"share_{phase}"] = sum(r.get(f"seconds/{phase}", 0.0) for r in records) / total
     row["share_other"] = 1.0 - sum(row[f"share_{p}"] for p in PHASES)
+    for busy in BUSY:
+        row[f"share_{busy}"] = sum(r.get(f"seconds/{busy}", 0.0) for r in records) / total
     for group in GROUPS:
         values = [r[f"{group}_peak_rss_mib"] for r in records if f"{group}_peak_rss_mib" in r]
         if values:
@@ -68,7 +72,7 @@ def main() -> None:
                                                         *[x for o in args.overrides for x in ("--set", o)]], args.reuse)
     records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
     rows = {"first step (groups starting)": breakdown(records[:1]), "steady state": breakdown(records[1:])}
-    columns = ["steps", "seconds_per_step", "rollout_tokens_per_s", *(f"share_{p}" for p in (*PHASES, "other")),
+    columns = ["steps", "seconds_per_step", "rollout_tokens_per_s", *(f"share_{p}" for p in (*PHASES, "other", *BUSY)),
                *(f"peak_mib_{g}" for g in GROUPS)]
     print("| | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     for name, row in rows.items():

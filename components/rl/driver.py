@@ -5,8 +5,8 @@ export as the reward group's scorer and the critic's starting point.
 Every step:
   1. a batch of prompts with both types in it (`PromptSampler`, the mix of `train.vlm.rl.mix`);
   2. rollout: n samples per prompt with their token log-probs (cut at the limit, counted);
-  3. in parallel: the reference policy's log-probs, the critic's values, the rewards (reward model for
-     general prompts, verifiers for verifiable ones);
+  3. in parallel (`seconds/scoring`): the reference policy's log-probs, the critic's values, the rewards
+     (reward model for general prompts, verifiers for verifiable ones);
   4. token rewards with the KL to the reference at each prompt type's coefficient, VAPO's decoupled GAE
      (length-adaptive lambda for the policy's advantages, lambda 1.0 for the critic's returns);
   5. the critic's update; from step `value_pretrain_steps` on, the actor's update too (before it, value
@@ -113,10 +113,9 @@ def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: i
     mark = time.perf_counter()
     reference_ref, values_ref, reward_ref = (groups.reference.logprobs.remote(sequences),
                                              groups.critic.values.remote(sequences), groups.reward.score.remote(rows))
-    scored = ray.get(reward_ref)
-    timings["reward"] = time.perf_counter() - mark
-    reference, values = ray.get(reference_ref), ray.get(values_ref)
-    timings["reference_and_values"] = time.perf_counter() - mark
+    scored, reference, values = ray.get([reward_ref, reference_ref, values_ref])
+    timings["scoring"] = time.perf_counter() - mark  # the three groups at once: the wall time of the slowest
+    timings["reward_busy"], timings["reference_busy"] = scored["seconds"], reference["seconds"]
 
     old_logprobs, mask = pad_rows([torch.tensor(r["logprobs"], dtype=torch.float32) for r in rollouts])
     ref_logprobs, _ = pad_rows([torch.tensor(v, dtype=torch.float32) for v in reference["logprobs"]])

@@ -107,9 +107,10 @@ class ReferenceWorker:
     def logprobs(self, sequences: list[Sequence]) -> dict[str, Any]:
         from components.rl.sequences import response_logits, token_logprobs
 
+        started = time.perf_counter()
         values = [token_logprobs(response_logits(self.model, s, self.temperature), s.response_ids).tolist()
                   for s in sequences]
-        return {"logprobs": values, "peak_rss_mib": peak_rss_mib()}
+        return {"logprobs": values, "seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}
 
 
 class RewardWorker:
@@ -138,6 +139,7 @@ class RewardWorker:
         from components.rl.sequences import answer_ids, encode_prompt
         from components.vlm.modes import system_prompt
 
+        started = time.perf_counter()
         rm_scores: list[float | None] = []
         raw_scores: list[float] = []
         cache: dict[str, tuple[Any, Any, Any]] = {}
@@ -159,7 +161,8 @@ class RewardWorker:
                                        self.verifier, rm_scores, self.min_iou)
         if raw_scores:
             stats["rm/raw_score"] = sum(raw_scores) / len(raw_scores)
-        return {"rewards": rewards, "stats": stats, "peak_rss_mib": peak_rss_mib()}
+        return {"rewards": rewards, "stats": stats, "seconds": time.perf_counter() - started,
+                "peak_rss_mib": peak_rss_mib()}
 
 
 def ensure_process_group() -> None:
