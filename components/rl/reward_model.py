@@ -295,7 +295,8 @@ def run_reward_model(ctx: StageContext[RewardModelJob]) -> StageResult:
     for pair in pairs:
         keys[pair.task].add(pair.key)
     media = prompt_media(ctx.inputs["shards"], keys, job.holdout_fraction, job.frames_per_clip)
-    (out_dir / "pairs.jsonl").write_text("".join(json.dumps({**dataclasses.asdict(p), "heldout": p in heldout_pairs})
+    held = {p.prompt for p in heldout_pairs}
+    (out_dir / "pairs.jsonl").write_text("".join(json.dumps({**dataclasses.asdict(p), "heldout": p.prompt in held})
                                                  + "\n" for p in pairs))
     task = ray.remote(train_reward_model).options(num_cpus=cfg.resources.num_cpus, num_gpus=cfg.num_gpus,
                                                   **cfg.resources.placement_kwargs())
