@@ -296,3 +296,33 @@ def test_checkpoints_live_beside_the_staging_folder_under_the_cache_key(tmp_path
     assert checkpoint_folder(ctx) == tmp_path / "cache" / "vlm_rl" / ".resume-0123abcd"
     elsewhere = StageContext(config=None, inputs={}, outputs={"vlm": tmp_path / "out" / "vlm"}, workdir=tmp_path / "out")
     assert checkpoint_folder(elsewhere) == tmp_path / "out" / "vlm" / "checkpoints"
+
+
+def test_the_reward_group_routes_by_type_and_never_raises_on_bad_answers(rm_export: Path) -> None:
+    from components.rl.workers import RewardWorker
+
+    worker = RewardWorker(str(rm_export), thinking=False, max_tokens=64, min_iou=0.5)
+    row = {"key": "k", "question": "How many?", "images": [], "timestamps": []}
+    rows = [{**row, "type": "general", "kind": "caption", "reference": "a red circle",
+             "text": "<think>long reasoning</think>a red circle"},
+            {**row, "type": "verifiable", "kind": "counting", "reference": "3", "text": "3"},
+            {**row, "type": "verifiable", "kind": "grounding", "reference": "<box>[1, 2, 30, 40]</box>",
+             "text": "\ufffd<box>[[[nonsense"},
+            {**row, "type": "verifiable", "kind": "ocr", "reference": None, "text": "anything"}]
+    out = worker.score(rows)
+    assert out["rewards"][1:] == [1.0, 0.0, 0.0] and 0.0 < out["rewards"][0] < 1.0
+    stats = out["stats"]
+    assert stats["verifier/no_reference"] == 1 and stats["count/general"] == 1 and stats["count/verifiable"] == 3
+    assert stats["verifier/counting/pass_rate"] == 1.0 and stats["verifier/grounding/pass_rate"] == 0.0
+    assert stats["rm/score"] == out["rewards"][0]
+
+
+def test_reward_model_and_group_config_mistakes_name_the_key() -> None:
+    from components.rl.config import GroupResources, RewardModelConfig
+
+    with pytest.raises(ValueError, match=r"train\.vlm\.reward_model\.trainable.*\[vit, adapter, llm\]"):
+        RewardModelConfig(trainable=["head"])
+    with pytest.raises(ValueError, match=r"train\.vlm\.reward_model\.heldout_fraction"):
+        RewardModelConfig(heldout_fraction=1.0)
+    with pytest.raises(ValueError, match=r"num_gpus=1 on a cluster"):
+        GroupResources(num_cpus=0.0, num_gpus=0.0)
