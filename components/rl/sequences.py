@@ -122,11 +122,11 @@ class ValueModel(nn.Module):
     def values(self, seq: Sequence) -> torch.Tensor:
         """(L,) values of the response tokens' states."""
         hidden = hidden_states(self.vlm, seq)
-        return self.head(hidden[response_positions(seq, hidden.device)].float())[:, 0]
+        return self.head(hidden[response_positions(seq, hidden.device)].to(self.head.weight.dtype))[:, 0].float()
 
     def score(self, seq: Sequence) -> torch.Tensor:
         """The raw score of the whole sequence: the head on its last token's state, a 0-dim tensor."""
-        return self.head(hidden_states(self.vlm, seq)[-1].float())[0]
+        return self.head(hidden_states(self.vlm, seq)[-1].to(self.head.weight.dtype))[0].float()
 
 
 def set_value_trainable(model: ValueModel, parts: list[str]) -> list[dict[str, Any]]:

@@ -33,6 +33,11 @@ from components.training.config import DeepSpeedSettings
 log = logging.getLogger(__name__)
 
 
+def device() -> str:
+    """Where a group's model runs: the GPU Ray gave its actor (`groups.<name>.num_gpus`), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _threads(threads: int) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
@@ -100,7 +105,7 @@ class ReferenceWorker:
         from components.vlm.model import load_vlm
 
         _threads(threads)
-        self.model, _, _ = load_vlm(checkpoint)
+        self.model, _, _ = load_vlm(checkpoint, device())
         self.temperature = temperature
 
     @torch.no_grad()
@@ -122,7 +127,7 @@ class RewardWorker:
         from components.rl.sequences import load_value_model
 
         _threads(threads)
-        self.model, self.tokenizer, meta = load_value_model(Path(rm_folder))
+        self.model, self.tokenizer, meta = load_value_model(Path(rm_folder), device())
         self.model.eval()
         self.mean, self.std = float(meta["score_mean"]), float(meta["score_std"])
         self.thinking, self.max_tokens, self.min_iou = thinking, max_tokens, min_iou
@@ -232,7 +237,7 @@ class CriticWorker(_Trained):
         from components.rl.sequences import load_value_model, set_value_trainable
 
         _threads(threads)
-        self.model, _, meta = load_value_model(Path(rm_folder))
+        self.model, _, meta = load_value_model(Path(rm_folder), device())
         linearise_head(self.model.head, float(meta["score_mean"]), float(meta["score_std"]))
         groups = set_value_trainable(self.model, trainable)
         self._engine(groups, learning_rate, deepspeed)
@@ -248,7 +253,8 @@ class CriticWorker(_Trained):
         started = time.perf_counter()
         self.model.train()
         values, mask = pad_rows([self.model.values(s) for s in sequences])
-        loss, stats = value_loss(values, old_values[:, :values.shape[1]], returns[:, :values.shape[1]], mask, self.clip)
+        length, on = values.shape[1], values.device
+        loss, stats = value_loss(values, old_values[:, :length].to(on), returns[:, :length].to(on), mask, self.clip)
         norm = self._step(loss)
         return {"value_loss": float(loss.detach()), "critic_grad_norm": norm, **stats,
                 "critic_seconds": time.perf_counter() - started, "critic_peak_rss_mib": peak_rss_mib()}
@@ -264,7 +270,7 @@ class ActorWorker(_Trained):
         from components.vlm.model import load_vlm, set_trainable
 
         _threads(threads)
-        self.model, self.tokenizer, self.saved = load_vlm(checkpoint)
+        self.model, self.tokenizer, self.saved = load_vlm(checkpoint, device())
         set_trainable(self.model, trainable)
         self._engine([{"params": [p for p in self.model.parameters() if p.requires_grad]}], learning_rate, deepspeed)
         self.algo, self.temperature = algo, temperature
@@ -281,7 +287,8 @@ class ActorWorker(_Trained):
         logits = [response_logits(self.model, s, self.temperature) for s in sequences]
         logprobs, mask = pad_rows([token_logprobs(z, s.response_ids) for z, s in zip(logits, sequences)])
         length = logprobs.shape[1]
-        loss, stats = policy_loss(logprobs, old_logprobs[:, :length], advantages[:, :length], mask,
+        on = logprobs.device
+        loss, stats = policy_loss(logprobs, old_logprobs[:, :length].to(on), advantages[:, :length].to(on), mask,
                                   self.algo.eps_low, self.algo.eps_high)
         padded_logits, _ = pad_rows(logits)
         entropy = entropy_from_logits(padded_logits.detach(), mask)
