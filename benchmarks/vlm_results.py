@@ -4,7 +4,7 @@ shuffled-image control, the probes, rejection sampling, and the stage-0 ablation
     .venv/bin/python benchmarks/vlm_results.py [--profile tiny] [--root DIR] [--set key=value ...] [--no-readme]
         [--seeds 0 1 2] [--no-ablation]
 
-Runs the pipeline through vlm_eval_sft (SFT included) in a subprocess against one run root (default: `runs`,
+Runs the pipeline through vlm_eval_rl (SFT, the reward model and RL included) in a subprocess against one run root (default: `runs`,
 so steps already cached there are reused): as configured (once per seed with `--seeds`), and through
 vlm_eval_stage2 with the `skip_stage0` experiment. Reads each VLM step's metrics from the run summary and prints Markdown tables: evaluation per
 checkpoint, every cell "true images / shuffled images" (each held-out item asked again with another
@@ -33,6 +33,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 STAGES = ("vlm_stage0", "vlm_stage1", "vlm_stage2")
 SFT_MODES = (("thinking", "sft (thinking)"), ("direct", "sft (non-thinking)"))  # vlm_eval_sft's eval_<mode>/
+RL_MODES = (("thinking", "rl (thinking)"), ("direct", "rl (non-thinking)"))  # vlm_eval_rl's, the same metrics
+MODE_EVALS = (("vlm_eval_sft", SFT_MODES), ("vlm_eval_rl", RL_MODES))
+RL_COLUMNS = ("reward_general_first", "reward_general_last", "reward_verifiable_first", "reward_verifiable_last",
+              "verifier_pass_rate_first", "verifier_pass_rate_last", "mean_kl_general", "mean_kl_verifiable",
+              "mean_entropy", "mean_response_length", "mean_explained_variance", "mean_truncated")
+RM_COLUMNS = ("train_pairs", "heldout_pairs", "initial_heldout_pair_accuracy", "heldout_pair_accuracy",
+              "heldout_pair_accuracy_verified", "heldout_pair_accuracy_reference", "heldout_pair_accuracy_concise")
 SFT_COLUMNS = ("format_ok", "answer_words", "thinking_words")
 RS_COLUMNS = ("prompts", "samples", "sample_pass_rate", "acceptance_rate", "accepted", "format_failures", "truncated",
               "mean_thinking_words", "accepted_thinking_words")
@@ -47,7 +54,7 @@ TRAIN_COLUMNS = ("seconds", "steps", "loss_first", "loss_last10", "aux_loss_mean
                  "padding_mean")
 
 
-def run_pipeline(root: Path, args: list[str], until: str = "vlm_eval_sft") -> tuple[float, dict[str, dict[str, Any]]]:
+def run_pipeline(root: Path, args: list[str], until: str = "vlm_eval_rl") -> tuple[float, dict[str, dict[str, Any]]]:
     env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "pipelines/full.py", "--until", until, *args], cwd=REPO, env=env,
@@ -73,10 +80,12 @@ def evaluation_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, 
         row = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval/")}
         row |= {"shuffled:" + k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval_shuffled/")}
         rows[f"{name.removeprefix('vlm_')}{suffix}"] = row
-    sft = steps.get("vlm_eval_sft")
-    if sft and sft["status"] != "skipped":
-        for mode, label in SFT_MODES:
-            metrics = sft["metrics"]
+    for step_name, modes in MODE_EVALS:
+        evaluated = steps.get(step_name)
+        if not evaluated or evaluated["status"] == "skipped":
+            continue
+        for mode, label in modes:
+            metrics = evaluated["metrics"]
             row = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"eval_{mode}/")}
             row |= {"shuffled:" + k.split("/", 1)[1]: v for k, v in metrics.items()
                     if k.startswith(f"eval_{mode}_shuffled/")}
@@ -93,6 +102,22 @@ def sampling_rows(steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, float
         if slash:
             rows.setdefault(task, {})[metric] = value
     return rows
+
+
+def rl_rows(steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The reward model (held-out pair accuracy before and after training) and the RL step's reward curve
+    (reward by type over the first and the last quarter of the policy steps, the run's means)."""
+    rows = {}
+    for name, label in (("reward_model", "reward model"), ("vlm_rl", "rl")):
+        step = steps.get(name)
+        if step and step["status"] != "skipped":
+            rows[label] = dict(step["metrics"])
+    return rows
+
+
+def only(runs: list[dict[str, dict[str, float]]], row: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """One row of `rl_rows` over seeds (the reward model and RL have tables of their own columns)."""
+    return {k: v for k, v in over_seeds(runs).items() if k == row}
 
 
 def probe_rows(steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -151,7 +176,7 @@ def table(rows: dict[str, dict[str, tuple[float, float]]], columns: tuple[str, .
 
 def training_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, dict[str, float]]:
     rows = {}
-    for name in ("llm_pretrain", *STAGES, "vlm_sft", "rejection_sampling", "vlm_sft_rs"):
+    for name in ("llm_pretrain", *STAGES, "vlm_sft", "rejection_sampling", "vlm_sft_rs", "reward_model", "vlm_rl"):
         step = steps.get(name)
         if step and step["status"] != "skipped":
             seconds = step["duration_s"]
@@ -185,7 +210,7 @@ def main() -> None:
     base = ["--profile", args.profile, *[x for o in args.overrides for x in ("--set", o)]]
     root = Path(args.root).resolve()
     seeds = args.seeds or [None]
-    walls, evaluations, probes, trainings, samplings = [], [], [], [], []
+    walls, evaluations, probes, trainings, samplings, rls = [], [], [], [], [], []
     for seed in seeds:
         wall, steps = run_pipeline(root, base + ([] if seed is None else ["--set", f"run.seed={seed}"]))
         walls.append(round(wall, 1))
@@ -193,6 +218,7 @@ def main() -> None:
         probes.append(probe_rows(steps))
         trainings.append(training_rows(steps, ""))
         samplings.append(sampling_rows(steps))
+        rls.append(rl_rows(steps))
     wall_ablation, ablation_steps = (0.0, {}) if args.no_ablation else run_pipeline(
         root, [*base, "--experiment", "skip_stage0"], until="vlm_eval_stage2")
     evaluation = over_seeds(evaluations)
@@ -213,6 +239,10 @@ def main() -> None:
              f"{table(evaluation, SFT_COLUMNS, controls=True)}\n"
              f"Rejection sampling from the first SFT round, with thinking on (per task; acceptance: prompts with at "
              f"least one verified answer):\n\n{table(over_seeds(samplings), RS_COLUMNS)}\n"
+             f"Reward model (Bradley-Terry on our own pairs: verified or reference answers over wrong samples, "
+             f"concise over rambling captions; held-out prompts' pairs):\n\n{table(only(rls, 'reward model'), RM_COLUMNS)}\n"
+             f"Hybrid RL, the reward curve (first and last quarter of the policy steps) and the run's means:\n\n"
+             f"{table(only(rls, 'rl'), RL_COLUMNS)}\n"
              f"Answer loss on held-out samples and the image-use gap (shuffled minus own images, nats):\n\n"
              f"{table(evaluation, GAP_COLUMNS)}\n"
              f"Linear probes (held-out fifth of {int(next(iter(probes[0].values()), {}).get('images', 0))} pictures; "
@@ -225,6 +255,7 @@ def main() -> None:
             "wall_s": {"main": walls, "ablation": round(wall_ablation, 1)}},
            [{"table": "evaluation", "rows": evaluations}, {"table": "probes", "rows": probes},
             {"table": "training", "rows": trainings}, {"table": "rejection_sampling", "rows": samplings},
+            {"table": "rl", "rows": rls},
             {"table": "ablation", "rows": evaluation_rows(ablation_steps, " (no stage 0)")}])
     if not args.no_readme:
         replace_readme_block(block, args.profile)

@@ -3,7 +3,9 @@
 grounding/counting synthesis and video samples -> WebDataset shards by task type -> Seed-ViT
 pretraining (MIM, SigLIP, video; Ray Train + DeepSpeed) -> its retrieval evaluation -> a text-pretrained
 MoE LLM -> VLM stages 0, 1, 2 (each evaluated by its own step) -> SFT (conversations in a thinking and a
-direct mode, a first round, rejection sampling with the verifiers, a second round; evaluated in both modes) -> `serve`: the final checkpoint registered in the MLflow
+direct mode, a first round, rejection sampling with the verifiers, a second round; evaluated in both modes) -> a reward
+model (Bradley-Terry on our own preference pairs) -> hybrid RL (reward model and verifiers in every batch, one
+driver loop over Ray worker groups; evaluated as SFT is) -> `serve`: the final checkpoint registered in the MLflow
 model registry and deployed on Ray Serve behind an OpenAI-style chat endpoint on 127.0.0.1:8000.
 
     python pipelines/full.py                                  # tiny profile, local Ray, local MLflow
@@ -42,6 +44,9 @@ from components.serve.deploy import keep_endpoint_up, serve_step  # noqa: E402
 from components.vit.vit_eval import vit_eval  # noqa: E402
 from components.vit.vit_pretrain import vit_pretrain  # noqa: E402
 from components.vlm.evaluate import vlm_eval_sft, vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2  # noqa: E402
+from components.rl.driver import vlm_rl  # noqa: E402
+from components.rl.evaluate import vlm_eval_rl  # noqa: E402
+from components.rl.reward_model import reward_model  # noqa: E402
 from components.vlm.rejection_sampling import rejection_sampling  # noqa: E402
 from components.vlm.sft_data import sft_data  # noqa: E402
 from components.vlm.stages import llm_pretrain, vlm_sft, vlm_sft_rs, vlm_stage0, vlm_stage1, vlm_stage2  # noqa: E402
@@ -65,12 +70,21 @@ def sft_rs_enabled(config: PipelineConfig) -> bool:
     return sft_enabled(config) and config.train.vlm.rejection_sampling.enabled and config.train.vlm.sft_rs.enabled
 
 
+def reward_model_enabled(config: PipelineConfig) -> bool:
+    return sft_rs_enabled(config) and config.train.vlm.reward_model.enabled
+
+
+def rl_enabled(config: PipelineConfig) -> bool:
+    return reward_model_enabled(config) and config.train.vlm.rl.enabled
+
+
 def eval_inputs(stage: str) -> dict:
     return {"shards": ("write_shards", "shards"), "vlm": (f"vlm_{stage}", "vlm")}
 
 
 VLM_STAGES = ("stage0", "stage1", "stage2")
 VLM_INPUTS: dict = {"shards": ("write_shards", "shards"), "vit": ("vit_pretrain", "vit"), "llm": ("llm_pretrain", "llm")}
+SFT_EXPORTS = [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm")]  # the last SFT round that ran
 CURATED = [("dedup", "samples"), ("clip_filter", "samples"), ("basic_filters", "samples")]  # the first enabled
 STEPS = [
     Step(synthetic_crawl, enabled=lambda config: config.data.synthetic_crawl.enabled),
@@ -111,9 +125,15 @@ STEPS = [
                              "previous": ("vlm_sft", "vlm")}, enabled=sft_rs_enabled),
     Step(vlm_eval_sft, inputs={"shards": ("write_shards", "shards"), "vlm": [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm")]},
          enabled=lambda config: sft_enabled(config) and config.train.vlm.eval.enabled),
-    Step(serve_step, inputs={"vlm": [("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm"), ("vlm_stage2", "vlm"),
+    Step(reward_model, inputs={"shards": ("write_shards", "shards"), "rs": ("rejection_sampling", "samples"),
+                               "vlm": SFT_EXPORTS}, enabled=reward_model_enabled),
+    Step(vlm_rl, inputs={"shards": ("write_shards", "shards"), "vlm": SFT_EXPORTS,
+                         "reward_model": ("reward_model", "reward_model")}, enabled=rl_enabled),
+    Step(vlm_eval_rl, inputs={"shards": ("write_shards", "shards"), "vlm": ("vlm_rl", "vlm")},
+         enabled=lambda config: rl_enabled(config) and config.train.vlm.eval.enabled),
+    Step(serve_step, inputs={"vlm": [("vlm_rl", "vlm"), ("vlm_sft_rs", "vlm"), ("vlm_sft", "vlm"), ("vlm_stage2", "vlm"),
                                      ("vlm_stage1", "vlm"), ("vlm_stage0", "vlm")],
-                             "eval": [("vlm_eval_sft", "eval"),
+                             "eval": [("vlm_eval_rl", "eval"), ("vlm_eval_sft", "eval"),
                                       *((f"vlm_eval_{stage}", "eval") for stage in reversed(VLM_STAGES))]},  # its scores
          enabled=lambda config: config.serve.enabled and any(vlm_stage_enabled(config, s) for s in VLM_STAGES),
          cached=False),

@@ -32,12 +32,19 @@ SMALL = ["--set", "data.synthetic_crawl.num_samples=240", "--set", "data.synthet
          "--set", "train.vlm.sft.steps=2", "--set", "train.vlm.sft_rs.steps=2",
          "--set", "train.vlm.rejection_sampling.prompts_per_task=2",
          "--set", "train.vlm.rejection_sampling.samples_per_prompt=2",
-         "--set", "train.vlm.rejection_sampling.max_new_tokens=8", "--set", "train.vlm.eval.thinking_max_new_tokens=8"]
+         "--set", "train.vlm.rejection_sampling.max_new_tokens=8", "--set", "train.vlm.eval.thinking_max_new_tokens=8",
+         "--set", "train.vlm.reward_model.steps=2", "--set", "train.vlm.reward_model.caption_prompts=4",
+         "--set", "train.vlm.rl.steps=2", "--set", "train.vlm.rl.value_pretrain_steps=1",
+         "--set", "train.vlm.rl.prompts_per_step=2", "--set", "train.vlm.rl.samples_per_prompt=2",
+         "--set", "train.vlm.rl.max_new_tokens=8", "--set", "train.vlm.rl.algo.max_response_tokens=8",
+         "--set", "train.vlm.rl.prompts_per_task=2", "--set", "train.vlm.rl.updates_per_step=1",
+         "--set", "train.vlm.rl.checkpoint_every=1"]
 DATA_STEPS = ("synthetic_crawl", "ingest", "basic_filters", "clip_scorer", "clip_filter", "dedup", "rebalance",
               "ocr_samples", "grounding_samples", "video_samples", "write_shards")
 VLM_STEPS = ("llm_pretrain", "vlm_stage0", "vlm_eval_stage0", "vlm_stage1", "vlm_eval_stage1", "vlm_stage2",
              "vlm_eval_stage2")
 SFT_STEPS = ("sft_data", "vlm_sft", "rejection_sampling", "vlm_sft_rs", "vlm_eval_sft")
+RL_STEPS = ("reward_model", "vlm_rl", "vlm_eval_rl")
 
 
 @dataclasses.dataclass(frozen=True)

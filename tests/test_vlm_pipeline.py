@@ -130,7 +130,7 @@ def test_sft_data_rounds_rejection_sampling_and_both_modes(tiny_run: PipelineRun
 
 
 def check_serving(tiny_run: PipelineRun) -> None:
-    """The shared run's last step registered the last SFT round's export and served it (it ended with the process,
+    """The shared run's last step registered the RL export (the last training step that ran) and served it (it ended with the process,
     serve.keep_alive=false); the registered version is then served on its own and answers the openai client."""
     import signal
     import threading
@@ -144,13 +144,13 @@ def check_serving(tiny_run: PipelineRun) -> None:
     served = tiny_run.steps["serve"]
     assert served["status"] == "ran" and served["metrics"]["smoke_completion_tokens"] >= 1
     endpoint = json.loads((Path(served["output_dir"]) / "endpoint" / "endpoint.json").read_text())
-    assert endpoint["url"].startswith("http://127.0.0.1:") and "vlm_sft_rs" in endpoint["checkpoint"]
+    assert endpoint["url"].startswith("http://127.0.0.1:") and "vlm_rl" in endpoint["checkpoint"]
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version_by_alias("seedvl", "latest-pipeline")
     assert endpoint["registered"] == f"models:/seedvl/{version.version}"
     assert client.get_run(version.run_id).data.tags["mlflow.runName"] == "serve"
-    assert client.get_run(version.tags["trained_by_run_id"]).data.tags["step"] == "vlm_sft_rs"  # the scores' links
-    assert client.get_run(version.tags["eval_run_id"]).data.tags["step"] == "vlm_eval_sft"
+    assert client.get_run(version.tags["trained_by_run_id"]).data.tags["step"] == "vlm_rl"  # the scores' links
+    assert client.get_run(version.tags["eval_run_id"]).data.tags["step"] == "vlm_eval_rl"
     assert client.get_run(version.tags["pipeline_run_id"]).data.tags["kind"] == "pipeline"
     assert "| counting_accuracy |" in version.description and "checkpoint" not in version.tags
     assert "Answering in thinking mode" in version.description and "Answering in direct mode" in version.description

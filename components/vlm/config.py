@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Callable
 
 from components.common.resources import Resources
+from components.rl.config import RewardModelConfig, RewardModelJob, RlConfig, RlJob
 from components.training.config import DeepSpeedSettings
 
 PARTS = ("vit", "adapter", "llm")  # what a stage can train
@@ -205,6 +206,8 @@ class VlmConfig:
         steps=500, learning_rate=1e-05, warmup_steps=25, max_tokens=32768, max_images=128, frames_per_clip=16,
         mix={"caption": 1.0, "ocr": 1.0, "grounding": 1.0, "counting": 1.0, "video": 1.0}))
     eval: VlmEvalConfig = dataclasses.field(default_factory=VlmEvalConfig)
+    reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
+    rl: RlConfig = dataclasses.field(default_factory=RlConfig)
     num_workers: int = 8
     use_gpu: bool = True
     checkpoint_every: int = 500
@@ -327,3 +330,16 @@ def eval_view(name: str) -> Callable[[VlmConfig], VlmEvalJob]:
         return VlmEvalJob(name, vlm.eval, vlm.holdout_fraction, vlm.system_prompt, stage.frames_per_clip,
                           stage.max_tokens)
     return view
+
+
+def reward_model_view(vlm: VlmConfig) -> RewardModelJob:
+    return RewardModelJob(vlm.reward_model, vlm.holdout_fraction, vlm.sft.frames_per_clip)
+
+
+def rl_view(vlm: VlmConfig) -> RlJob:
+    return RlJob(vlm.rl, vlm.holdout_fraction, vlm.sft.frames_per_clip, vlm.reward_model.max_tokens)
+
+
+def rl_eval_view(vlm: VlmConfig) -> VlmEvalJob:
+    """The RL export is evaluated as the SFT export is (its frame count and sequence length), under its own name."""
+    return dataclasses.replace(eval_view("sft")(vlm), stage_name="rl")
