@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_runs import (DATA_STEPS, REPO, SMALL, PipelineRun, copy_cached_steps, free_port, last_summary, pipeline,
-                           stop_process_group)
+from pipeline_runs import (DATA_STEPS, REPO, RL_STEPS, SFT_STEPS, SMALL, PipelineRun, copy_cached_steps, free_port,
+                           last_summary, pipeline, stop_process_group)
 
 pytestmark = pytest.mark.e2e
 ALL_STEPS = (*DATA_STEPS, "vit_pretrain", "vit_eval")
 BEFORE_SHARDS = DATA_STEPS[:DATA_STEPS.index("write_shards")]
+POST_TRAINING = (*SFT_STEPS, *RL_STEPS)
 
 
 def expect(ran: set[str], upto: str = "vit_eval") -> dict[str, str]:
@@ -172,10 +173,11 @@ def check_mlflow(root: Path) -> None:
 
 
 def test_ray_job_submit_against_local_head(tiny_run: PipelineRun, tmp_path: Path) -> None:
-    """The data and ViT steps come from the shared run's cache; the LLM, the VLM stages, their evaluations and
-    the endpoint run as a job on a separate Ray head."""
+    """The data and ViT steps, and the post-training ones (SFT, rejection sampling, RL: the same training runtime
+    and generation engine as the stages), come from the shared run's cache; the LLM, the VLM stages, their
+    evaluations and the endpoint run as a job on a separate Ray head."""
     root = tmp_path / "runs"
-    copy_cached_steps(tiny_run.root, root, ALL_STEPS)
+    copy_cached_steps(tiny_run.root, root, (*ALL_STEPS, *POST_TRAINING))
     bin_dir = Path(sys.executable).parent
     env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
                         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # head and client share it
@@ -197,8 +199,9 @@ def test_ray_job_submit_against_local_head(tiny_run: PipelineRun, tmp_path: Path
         assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
         assert "succeeded" in submitted.stdout
         ran = statuses(root)
-        assert {name: ran[name] for name in ALL_STEPS} == {name: "cached" for name in ALL_STEPS}
-        assert {ran[name] for name in ran if name not in ALL_STEPS} == {"ran"}
+        cached = (*ALL_STEPS, *POST_TRAINING)
+        assert {name: ran[name] for name in cached} == {name: "cached" for name in cached}
+        assert {ran[name] for name in ran if name not in cached} == {"ran"}
         assert {"llm_pretrain", "vlm_stage0", "vlm_eval_stage0", "vlm_stage2", "vlm_eval_stage2", "serve"} <= set(ran)
         # the job has ended; the endpoint it deployed lives on in the cluster
         with urllib.request.urlopen(f"http://127.0.0.1:{serve_port}/v1/models", timeout=30) as response:
