@@ -22,35 +22,20 @@ def rl_prompts(shards_dir: Path, kinds: list[str], per_kind: int, holdout_fracti
                counter: DropCounter) -> dict[str, list[dict[str, Any]]]:
     """Up to `per_kind` training-split prompts of each kind (one question of a sample asked alone with its
     media, the evaluation's item rules), grouped by prompt type; held-out samples are never read."""
-    from components.training.shards import ShardStream, task_shards
-    from components.vlm.data import decode_sample, select_frames, vlm_split_key
-    from components.vlm.eval_tasks import items_from_sample
-    from components.vlm.evaluate import encode_png
+    from components.training.shards import task_shards
+    from components.vlm.data import training_turns
 
     pools: dict[str, list[dict[str, Any]]] = {"general": [], "verifiable": []}
     for task in sorted({KIND_TASKS[k] for k in kinds}):
         wanted = {k for k in kinds if KIND_TASKS[k] == task}
-        shards = task_shards(shards_dir, (task,))
-        if not shards:
+        if not task_shards(shards_dir, (task,)):
             counter[f"no_shards_{task}"] += 1
             continue
         asked = {k: 0 for k in wanted}
-        stream = ShardStream(shards, 0, 1, 0, held_out=False, holdout_fraction=holdout_fraction, counter=counter,
-                             split_key=vlm_split_key)
-        for raw in stream.epoch(0):
+        for _, items, encoded, stamps in training_turns(shards_dir, task, holdout_fraction, frames_per_clip, wanted,
+                                                        counter):
             if all(n >= per_kind for n in asked.values()):
                 break
-            if raw.base_key() != raw.key:
-                continue  # a rebalancing copy: its original is asked
-            sample = decode_sample(raw, task, counter)
-            if sample is None:
-                continue
-            items = [i for i in items_from_sample({**sample.info, "task": task, "key": sample.key})
-                     if i.kind in wanted and asked[i.kind] < per_kind]
-            if not items:
-                continue
-            images, stamps = select_frames(sample, frames_per_clip)
-            encoded = [encode_png(image) for image in images]
             for item in items:
                 if asked[item.kind] >= per_kind:
                     continue
@@ -58,7 +43,7 @@ def rl_prompts(shards_dir: Path, kinds: list[str], per_kind: int, holdout_fracti
                 pools[TYPE_OF_KIND[item.kind]].append({
                     "prompt_id": f"{item.key}:{item.turn}", "key": item.key, "kind": item.kind,
                     "type": TYPE_OF_KIND[item.kind], "question": item.question, "reference": item.reference,
-                    "images": encoded, "timestamps": list(stamps or [])})
+                    "images": encoded, "timestamps": stamps})
     return pools
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from components.common.contract import StageContext, StageResult, component
-from components.training.shards import DropCounter, RawSample, ShardStream, media_names, task_shards
+from components.training.shards import DropCounter, RawSample, media_names
 from components.vlm.config import RejectionSamplingJob, rejection_sampling_view
 
 log = logging.getLogger(__name__)
@@ -37,36 +37,18 @@ def training_prompts(shards_dir: Path, job: RejectionSamplingJob,
     """Verifiable single-turn prompts of the training split (the evaluation's item rules: one question of a
     sample asked alone with its media), at most `prompts_per_task` per task, as Ray Data rows with the PNG
     bytes of their images or frames; and the raw samples they came from, by key."""
-    from components.vlm.data import decode_sample, select_frames, vlm_split_key
-    from components.vlm.eval_tasks import items_from_sample
-    from components.vlm.evaluate import encode_png
+    from components.vlm.data import training_turns
 
     rows: list[dict[str, Any]] = []
     raws: dict[str, RawSample] = {}
     for task in job.sampling.tasks:
-        shards = task_shards(shards_dir, (task,))
-        if not shards:
-            continue
-        stream = ShardStream(shards, 0, 1, 0, held_out=False, holdout_fraction=job.holdout_fraction,
-                             counter=counter, split_key=vlm_split_key)
         asked = 0
-        for raw in stream.epoch(0):
+        for raw, items, encoded, stamps in training_turns(shards_dir, task, job.holdout_fraction,
+                                                          job.frames_per_clip, VERIFIER_OF, counter):
             if asked >= job.sampling.prompts_per_task:
                 break
-            if raw.base_key() != raw.key:
-                continue  # a rebalancing copy: its original is asked
-            sample = decode_sample(raw, task, counter)
-            if sample is None:
-                continue
-            items = [i for i in items_from_sample({**sample.info, "task": sample.task, "key": sample.key})
-                     if i.kind in VERIFIER_OF]
-            if not items:
-                counter["no_verifiable_turn"] += 1
-                continue
-            images, stamps = select_frames(sample, job.frames_per_clip)
-            encoded = [encode_png(image) for image in images]
             for item in items[:job.sampling.prompts_per_task - asked]:
-                rows.append({**item.to_dict(), "task": task, "images": encoded, "timestamps": stamps or []})
+                rows.append({**item.to_dict(), "task": task, "images": encoded, "timestamps": stamps})
                 asked += 1
             raws[raw.key] = raw
     return rows, raws
