@@ -58,14 +58,19 @@ def answer_ids(tokenizer: Any, answer: str, max_tokens: int) -> list[int]:
     return ids[:max_tokens]
 
 
-def hidden_states(vlm: Any, seq: Sequence) -> torch.Tensor:
-    """The LLM's last hidden states over the whole sequence, (P + L, hidden)."""
+def sequence_inputs(vlm: Any, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input embeddings with the images spliced in, position ids) of prompt + response, on the model's device."""
     device = vlm.adapter.fc1.weight.device
     ids = torch.tensor([seq.prompt_ids + seq.response_ids], device=device)
     dtype = next(vlm.vit.parameters()).dtype
     embeds = vlm.embed(ids, seq.pixel_values.to(device, dtype) if seq.pixel_values is not None else None,
                        seq.grid_hw.to(device) if seq.grid_hw is not None else None)
-    positions = torch.arange(ids.shape[1], device=device)[None]
+    return embeds, torch.arange(ids.shape[1], device=device)[None]
+
+
+def hidden_states(vlm: Any, seq: Sequence) -> torch.Tensor:
+    """The LLM's last hidden states over the whole sequence, (P + L, hidden)."""
+    embeds, positions = sequence_inputs(vlm, seq)
     out = vlm.llm.model(inputs_embeds=embeds, position_ids=positions, use_cache=False)
     return out.last_hidden_state[0]
 
@@ -79,13 +84,8 @@ def response_positions(seq: Sequence, device: torch.device) -> torch.Tensor:
 def response_logits(vlm: Any, seq: Sequence, temperature: float = 1.0) -> torch.Tensor:
     """Logits (divided by the rollout temperature, as the engine's log-probs are) of the response tokens'
     positions, (L, vocab)."""
-    device = vlm.adapter.fc1.weight.device
-    ids = torch.tensor([seq.prompt_ids + seq.response_ids], device=device)
-    dtype = next(vlm.vit.parameters()).dtype
-    embeds = vlm.embed(ids, seq.pixel_values.to(device, dtype) if seq.pixel_values is not None else None,
-                       seq.grid_hw.to(device) if seq.grid_hw is not None else None)
-    positions = torch.arange(ids.shape[1], device=device)[None]
-    keep = response_positions(seq, device)
+    embeds, positions = sequence_inputs(vlm, seq)
+    keep = response_positions(seq, embeds.device)
     out = vlm.llm(inputs_embeds=embeds, position_ids=positions, use_cache=False, logits_to_keep=keep)
     return out.logits[0].float() / temperature
 
