@@ -40,9 +40,12 @@ def test_reward_model_rl_and_its_evaluation_ran_and_logged(tiny_run: PipelineRun
     model, tokenizer, saved = load_vlm(export)
     assert saved["stage"] == "rl" and set(saved["answer_modes"]) == {"thinking", "direct"}
     assert not list(export.rglob("*.pt")) and not (export.parent / "checkpoints").exists()
-    assert "eval_direct/counting_accuracy" in steps["vlm_eval_rl"]["metrics"]
+    evaluation = steps["vlm_eval_rl"]["metrics"]
+    assert "eval_direct/counting_accuracy" in evaluation
     # the shared run's counting items come from one held-out sample (no other image to swap in): captions have it
-    assert "eval_thinking_shuffled/caption_f1" in steps["vlm_eval_rl"]["metrics"]
+    assert "eval_direct_shuffled/caption_f1" in evaluation
+    # RL rolled out in direct mode (the tiny profile's): it is evaluated in that mode only, without the probes
+    assert not any(k.startswith("eval_thinking") or "probe_" in k for k in evaluation)
 
     mlflow.set_tracking_uri(f"sqlite:///{tiny_run.root / 'mlflow.db'}")
     runs = [r for r in mlflow.search_runs(experiment_names=["seed-vl"], output_format="list")

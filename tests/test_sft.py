@@ -165,3 +165,20 @@ def test_report_splits_the_sft_evaluation_by_mode() -> None:
     names, _, table = eval_table([{"name": "vlm_eval_sft", "metrics": metrics}])
     assert sorted(names) == ["vlm_eval_sft", "vlm_eval_sft (direct)", "vlm_eval_sft (thinking)"]
     assert table["vlm_eval_sft (thinking)"]["eval"]["counting_accuracy"] == 0.75
+
+
+def test_evaluation_views_name_their_modes_and_probes() -> None:
+    """Stages 0-2 are probed and asked under their own prompt; SFT in both modes, probed as configured (not in the
+    tiny profile); RL in the modes it rolled out in: direct only for a direct-mode RL (the tiny profile's)."""
+    from components.schema import load_config
+    from components.vlm.config import eval_view, rl_eval_view
+
+    vlm = load_config("tiny")[0].train.vlm
+    stage, sft = eval_view("stage1")(vlm), eval_view("sft")(vlm)
+    assert stage.modes == () and stage.probes
+    assert sft.modes == ("direct", "thinking") and not sft.probes
+    assert vlm.rl.answer_mode == "direct" and rl_eval_view(vlm).modes == ("direct",)
+    thinking = load_config("tiny", overrides=["train.vlm.rl.answer_mode=thinking"])[0].train.vlm
+    rl = rl_eval_view(thinking)
+    assert rl.modes == ("direct", "thinking") and rl.stage_name == "rl" and not rl.probes
+    assert eval_view("sft")(load_config("full")[0].train.vlm).probes

@@ -123,6 +123,7 @@ def test_sft_data_rounds_rejection_sampling_and_both_modes(tiny_run: PipelineRun
                 f"eval_{mode}/counting_accuracy", f"eval_{mode}/answer_words"} <= set(evaluation), mode
     assert "eval_thinking/format_ok" in evaluation and "eval_thinking/thinking_words" in evaluation
     assert "eval_direct/image_use_gap" in evaluation and "eval_thinking/image_use_gap" not in evaluation
+    assert not any("probe_" in key for key in evaluation)  # eval.post_training_probes is off in tiny
     examples = (Path(steps["vlm_eval_sft"]["output_dir"]) / "eval" / "thinking.jsonl").read_text().splitlines()
     assert examples and all(split_thinking(json.loads(e)["prediction"]) is not None for e in examples)
     _, _, saved = load_vlm(Path(steps["vlm_sft_rs"]["output_dir"]) / "vlm" / "model")

@@ -1,7 +1,7 @@
-"""The evaluation of the RL export (`vlm_eval_rl`): the SFT export's evaluation (`run_eval_sft`: both answer
-modes, each score beside its shuffled-image control, thinking answers scored after their reasoning), run on
-the RL policy, so the two steps' `eval_<mode>/*` metrics compare one to one (`benchmarks/vlm_results.py`'s
-`rl` rows against its `sft` rows)."""
+"""The evaluation of the RL export (`vlm_eval_rl`): the SFT export's evaluation (`run_eval_sft`: each score
+beside its shuffled-image control, thinking answers scored after their reasoning), run on the RL policy in
+the modes RL trained (`rl_eval_view`: direct only when RL rolled out in direct mode), so the two steps'
+`eval_<mode>/*` metrics compare one to one (`benchmarks/vlm_results.py`'s `rl` rows against its `sft` rows)."""
 
 from __future__ import annotations
 

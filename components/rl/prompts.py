@@ -23,7 +23,7 @@ def rl_prompts(shards_dir: Path, kinds: list[str], per_kind: int, holdout_fracti
     """Up to `per_kind` training-split prompts of each kind (one question of a sample asked alone with its
     media, the evaluation's item rules), grouped by prompt type; held-out samples are never read."""
     from components.training.shards import task_shards
-    from components.vlm.data import training_turns
+    from components.vlm.training_prompts import training_turns
 
     pools: dict[str, list[dict[str, Any]]] = {"general": [], "verifiable": []}
     for task in sorted({KIND_TASKS[k] for k in kinds}):

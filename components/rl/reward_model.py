@@ -136,7 +136,7 @@ def prompt_media(shards_dir: Path, keys_by_task: dict[str, set[str]], holdout_fr
     """The PNG bytes of the images (or frames, with their times) of the training-split samples named."""
     from components.training.shards import ShardStream, task_shards
     from components.vlm.data import decode_sample, select_frames, vlm_split_key
-    from components.vlm.evaluate import encode_png
+    from components.vlm.data import encode_png
 
     media: dict[str, tuple[list[bytes], list[float]]] = {}
     counter = DropCounter()

@@ -112,6 +112,7 @@ class VlmEvalConfig:
     gap_batches: int = 8  # batches of held-out answers for the image-use gap (true vs shuffled images)
     probe_images: int = 600  # pictures for the linear probes on the export's ViT and adapter tokens; 0: none
     thinking_max_new_tokens: int = 512  # the SFT export's thinking-mode answers: reasoning, then the answer
+    post_training_probes: bool = True  # the probes on the SFT and RL exports too (stages 0-2 always have them)
     resources: Resources = dataclasses.field(default_factory=Resources)
 
 
@@ -283,6 +284,10 @@ class VlmEvalJob:
     system_prompt: str
     frames_per_clip: int
     max_tokens: int
+    # The answer modes an SFT or RL export is asked in (a stage's export: none, its own prompt), and whether
+    # the linear probes run (stages 0-2 always; SFT and RL per `eval.post_training_probes`).
+    modes: tuple[str, ...] = ()
+    probes: bool = True
 
 
 @dataclasses.dataclass
@@ -327,8 +332,11 @@ def stage_view(name: str) -> Callable[[VlmConfig], VlmStageJob]:
 def eval_view(name: str) -> Callable[[VlmConfig], VlmEvalJob]:
     def view(vlm: VlmConfig) -> VlmEvalJob:
         stage = getattr(vlm, name)
-        return VlmEvalJob(name, vlm.eval, vlm.holdout_fraction, vlm.system_prompt, stage.frames_per_clip,
-                          stage.max_tokens)
+        job = VlmEvalJob(name, vlm.eval, vlm.holdout_fraction, vlm.system_prompt, stage.frames_per_clip,
+                         stage.max_tokens)
+        if name in SFT_STAGES:
+            return dataclasses.replace(job, modes=("direct", "thinking"), probes=vlm.eval.post_training_probes)
+        return job
     return view
 
 
@@ -341,5 +349,9 @@ def rl_view(vlm: VlmConfig) -> RlJob:
 
 
 def rl_eval_view(vlm: VlmConfig) -> VlmEvalJob:
-    """The RL export is evaluated as the SFT export is (its frame count and sequence length), under its own name."""
-    return dataclasses.replace(eval_view("sft")(vlm), stage_name="rl")
+    """The RL export is evaluated as the SFT export is (its frame count and sequence length), under its own name,
+    in the modes RL trained: both when it rolled out in thinking mode (the hybrid policy must still answer
+    directly), direct only when it rolled out in direct mode (it never saw a thinking prompt, so its
+    thinking-mode scores would measure the SFT model's thinking, drifted, not anything RL did)."""
+    modes = ("direct", "thinking") if vlm.rl.answer_mode == "thinking" else ("direct",)
+    return dataclasses.replace(eval_view("sft")(vlm), stage_name="rl", modes=modes)

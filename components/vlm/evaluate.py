@@ -10,7 +10,6 @@ another sample's images.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
@@ -19,24 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from components.common.contract import Component, StageContext, StageResult, component
 from components.training.shards import DropCounter
 from components.vlm.config import MIX_TASKS, STAGES, VlmEvalConfig, VlmEvalJob, eval_view
+from components.vlm.data import decode_png, encode_png  # noqa: F401  (encode_png: callers that build rows)
 
 log = logging.getLogger(__name__)
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def decode_png(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
 
 
 def held_out_rows(shards_dir: Path, job: VlmEvalJob) -> tuple[list[dict[str, Any]], DropCounter]:
@@ -307,6 +295,16 @@ def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, see
         job = dataclasses.replace(job, system_prompt=system)
     if mode == "thinking":
         eval_cfg = dataclasses.replace(eval_cfg, max_new_tokens=eval_cfg.thinking_max_new_tokens)
+    # The image-use gap and the probes (direct mode only) run as Ray tasks beside the answering actors, so
+    # every CPU the evaluation's resources allow is busy while the answers are decoded.
+    pending = []
+    if mode != "thinking":
+        cpus, placement = job.eval.resources.num_cpus, job.eval.resources.placement_kwargs()
+        gap_task = ray.remote(image_use_gap).options(num_cpus=cpus, num_gpus=job.eval.num_gpus, **placement)
+        pending.append(gap_task.remote(checkpoint, shards_dir, job, seed))
+        if controls and job.probes and job.eval.probe_images > 0:
+            probe_task = ray.remote(probe_export).options(num_cpus=cpus, **placement)
+            pending.append(probe_task.remote(checkpoint, shards_dir, job.eval.probe_images, max(1, int(cpus))))
     by_control, examples = score_answers(answer_items(checkpoint, asked, eval_cfg, system),
                                          thinking=mode == "thinking")
     metrics = dict(by_control.get("true", {}))
@@ -314,16 +312,8 @@ def evaluate_checkpoint(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, see
     metrics |= {f"shuffled/{key}": value for key, value in shuffled.items()}
     metrics |= {f"gap/{key}": metrics[key] - value for key, value in shuffled.items()
                 if key in metrics and not key.startswith("n_") and not key.endswith("_majority")}
-    if mode == "thinking":
-        return finish_metrics(metrics, counter, examples, examples_path)
-    gap_task = ray.remote(image_use_gap).options(num_cpus=job.eval.resources.num_cpus, num_gpus=job.eval.num_gpus,
-                                                   **job.eval.resources.placement_kwargs())
-    metrics |= ray.get(gap_task.remote(checkpoint, shards_dir, job, seed))
-    if controls and job.eval.probe_images > 0:
-        probe_task = ray.remote(probe_export).options(num_cpus=job.eval.resources.num_cpus,
-                                                      **job.eval.resources.placement_kwargs())
-        metrics |= ray.get(probe_task.remote(checkpoint, shards_dir, job.eval.probe_images,
-                                             max(1, int(job.eval.resources.num_cpus))))
+    for result in ray.get(pending):
+        metrics |= result
     return finish_metrics(metrics, counter, examples, examples_path)
 
 
@@ -379,21 +369,23 @@ vlm_eval_stage0, vlm_eval_stage1, vlm_eval_stage2 = (eval_component(stage) for s
 
 
 def run_eval_sft(ctx: StageContext[VlmEvalJob]) -> StageResult:
-    """The SFT export (the last round that ran) evaluated in both answer modes, each with its shuffled-image
+    """The SFT export (the last round that ran) evaluated in the job's answer modes (both for SFT; RL's view
+    names the modes it trained), each with its shuffled-image
     controls: `eval_direct/*` and `eval_thinking/*` (with `_shuffled` and `_gap` beside them), thinking answers
     scored after their reasoning, and the mean answer and reasoning lengths per mode."""
     trained, out_dir = ctx.inputs["vlm"], ctx.outputs["eval"]
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
-    for mode in ("direct", "thinking"):
+    modes = list(ctx.config.modes or ("direct", "thinking"))
+    for mode in modes:
         scores = evaluate_checkpoint(trained / "model", ctx.inputs["shards"], ctx.config, ctx.seed,
                                      out_dir / f"{mode}.jsonl", controls=True, mode=mode)
         metrics |= prefixed(f"eval_{mode}", scores)
     (out_dir / "scores.json").write_text(json.dumps(metrics, indent=1))
     from components.vlm.eval_gallery import draw_galleries
 
-    gallery = draw_galleries(out_dir, ["direct", "thinking"], held_out_rows(ctx.inputs["shards"], ctx.config)[0])
-    return StageResult(metrics=metrics, artifacts=["eval/scores.json", "eval/direct.jsonl", "eval/thinking.jsonl",
+    gallery = draw_galleries(out_dir, modes, held_out_rows(ctx.inputs["shards"], ctx.config)[0])
+    return StageResult(metrics=metrics, artifacts=["eval/scores.json", *(f"eval/{mode}.jsonl" for mode in modes),
                                                    *gallery])
 
 

@@ -37,7 +37,7 @@ def training_prompts(shards_dir: Path, job: RejectionSamplingJob,
     """Verifiable single-turn prompts of the training split (the evaluation's item rules: one question of a
     sample asked alone with its media), at most `prompts_per_task` per task, as Ray Data rows with the PNG
     bytes of their images or frames; and the raw samples they came from, by key."""
-    from components.vlm.data import training_turns
+    from components.vlm.training_prompts import training_turns
 
     rows: list[dict[str, Any]] = []
     raws: dict[str, RawSample] = {}
