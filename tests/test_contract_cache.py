@@ -146,3 +146,14 @@ def test_run_seed_enters_the_key() -> None:
     cfg = BasicFiltersConfig()
     assert basic_filters.cache_key(cfg, {"samples": "k1"}, seed=0) != basic_filters.cache_key(cfg, {"samples": "k1"},
                                                                                               seed=1)
+
+
+def test_training_steps_keys_do_not_depend_on_the_evaluation_code() -> None:
+    """An edit to the scoring, the verifiers or the evaluation step must not retrain every VLM stage: those
+    modules stay out of the training steps' code closures (and so out of their cache keys)."""
+    from components.common.contract import _module_closure
+
+    evaluation = {"components.vlm.evaluate", "components.vlm.eval_tasks", "components.vlm.verifiers",
+                  "components.vlm.eval_gallery"}
+    for module in ("components.vlm.stages", "components.vit.vit_pretrain"):
+        assert not evaluation & _module_closure(module), module
