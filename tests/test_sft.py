@@ -44,13 +44,11 @@ def test_the_modes_are_defined_once_and_serving_uses_them() -> None:
 def test_counting_reasoning_enumerates_then_counts() -> None:
     annotations = COUNTING["annotations"]
     text = counting_reasoning("<image>\nHow many diamonds are there?", "2", annotations)
-    assert text is not None and text.startswith("I see 3 shapes: a purple diamond at the top right, a black diamond")
-    assert "and a red circle at the middle left." in text
-    assert text.endswith("The diamonds: at the top right and the bottom right. That makes 2.")
-    assert counting_reasoning("How many green shapes are there?", "0", annotations).endswith("so there are 0.")
+    assert text == "The diamonds: one at the top right and one at the bottom right. That makes 2."
+    assert counting_reasoning("How many green shapes are there?", "0", annotations) == (
+        "I look for green shapes and find none, so there are 0.")
     assert counting_reasoning("How many diamonds are there?", "3", annotations) is None  # answer disagrees
     assert counting_reasoning("How many stars are there?", "1", annotations) is None  # no such question
-    assert counting_reasoning("How many diamonds are there?", "2", {"counting": annotations["counting"]}) is None
 
 
 def test_grounding_ocr_and_position_words() -> None:
@@ -70,7 +68,7 @@ def test_conversation_modes_and_fallback_to_direct() -> None:
     conversation, mode = sft_conversation(COUNTING, "counting", "thinking")
     assert mode == "thinking" and conversation[0] == {"from": "system", "value": THINKING_SYSTEM_PROMPT}
     answers = [turn["value"] for turn in conversation if turn["from"] == "gpt"]
-    assert len(answers) == 2 and all(a.startswith("<think>I see 3 shapes") for a in answers)
+    assert answers[0].startswith("<think>The diamonds: one at") and answers[1].startswith("<think>I look for")
     assert answers[0].endswith("</think>2") and answers[1].endswith("</think>0")
     direct, mode = sft_conversation(COUNTING, "counting", "direct")
     assert mode == "direct" and direct[0]["value"] == DIRECT_SYSTEM_PROMPT and [t["value"] for t in direct[2::2]] == ["2", "0"]
