@@ -226,7 +226,7 @@ def main() -> int:
     from ray import serve
 
     from components.schema import load_config
-    from components.serve.registry import resolve_model
+    from components.common.model_registry import resolve_model
 
     overrides = [f"serve.max_pending_requests={max(64, 4 * args.clients)}", *([f"run.root={args.root}"] if args.root else [])]
     config, _ = load_config(args.profile, [], overrides)

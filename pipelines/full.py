@@ -1,6 +1,7 @@
 """The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters ->
 (CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance, plus OCR synthesis,
-grounding/counting synthesis and video samples -> WebDataset shards by task type -> Seed-ViT
+grounding/counting synthesis and video samples (real videos captioned by a model when configured) -> WebDataset
+shards by task type -> Seed-ViT
 pretraining (MIM, SigLIP, video; Ray Train + DeepSpeed) -> its retrieval evaluation -> a text-pretrained
 MoE LLM -> VLM stages 0, 1, 2 (each evaluated by its own step) -> SFT (conversations in a thinking and a
 direct mode, a first round, rejection sampling with the verifiers, a second round; evaluated in both modes) -> a reward
@@ -39,6 +40,7 @@ from components.data.ocr_samples import ocr_samples  # noqa: E402
 from components.data.rebalance import rebalance  # noqa: E402
 from components.data.write_shards import write_shards  # noqa: E402
 from components.data.synthetic_crawl import synthetic_crawl  # noqa: E402
+from components.data.video_captions import video_captions  # noqa: E402
 from components.data.video_samples import video_samples  # noqa: E402
 from components.serve.deploy import keep_endpoint_up, serve_step  # noqa: E402
 from components.vit.vit_eval import vit_eval  # noqa: E402
@@ -52,6 +54,10 @@ from components.vlm.sft_data import sft_data  # noqa: E402
 from components.vlm.stages import llm_pretrain, vlm_sft, vlm_sft_rs, vlm_stage0, vlm_stage1, vlm_stage2  # noqa: E402
 from components.schema import PipelineConfig, available, load_config  # noqa: E402
 from pipelines.runner import PipelineConfigError, PipelineError, PipelineRunner, Selection, Step  # noqa: E402
+
+def video_enabled(config: PipelineConfig) -> bool:
+    return config.data.video.enabled and (config.data.video.synthetic_clips > 0 or bool(config.data.video.sources))
+
 
 def vlm_stage_enabled(config: PipelineConfig, stage: str) -> bool:
     return config.train.vit_pretrain.enabled and getattr(config.train.vlm, stage).enabled
@@ -99,10 +105,12 @@ STEPS = [
     Step(ocr_samples, enabled=lambda config: config.data.ocr.enabled and config.data.ocr.num_samples > 0),
     Step(grounding_samples,
          enabled=lambda config: config.data.grounding.enabled and config.data.grounding.num_samples > 0),
-    Step(video_samples, enabled=lambda config: config.data.video.enabled
-         and (config.data.video.synthetic_clips > 0 or bool(config.data.video.sources))),
+    Step(video_samples, enabled=lambda config: video_enabled(config)),
+    Step(video_captions, inputs={"samples": ("video_samples", "samples")},
+         enabled=lambda config: video_enabled(config) and config.data.video_captions.enabled),
     Step(write_shards, inputs={"samples": [("rebalance", "samples"), *CURATED], "ocr": ("ocr_samples", "samples"),
-                               "grounding": ("grounding_samples", "samples"), "video": ("video_samples", "samples")}),
+                               "grounding": ("grounding_samples", "samples"),
+                               "video": [("video_captions", "samples"), ("video_samples", "samples")]}),
     Step(vit_pretrain, inputs={"shards": ("write_shards", "shards"), "scorer": ("clip_scorer", "scorer")},
          enabled=lambda config: config.train.vit_pretrain.enabled),
     Step(vit_eval, inputs={"shards": ("write_shards", "shards"), "vit": ("vit_pretrain", "vit")},

@@ -38,7 +38,8 @@ def run_pipeline(root: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 
 def statuses(root: Path) -> dict[str, str]:
-    return {name: step["status"] for name, step in last_summary(root).items()}
+    """The steps that ran or were cached (steps off in this config, e.g. video_captions, left out)."""
+    return {name: step["status"] for name, step in last_summary(root).items() if step["status"] != "skipped"}
 
 
 def staging_leftovers(root: Path) -> list[Path]:

@@ -108,7 +108,8 @@ def test_pipeline_logs_to_the_team_server(team_mlflow: tuple[str, Path], tmp_pat
 def test_registered_model_and_alias_on_the_team_server(team_mlflow: tuple[str, Path], tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from components.serve.registry import ALIAS, register_checkpoint, resolve_model
+    from components.common.model_registry import resolve_model
+    from components.serve.registry import ALIAS, register_checkpoint
 
     uri, _ = team_mlflow
     client = MlflowClient(tracking_uri=uri)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from components.common.model_registry import MODEL_URI
 from components.common.resources import Resources
 
 NOISE_KINDS = (
@@ -304,6 +305,60 @@ class VideoConfig:
 
 
 @dataclasses.dataclass
+class VideoCaptionsConfig:
+    """Model-written dense, timestamped captions for real videos (step `video_captions`, after
+    `video_samples`): a file without a hand-written caption (else dropped as `caption_missing`) is
+    cut into `window_s` windows, the captioner describes each window's frames, and the segments become its
+    caption sample and its temporal-grounding sample, marked `caption_source: model:<model>`."""
+
+    enabled: bool = False
+    # models:/<name>@<alias> or models:/<name>/<version> (our registry), an exported VLM folder, or a local
+    # Hugging Face image-text-to-text model folder (AutoProcessor + AutoModelForImageTextToText; never downloaded)
+    model: str = ""
+    registry_uri: str = ""  # the MLflow store models:/ names are looked up in; '' = the pipeline's own (filled at load)
+    replace_human: bool = False  # also caption files that have a hand-written caption, and use the model's instead
+    window_s: float = 4.0  # seconds of video per captioned segment
+    max_frames_per_window: int = 8  # the window's frames (at data.video's caption rate), thinned evenly to this
+    prompt: str = "Describe what happens in these frames in one sentence."
+    max_new_tokens: int = 32
+    min_words: int = 2  # a segment answer with fewer words (letters only) is dropped as unparseable
+    generate_batch: int = 16  # windows decoded together in one generation call
+    num_gpus: float = 0.0  # per captioning actor; with a GPU the model runs there in bf16
+    resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=1, concurrency=1,
+                                                                                  batch_size=4))
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.model:
+            raise ValueError("data.video_captions.model is empty: name the captioner (models:/seedvl@latest-pipeline, "
+                             "models:/seedvl/<version>, an exported VLM folder or a local transformers model folder), "
+                             "or set data.video_captions.enabled=false")
+        if self.model.startswith("models:") and not MODEL_URI.match(self.model):
+            raise ValueError(f"data.video_captions.model {self.model!r} is not a registry URI: write "
+                             "models:/<name>@<alias> or models:/<name>/<version>")
+        if self.window_s <= 0 or self.max_frames_per_window < 1:
+            raise ValueError(f"data.video_captions: need window_s > 0 and max_frames_per_window >= 1, got "
+                             f"{self.window_s} and {self.max_frames_per_window}")
+        if self.max_new_tokens < 1 or self.min_words < 1 or not self.prompt.strip() or self.num_gpus < 0:
+            raise ValueError("data.video_captions: need max_new_tokens >= 1, min_words >= 1, a non-empty prompt and "
+                             "num_gpus >= 0")
+        if self.generate_batch < 1:
+            raise ValueError(f"data.video_captions.generate_batch must be >= 1, got {self.generate_batch}")
+
+
+@dataclasses.dataclass
+class VideoCaptionsJob:
+    """What the `video_captions` step uses: its own section, and `data.video`'s sampling rule (the frames it
+    decodes for the captioner and for the samples it writes are sampled as video_samples samples them)."""
+
+    captions: VideoCaptionsConfig
+    video: VideoConfig
+
+
+def video_captions_view(data: DataConfig) -> VideoCaptionsJob:
+    return VideoCaptionsJob(captions=data.video_captions, video=data.video)
+
+
+@dataclasses.dataclass
 class ShardsConfig:
     """WebDataset shard writing."""
 
@@ -328,4 +383,5 @@ class DataConfig:
     ocr: OcrConfig = dataclasses.field(default_factory=OcrConfig)
     grounding: GroundingConfig = dataclasses.field(default_factory=GroundingConfig)
     video: VideoConfig = dataclasses.field(default_factory=VideoConfig)
+    video_captions: VideoCaptionsConfig = dataclasses.field(default_factory=VideoCaptionsConfig)
     shards: ShardsConfig = dataclasses.field(default_factory=ShardsConfig)

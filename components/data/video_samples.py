@@ -30,7 +30,7 @@ from components.data.config import VIDEO_TASKS, VideoConfig, VideoSourceConfig
 from components.data.lib.table import data_dir, drop_metrics, plot_counts, write_stats
 from components.data.lib.tasks import encode_image, rows_to_task_table, task_row
 from components.common.video import SampledVideo, VideoDecodeError, sample_video_rates, timestamp_prefix
-from components.data.synthesis.video import SyntheticClip, render_clip
+from components.data.synthesis.video import render_clip
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 DESCRIBE = "Describe what happens in the video, with times."
@@ -154,7 +154,7 @@ def clip_rows(index: int, cfg: VideoConfig, seed: int, clips_dir: Path) -> list[
     return [
         row("caption", [(DESCRIBE, clip.caption)], {}),
         row("qa", [(q["question"], q["answer"]) for q in clip.qa], {"qa": clip.qa}),
-        row("grounding", grounding_turns(clip), {"temporal_grounding": clip.temporal_grounding}),
+        row("grounding", grounding_turns(clip.temporal_grounding), {"temporal_grounding": clip.temporal_grounding}),
     ]
 
 
@@ -163,9 +163,11 @@ def event_dict(event: Any) -> dict[str, Any]:
             "end_s": event.end_s}
 
 
-def grounding_turns(clip: SyntheticClip) -> list[tuple[str, str]]:
+def grounding_turns(spans: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Temporal-grounding turns from spans {"query", "start_s", "end_s"} (a synthetic clip's exact events, or
+    model-written caption segments in video_captions)."""
     return [(f"When does this happen: {g['query']}? Answer with the start and end second.",
-             f"From {g['start_s']:.1f} to {g['end_s']:.1f} seconds.") for g in clip.temporal_grounding]
+             f"From {g['start_s']:.1f} to {g['end_s']:.1f} seconds.") for g in spans]
 
 
 def file_rows(path: Path, source: VideoSourceConfig, cfg: VideoConfig) -> list[dict[str, Any]]:

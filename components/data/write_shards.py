@@ -13,7 +13,8 @@ other tasks), and written = kept + repeats. Sample layout, schema version 2 (REA
     <key>.frame0000.jpg ...     the sampled frames of a video, in order (video)
     <key>.txt                   the caption (UTF-8)
     <key>.json                  {"key", "task", "caption", "conversations", "annotations", "width", "height",
-                                 "source", "meta", "scores", "repeat_of", "schema_version"}
+                                 "source", "meta", "scores", "repeat_of", "schema_version",
+                                 "caption_source" (video_captions' tables: human, synthetic or model:<model>)}
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ SCHEMA_VERSION = 2
 TASK_INPUTS = ("ocr", "grounding", "video")  # optional inputs: task tables (tasks.py) of the synthesis steps
 # Columns of the two input schemas that are not scores; anything else (clip_score, ...) is a score. Dedup's
 # signals (sha256, pHash, thumbnail) are sample-table columns since ingest computes them, so not scores.
-BASE_COLUMNS = frozenset(KEPT_SCHEMA.names) | frozenset(TASK_SCHEMA.names) | {"repeat"}
+BASE_COLUMNS = frozenset(KEPT_SCHEMA.names) | frozenset(TASK_SCHEMA.names) | {"repeat", "caption_source"}
 SHARD_ROW_SCHEMA = pa.schema([
     ("key", pa.string()), ("task", pa.string()), ("shard", pa.int32()), ("media", pa.list_(pa.binary())),
     ("image_ext", pa.string()), ("txt", pa.string()), ("sample_json", pa.string()),
@@ -64,6 +65,7 @@ def sample_json(row: dict[str, Any], task: str, key: str, repeat_of: str | None)
         "annotations": json.loads(row.get("annotations") or "{}"),
         "scores": {name: row[name] for name in sorted(row) if name not in BASE_COLUMNS},
         "repeat_of": repeat_of, "schema_version": SCHEMA_VERSION,
+        **({"caption_source": row["caption_source"]} if row.get("caption_source") else {}),
     }, sort_keys=True)
 
 

@@ -390,7 +390,7 @@ def app_builder(args: dict[str, Any]) -> Application:
     `--set` on the command line."""
     from components.common.config import ConfigError
     from components.schema import load_config
-    from components.serve.registry import resolve_model
+    from components.common.model_registry import resolve_model
 
     unknown = sorted(set(args) - {"checkpoint", "profile", "model_id", "set"})
     if unknown or "checkpoint" not in args:

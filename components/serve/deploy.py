@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.common.config import ConfigError
     from components.common.ray_env import ensure_ray
     from components.schema import REPO_ROOT, load_config
-    from components.serve.registry import resolve_model
+    from components.common.model_registry import resolve_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

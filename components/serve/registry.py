@@ -1,7 +1,7 @@
 """The MLflow model registry side of serving: registering an exported VLM checkpoint (its plain files,
-logged as artifacts of the serving run) as a new version of a registered model, and resolving what
-`serve` is asked to host (`models:/<name>/<version>`, `models:/<name>@<alias>`, or a folder) to a
-local checkpoint folder. Only files are moved; nothing is unpickled.
+logged as artifacts of the serving run) as a new version of a registered model (resolving a
+`models:/` URI back to a folder is `components.common.model_registry`, which the data stage's captioner
+shares). Only files are moved; nothing is unpickled.
 
 A version links what it came from (`lineage`): its tags name the training step, its cache key, the run
 that trained it and the pipeline run (never an absolute path), and its description (Markdown, shown on
@@ -9,28 +9,12 @@ the Models page) names the same runs and holds the stage's evaluation scores."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 from components.common.cache import MANIFEST, Manifest
 
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 ALIAS = "latest-pipeline"  # points at the version the last pipeline run deployed
-
-
-@dataclasses.dataclass(frozen=True)
-class ResolvedModel:
-    folder: Path  # a local checkpoint folder `load_vlm` reads
-    name: str  # registered model name ('' for a plain folder)
-    version: str  # registered version ('' for a plain folder)
-
-    @property
-    def label(self) -> str:
-        return f"models:/{self.name}/{self.version}" if self.name else str(self.folder)
 
 
 def lineage(entry: Path, eval_entry: Path | None, pipeline_run_id: str = "") -> tuple[dict[str, str], str]:
@@ -117,46 +101,3 @@ def register_checkpoint(tracking_uri: str, run_id: str, folder: Path, name: str,
                                           description=description or None).version
     client.set_registered_model_alias(name, ALIAS, version)
     return str(version), True
-
-
-def resolve_model(source: str, tracking_uri: str, download_dir: Path) -> ResolvedModel:
-    """A registry URI downloaded to `download_dir/<name>/<version>` (reused when already there), or a
-    local export folder as it is. Errors say what was looked for and how to fix it."""
-    match = MODEL_URI.match(source)
-    if match is None:
-        folder = Path(source).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{source!r} is neither a models:/<name>/<version> URI nor an exported VLM folder "
-                                    "(one with config.json, vit.safetensors, adapter.safetensors and llm/)")
-        return ResolvedModel(folder.resolve(), "", "")
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    name = match["name"]
-    try:
-        found = (client.get_model_version(name, match["version"]) if match["version"]
-                 else client.get_model_version_by_alias(name, match["alias"]))
-    except MlflowException as error:
-        raise FileNotFoundError(f"{source}: not in the model registry at {tracking_uri} ({error.message}); list the "
-                                "versions in the MLflow UI (Models tab) or with MlflowClient().search_model_versions()"
-                                ) from error
-    target = download_dir / name / str(found.version)
-    if not target.is_dir():  # download beside it, then rename: a killed download leaves no half folder
-        staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=str(staging),
-                                                tracking_uri=tracking_uri)
-            staging.replace(target)
-        except OSError:
-            if not target.is_dir():  # not a concurrent download of the same version that won the rename
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    folder = target / "model"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{source}: version {found.version}'s files ({found.source}) are not an exported VLM")
-    return ResolvedModel(folder, name, str(found.version))
