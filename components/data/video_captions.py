@@ -112,12 +112,13 @@ def decode_for_captions(batch: pa.Table, video: VideoConfig) -> pa.Table:
 
 def windows(timestamps: list[float], window_s: float, max_frames: int) -> list[tuple[float, float, list[int]]]:
     """Fixed windows of `window_s` seconds over the sampled frames: (start, end, frame indices), the
-    indices thinned evenly to `max_frames`; empty windows are skipped. The last window ends one frame
-    step after the last frame (the clip's sampled extent)."""
+    indices thinned evenly to `max_frames`; empty windows are skipped. The last window ends half a frame
+    step after the last frame: frames are sampled at the middles of equal slices of the clip, so that is
+    where the clip ends."""
     if not timestamps:
         return []
-    step = float(np.median(np.diff(timestamps))) if len(timestamps) > 1 else window_s
-    extent = timestamps[-1] + step
+    step = float(np.median(np.diff(timestamps))) if len(timestamps) > 1 else 2 * timestamps[0]
+    extent = timestamps[-1] + step / 2
     out = []
     for index in range(int(np.ceil(extent / window_s - 1e-9))):
         start, end = index * window_s, min((index + 1) * window_s, extent)
@@ -408,6 +409,7 @@ def video_captions(ctx: StageContext[VideoCaptionsJob]) -> StageResult:
                 **cfg.resources.map_kwargs(actors=True)).materialize()
             metrics["captioning_job_s"] = time.perf_counter() - started
             metrics |= captioning_metrics(captioned)
+            table.mkdir(parents=True, exist_ok=True)
             (table / "captions.json").write_text(json.dumps(
                 {"captioner": label, "config": cfg.model, "videos": captions_report(captioned)}, indent=1))
             kept_rows = kept_rows.union(captioned.map_batches(
