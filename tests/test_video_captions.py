@@ -86,7 +86,8 @@ def test_windows_cover_the_clip_with_thinned_frames() -> None:
 @pytest.mark.parametrize(("answer", "expected"), [
     ("", None), ("   ", None), ("a 1 ,", None), ("pancake", None),
     ("<think>looks at it</think> someone flips a pancake", "someone flips a pancake"),
-    ("<|vision_start|>the pan\n is  hot<|im_end|>", "the pan is hot"),
+    ("<|vision_start|>the pan\n is  hot<|im_end|>", "the pan is hot"), ("\n\n\n\n", None),
+    ("a\x10pan\ufffd is\rhot", "a pan is hot"),
 ])
 def test_answers_are_cleaned_or_refused(answer: str, expected: str | None) -> None:
     assert clean_answer(answer, 2) == expected
@@ -135,9 +136,12 @@ def test_a_transformers_folder_captions_windows_in_one_batch(tiny_llava: Path) -
         return buffer.getvalue()
 
     assert check_model_folder(tiny_llava) == "transformers"
-    captioner = load_captioner(tiny_llava, max_new_tokens=6)
-    answers = captioner.caption("describe", [([jpeg(10), jpeg(200)], [0.5, 1.5]), ([jpeg(90)], [4.5])])
+    requests = [([jpeg(10), jpeg(200)], [0.5, 1.5]), ([jpeg(90)], [4.5])]
+    greedy = load_captioner(tiny_llava, VideoCaptionsConfig(prompt="describe", max_new_tokens=6))
+    answers = greedy.caption(requests, [1, 2])
     assert len(answers) == 2 and all(set(a.split()) <= set(WORDS) and a.split() for a in answers)
+    sampled = load_captioner(tiny_llava, VideoCaptionsConfig(prompt="describe", max_new_tokens=6, temperature=1.0))
+    assert sampled.caption(requests, [7, 8]) == sampled.caption(requests, [7, 8])  # seeded
 
 
 def pending(key: str, segments: list[dict], human: str = "", drop: str | None = None) -> dict:
@@ -145,7 +149,7 @@ def pending(key: str, segments: list[dict], human: str = "", drop: str | None = 
                 for task in ("caption", "grounding")}
     return {"key": key, "source": "decord", "meta": json.dumps({"file": f"/v/{key}.mkv"}), "human_caption": human,
             "caption_images": [b"a", b"b"], "grounding_images": [b"a", b"b"], "sampling": json.dumps(sampling),
-            "drop_reason": drop, "segments": json.dumps(segments), "unparseable": 0, "windows": 1, "caption_s": 0.1}
+            "drop_reason": drop, "segments": json.dumps(segments), "answers": [], "unparseable": 0, "windows": 1, "caption_s": 0.1}
 
 
 def test_failed_captions_drop_the_file_or_keep_its_human_caption() -> None:

@@ -321,6 +321,8 @@ class VideoCaptionsConfig:
     max_frames_per_window: int = 8  # the window's frames (at data.video's caption rate), thinned evenly to this
     prompt: str = "Describe what happens in these frames in one sentence."
     max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy; else sampled (top_p), seeded per window from run.seed, key and start
+    top_p: float = 1.0
     min_words: int = 2  # a segment answer with fewer words (letters only) is dropped as unparseable
     generate_batch: int = 16  # windows decoded together in one generation call
     num_gpus: float = 0.0  # per captioning actor; with a GPU the model runs there in bf16
@@ -343,6 +345,9 @@ class VideoCaptionsConfig:
                              "num_gpus >= 0")
         if self.generate_batch < 1:
             raise ValueError(f"data.video_captions.generate_batch must be >= 1, got {self.generate_batch}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"data.video_captions: need temperature >= 0 (0: greedy) and top_p in (0, 1], got "
+                             f"{self.temperature} and {self.top_p}")
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ import json
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ PENDING_SCHEMA = pa.schema([
     ("sampling", pa.string()),  # JSON {"caption": {annotations, width, height}, "grounding": {...}}
     ("drop_reason", pa.string()),
     ("segments", pa.string()),  # JSON [{"start_s", "end_s", "text"}] (the captioner fills it)
+    ("answers", pa.list_(pa.string())),  # the model's raw answer per window, for the step's report
     ("unparseable", pa.int64()), ("windows", pa.int64()), ("caption_s", pa.float64()),
 ])
 
@@ -93,7 +95,7 @@ def decode_for_captions(batch: pa.Table, video: VideoConfig) -> pa.Table:
     for item in batch.to_pylist():
         meta = json.loads(item["meta"])
         row = {**item, "caption_images": [], "grounding_images": [], "sampling": "{}", "drop_reason": None,
-               "segments": "[]", "unparseable": 0, "windows": 0, "caption_s": 0.0}
+               "segments": "[]", "answers": [], "unparseable": 0, "windows": 0, "caption_s": 0.0}
         try:
             sampled = sample(Path(meta["file"]), video, ("caption", "grounding"))
         except VideoDecodeError as error:
@@ -131,10 +133,11 @@ def windows(timestamps: list[float], window_s: float, max_frames: int) -> list[t
 
 def clean_answer(text: str, min_words: int) -> str | None:
     """The model's answer as one caption sentence, or None when it is unusable (empty, or fewer than
-    `min_words` words of letters): reasoning before `</think>` and media/markup tokens removed, whitespace
-    collapsed."""
+    `min_words` words of letters): reasoning before `</think>`, media/markup tokens, control characters and
+    undecodable bytes removed, whitespace collapsed."""
     answer = text.split("</think>", 1)[1] if "</think>" in text else text
     answer = re.sub(r"<[^<>\s]{1,40}>", " ", answer)
+    answer = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in answer)
     answer = " ".join(answer.split())
     if len(re.findall(r"[^\W\d_]{2,}", answer)) < min_words:
         return None
@@ -163,7 +166,7 @@ class VlmCaptioner:
     """Our exported VLM in the generation engine, greedy; an export trained with answer modes is asked in
     direct mode."""
 
-    def __init__(self, folder: Path, max_new_tokens: int) -> None:
+    def __init__(self, folder: Path, cfg: VideoCaptionsConfig) -> None:
         from components.generation.engine import GenerationEngine
         from components.vlm.evaluate import load_for_inference
         from components.vlm.modes import system_prompt
@@ -172,25 +175,28 @@ class VlmCaptioner:
         self.engine = GenerationEngine(model, self.tokenizer)
         saved = json.loads((folder / "config.json").read_text())
         self.system = system_prompt("direct") if saved.get("answer_modes") else None
-        self.max_new_tokens = max_new_tokens
+        self.cfg = cfg
 
-    def caption(self, prompt: str, requests: list[tuple[list[bytes], list[float]]]) -> list[str]:
+    def caption(self, requests: list[tuple[list[bytes], list[float]]], seeds: list[int]) -> list[str]:
         from components.generation.engine import SamplingParams
         from components.vlm.conversation import answer_text
         from components.vlm.evaluate import generation_request
         from components.vlm.tokenizer import VIDEO_PLACEHOLDER
 
-        sampling = SamplingParams(max_tokens=self.max_new_tokens, temperature=0.0)
-        inputs = [generation_request(self.engine, self.tokenizer, f"{VIDEO_PLACEHOLDER}\n{prompt}", frames, stamps,
-                                     self.system, sampling) for frames, stamps in requests]
+        cfg = self.cfg
+        inputs = [generation_request(self.engine, self.tokenizer, f"{VIDEO_PLACEHOLDER}\n{cfg.prompt}", frames, stamps,
+                                     self.system, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                                 top_p=cfg.top_p, seed=seed))
+                  for (frames, stamps), seed in zip(requests, seeds)]
         return [answer_text(self.tokenizer, samples[0].token_ids) for samples in self.engine.generate(inputs)]
 
 
 class TransformersCaptioner:
     """A local transformers image-text-to-text model (AutoProcessor + AutoModelForImageTextToText, files only,
-    never downloaded), greedy through `generate`; each frame is an image after its `[t second]` text."""
+    never downloaded) through `generate`; each frame is an image after its `[t second]` text. Sampling is
+    seeded per generation call (by its first window's seed)."""
 
-    def __init__(self, folder: Path, max_new_tokens: int) -> None:
+    def __init__(self, folder: Path, cfg: VideoCaptionsConfig) -> None:
         import torch
 
         from components.common.torchvision_compat import ensure_torchvision_importable
@@ -206,9 +212,9 @@ class TransformersCaptioner:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         self.model = AutoModelForImageTextToText.from_pretrained(str(folder), local_files_only=True,
                                                                  dtype=dtype).to(device).eval()
-        self.max_new_tokens = max_new_tokens
+        self.cfg = cfg
 
-    def caption(self, prompt: str, requests: list[tuple[list[bytes], list[float]]]) -> list[str]:
+    def caption(self, requests: list[tuple[list[bytes], list[float]]], seeds: list[int]) -> list[str]:
         import torch
 
         from components.vlm.evaluate import decode_png
@@ -218,35 +224,46 @@ class TransformersCaptioner:
             content: list[dict[str, str]] = []
             for stamp in stamps:
                 content += [{"type": "text", "text": timestamp_prefix(stamp)}, {"type": "image"}]
-            content.append({"type": "text", "text": prompt})
+            content.append({"type": "text", "text": self.cfg.prompt})
             texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                             add_generation_prompt=True))
             images.append([decode_png(bytes(f)) for f in frames])
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.model.device)
+        sampled = self.cfg.temperature > 0
+        options = {"do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p} if sampled else {
+            "do_sample": False}
+        if sampled:
+            torch.manual_seed(seeds[0])
         with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, **options)
         return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def load_captioner(folder: Path, max_new_tokens: int) -> VlmCaptioner | TransformersCaptioner:
+def load_captioner(folder: Path, cfg: VideoCaptionsConfig) -> VlmCaptioner | TransformersCaptioner:
     kind = check_model_folder(folder)
-    return VlmCaptioner(folder, max_new_tokens) if kind == "vlm" else TransformersCaptioner(folder, max_new_tokens)
+    return VlmCaptioner(folder, cfg) if kind == "vlm" else TransformersCaptioner(folder, cfg)
+
+
+def window_seed(seed: int, key: str, start: float) -> int:
+    """A stable per-window sampling seed: the same run seed, file and window always draw the same caption."""
+    return zlib.crc32(f"{seed}-{key}-{start:.3f}".encode())
 
 
 class SegmentCaptioner:
     """A Ray Data callable class: loads the captioner once, then captions every window of a batch of files
     (`generate_batch` windows per generation call) and fills each file's `segments`."""
 
-    def __init__(self, folder: str, cfg: VideoCaptionsConfig, threads: int = 1) -> None:
+    def __init__(self, folder: str, cfg: VideoCaptionsConfig, seed: int = 0, threads: int = 1) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.cfg = cfg
-        self.captioner = load_captioner(Path(folder), cfg.max_new_tokens)
+        self.cfg, self.seed = cfg, seed
+        self.captioner = load_captioner(Path(folder), cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         requests: list[tuple[list[bytes], list[float]]] = []
+        seeds: list[int] = []
         owners: list[tuple[int, float, float]] = []
         for index, row in enumerate(rows):
             if row["drop_reason"] is not None:
@@ -256,14 +273,17 @@ class SegmentCaptioner:
             row["windows"] = len(spans)
             for start, end, frames in spans:
                 requests.append(([row["caption_images"][i] for i in frames], [stamps[i] for i in frames]))
+                seeds.append(window_seed(self.seed, row["key"], start))
                 owners.append((index, start, end))
         started = time.perf_counter()
         answers: list[str] = []
-        for first in range(0, len(requests), self.cfg.generate_batch):
-            answers += self.captioner.caption(self.cfg.prompt, requests[first:first + self.cfg.generate_batch])
+        size = self.cfg.generate_batch
+        for first in range(0, len(requests), size):
+            answers += self.captioner.caption(requests[first:first + size], seeds[first:first + size])
         elapsed = time.perf_counter() - started
         segments: dict[int, list[dict[str, Any]]] = {}
         for (index, start, end), answer in zip(owners, answers):
+            rows[index]["answers"] = [*rows[index]["answers"], answer]
             text = clean_answer(answer, self.cfg.min_words)
             if text is None:
                 rows[index]["unparseable"] += 1
@@ -404,7 +424,8 @@ def video_captions(ctx: StageContext[VideoCaptionsJob]) -> StageResult:
                 decode_for_captions, fn_kwargs={"video": video}, batch_size=1, batch_format="pyarrow",
                 **video.resources.map_kwargs())
             captioned = decoded.map_batches(
-                SegmentCaptioner, fn_constructor_kwargs={"folder": str(folder), "cfg": cfg, "threads": threads},
+                SegmentCaptioner, fn_constructor_kwargs={"folder": str(folder), "cfg": cfg, "seed": ctx.seed,
+                                                        "threads": threads},
                 batch_size=cfg.resources.batch_size, batch_format="pyarrow", num_gpus=cfg.num_gpus,
                 **cfg.resources.map_kwargs(actors=True)).materialize()
             metrics["captioning_job_s"] = time.perf_counter() - started
@@ -443,10 +464,11 @@ def captioning_metrics(captioned: Any) -> dict[str, float]:
 
 
 def captions_report(captioned: Any) -> list[dict[str, Any]]:
-    """Each captioned file's segments (or its drop reason), for the step's artifacts."""
-    rows = captioned.select_columns(["key", "drop_reason", "segments", "unparseable", "windows"]).take_all()
+    """Each captioned file's segments and the model's raw answers (or its drop reason), for the step's artifacts."""
+    rows = captioned.select_columns(["key", "drop_reason", "segments", "answers", "unparseable", "windows"]).take_all()
     return [{"key": r["key"], "drop_reason": r["drop_reason"], "windows": int(r["windows"]),
-             "unparseable": int(r["unparseable"]), "segments": json.loads(r["segments"])} for r in rows]
+             "unparseable": int(r["unparseable"]), "segments": json.loads(r["segments"]),
+             "answers": list(r["answers"])} for r in rows]
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ reason (`video_unreadable`, `video_decode_failed`, ...), as are files without a 
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import re
@@ -84,7 +85,10 @@ def sample(path: Path, cfg: VideoConfig, tasks: tuple[str, ...] = VIDEO_TASKS) -
     context = multiprocessing.get_context("forkserver")
     receiver, sender = context.Pipe(duplex=False)
     args = (sender, str(path), rates, cfg.min_frames, tuple(cfg.budgets), cfg.max_tokens, cfg.decode_timeout_s)
-    child = context.Process(target=_sample_into, args=args, daemon=True)
+    # by its importable name: under `python -m components.data.video_samples` this module is __main__, which the
+    # forkserver child cannot look functions up in
+    target = importlib.import_module("components.data.video_samples")._sample_into
+    child = context.Process(target=target, args=args, daemon=True)
     child.start()
     sender.close()
     try:
