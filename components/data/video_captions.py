@@ -168,7 +168,7 @@ class VlmCaptioner:
 
     def __init__(self, folder: Path, cfg: VideoCaptionsConfig) -> None:
         from components.generation.engine import GenerationEngine
-        from components.vlm.evaluate import load_for_inference
+        from components.vlm.inference import load_for_inference
         from components.vlm.modes import system_prompt
 
         model, self.tokenizer = load_for_inference(folder)
@@ -180,7 +180,7 @@ class VlmCaptioner:
     def caption(self, requests: list[tuple[list[bytes], list[float]]], seeds: list[int]) -> list[str]:
         from components.generation.engine import SamplingParams
         from components.vlm.conversation import answer_text
-        from components.vlm.evaluate import generation_request
+        from components.vlm.inference import generation_request
         from components.vlm.tokenizer import VIDEO_PLACEHOLDER
 
         cfg = self.cfg
@@ -217,7 +217,7 @@ class TransformersCaptioner:
     def caption(self, requests: list[tuple[list[bytes], list[float]]], seeds: list[int]) -> list[str]:
         import torch
 
-        from components.vlm.evaluate import decode_png
+        from components.vlm.data import decode_png
 
         texts, images = [], []
         for frames, stamps in requests:

@@ -43,7 +43,7 @@ def encode_prompt(model: Any, tokenizer: Any, question: str, images: Any, stamps
     """A question with its PNG-encoded images (or frames and their times) in the chat template, as the
     generation engine is asked it: (prompt ids, pixel values, grid)."""
     from components.generation.engine import SamplingParams
-    from components.vlm.evaluate import generation_request
+    from components.vlm.inference import generation_request
 
     engine_like = type("EngineLike", (), {"model": model})()  # generation_request reads only `.model.vit`
     request = generation_request(engine_like, tokenizer, question, images, stamps, system, SamplingParams(max_tokens=1))

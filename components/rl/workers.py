@@ -54,7 +54,7 @@ class RolloutWorker:
 
     def __init__(self, checkpoint: str, system: str, threads: int = 1) -> None:
         from components.generation.engine import GenerationEngine
-        from components.vlm.evaluate import load_for_inference
+        from components.vlm.inference import load_for_inference
 
         _threads(threads)
         self.model, self.tokenizer = load_for_inference(checkpoint)
@@ -74,7 +74,7 @@ class RolloutWorker:
         and answer text; rollouts longer than `max_response_tokens` are cut and counted."""
         from components.generation.engine import SamplingParams
         from components.vlm.conversation import answer_text
-        from components.vlm.evaluate import generation_request
+        from components.vlm.inference import generation_request
 
         started = time.perf_counter()
         requests = [generation_request(self.engine, self.tokenizer, str(p["question"]), p["images"], p["timestamps"],

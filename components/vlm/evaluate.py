@@ -22,7 +22,8 @@ import torch
 from components.common.contract import Component, StageContext, StageResult, component
 from components.training.shards import DropCounter
 from components.vlm.config import MIX_TASKS, STAGES, VlmEvalConfig, VlmEvalJob, eval_view
-from components.vlm.data import decode_png, encode_png  # noqa: F401  (encode_png: callers that build rows)
+from components.vlm.data import encode_png
+from components.vlm.inference import generation_request, load_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -75,34 +76,6 @@ def shuffled_control(rows: list[dict[str, Any]], seed: int) -> list[dict[str, An
             images, stamps = media[row["kind"], other]
             shuffled.append({**row, "images": images, "timestamps": stamps, "control": "shuffled"})
     return shuffled
-
-
-def load_for_inference(checkpoint: str | Path) -> tuple[Any, Any]:
-    """The export on a GPU in bf16 when this worker has one, else on the CPU in fp32."""
-    from components.vlm.model import load_vlm
-
-    if torch.cuda.is_available():
-        model, tokenizer, _ = load_vlm(checkpoint, "cuda", torch.bfloat16)
-    else:
-        model, tokenizer, _ = load_vlm(checkpoint)
-    return model, tokenizer
-
-
-def generation_request(engine: Any, tokenizer: Any, question: str, images: Any, stamps: Any, system: str | None,
-                       sampling: Any) -> Any:
-    """One row's question with its PNG-encoded images (or frames with their times) as a generation request in
-    the chat template, under `system`."""
-    from components.generation.engine import GenerationInput
-    from components.vlm.conversation import prompt_ids
-    from components.vlm.data import image_token_count, images_to_vit_input
-
-    vit_cfg = engine.model.vit.config
-    pictures = [decode_png(bytes(data)) for data in images]
-    ids, used = prompt_ids(tokenizer=tokenizer, question=question,
-                           image_token_counts=[image_token_count(p, vit_cfg) for p in pictures],
-                           frame_timestamps=[float(t) for t in stamps] or None, system=system)
-    packed = images_to_vit_input(pictures[:len(used)], vit_cfg)
-    return GenerationInput(ids, packed.pixel_values if packed else None, packed.grid_hw if packed else None, sampling)
 
 
 class GreedyAnswerer:

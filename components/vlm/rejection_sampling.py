@@ -61,7 +61,7 @@ class Sampler:
 
     def __init__(self, checkpoint: str, job: RejectionSamplingJob, seed: int, threads: int = 1) -> None:
         from components.generation.engine import GenerationEngine
-        from components.vlm.evaluate import load_for_inference
+        from components.vlm.inference import load_for_inference
 
         torch.set_num_threads(max(1, threads))
         model, tokenizer = load_for_inference(checkpoint)
@@ -72,7 +72,7 @@ class Sampler:
 
         from components.generation.engine import SamplingParams
         from components.vlm.conversation import answer_text
-        from components.vlm.evaluate import generation_request
+        from components.vlm.inference import generation_request
         from components.vlm.modes import system_prompt
 
         cfg, system = self.job.sampling, system_prompt("thinking")
