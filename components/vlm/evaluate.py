@@ -349,7 +349,7 @@ def run_eval_sft(ctx: StageContext[VlmEvalJob]) -> StageResult:
     trained, out_dir = ctx.inputs["vlm"], ctx.outputs["eval"]
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
-    modes = list(ctx.config.modes or ("direct", "thinking"))
+    modes = list(ctx.config.modes)  # eval_view and rl_eval_view name them
     for mode in modes:
         scores = evaluate_checkpoint(trained / "model", ctx.inputs["shards"], ctx.config, ctx.seed,
                                      out_dir / f"{mode}.jsonl", controls=True, mode=mode)
