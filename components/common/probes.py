@@ -11,7 +11,10 @@ other 20 % (split by key hash), says how much of a fact is linearly readable:
   objects" and "shape X is among the objects" as balanced accuracy averaged over the values, the number
   of objects as accuracy beside its majority rate);
 - from single tokens (`cell_*`): whether a box-annotated object covers most of the token's cell, and
-  that object's colour, beside the majority rate.
+  that object's colour, beside the majority rate; and where the token sits (`cell_position`: which of
+  the image's 3x3 regions holds the cell's centre, balanced accuracy, chance 1/9), on the cells of
+  pictures with boxes. Grounding answers are coordinates relative to the image, so a token that does not
+  say where it is leaves the LLM to infer the grid from the token order alone.
 
 A raw-pixel baseline (RGB histograms of the same images, `pixels` features) tells what is in the pictures
 at all. A fact the ViT holds but the VLM never says points at the adapter, the LLM or the data; a fact
@@ -112,6 +115,12 @@ def cell_labels(facts: ImageFacts, grid_h: int, grid_w: int) -> list[str | None]
     return labels
 
 
+def region_of(index: int, grid_h: int, grid_w: int) -> int:
+    """Which of the image's 3x3 regions (row-major, 0-8) holds the centre of row-major cell `index`."""
+    row, col = divmod(index, grid_w)
+    return int(3 * (row + 0.5) / grid_h) * 3 + int(3 * (col + 0.5) / grid_w)
+
+
 def split_of(key: str) -> bool:
     """True for the probe's test fifth (by key hash, so every encoder sees the same split)."""
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 5 == 0
@@ -172,14 +181,21 @@ def run_probes(facts: Sequence[ImageFacts], tokens: Sequence[np.ndarray],
             put(f"count_{pool}", fit_score(features[counted], counts, test[counted], balanced=False))
             results["count_majority"] = majority(counts, test[counted])
     cell_features, cell_colour, cell_test = [], [], []
+    position_features, position_labels, position_test = [], [], []
     for f, t, (gh, gw), held in zip(facts, tokens, grids, test):
         if not f.boxes or len(t) != gh * gw:
             continue
-        for feature, label in zip(t, cell_labels(f, gh, gw)):
+        for index, (feature, label) in enumerate(zip(t, cell_labels(f, gh, gw))):
+            position_features.append(feature)
+            position_labels.append(region_of(index, gh, gw))
+            position_test.append(held)
             if label is not None:
                 cell_features.append(feature)
                 cell_colour.append(label)
                 cell_test.append(held)
+    if len(position_features) >= 20:
+        put("cell_position", fit_score(np.stack(position_features), position_labels, np.array(position_test),
+                                       balanced=True))
     if len(cell_features) >= 20:
         x, split = np.stack(cell_features), np.array(cell_test)
         put("cell_object", fit_score(x, [c != "background" for c in cell_colour], split, balanced=True))

@@ -188,6 +188,9 @@ class VlmConfig:
     llm: LlmConfig = dataclasses.field(default_factory=LlmConfig)
     adapter_hidden: int = 0  # the adapter MLP's hidden width; 0: the LLM's hidden size
     adapter_output_norm: bool = False  # a LayerNorm at the adapter's output, at the text embeddings' scale
+    # > 0: learned row and column embeddings (this many buckets of the image's height and width) added to each
+    # visual token, so the LLM knows where in the image a token sits; 0: none (tokens carry no position)
+    adapter_position_buckets: int = 0
     holdout_fraction: float = 0.05  # samples kept out of every stage, for the evaluation
     system_prompt: str = ""  # prepended to every training sample when set
     llm_pretrain: LlmPretrainConfig = dataclasses.field(default_factory=LlmPretrainConfig)
@@ -224,6 +227,9 @@ class VlmConfig:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if self.adapter_position_buckets < 0:
+            raise ValueError(f"adapter_position_buckets must be >= 0 (0: no position embeddings), got "
+                             f"{self.adapter_position_buckets}")
 
     @property
     def job(self) -> TrainJob:
@@ -271,6 +277,7 @@ class VlmStageJob:
     system_prompt: str
     job: TrainJob
     adapter_output_norm: bool = False
+    adapter_position_buckets: int = 0
 
 
 @dataclasses.dataclass
@@ -325,7 +332,7 @@ def llm_pretrain_view(vlm: VlmConfig) -> LlmPretrainJob:
 def stage_view(name: str) -> Callable[[VlmConfig], VlmStageJob]:
     def view(vlm: VlmConfig) -> VlmStageJob:
         return VlmStageJob(name, getattr(vlm, name), vlm.llm, vlm.adapter_hidden, vlm.holdout_fraction,
-                           vlm.system_prompt, vlm.job, vlm.adapter_output_norm)
+                           vlm.system_prompt, vlm.job, vlm.adapter_output_norm, vlm.adapter_position_buckets)
     return view
 
 

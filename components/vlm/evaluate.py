@@ -222,8 +222,19 @@ def probe_export(checkpoint: Path, shards_dir: Path, max_images: int, threads: i
     model, _ = load_for_inference(checkpoint)
     model = model.float().cpu()
     metrics = {}
-    for name, head in (("vit", None), ("adapter", model.adapter)):
-        scores = probes.score(lambda images, head=head: visual_tokens(model.vit, images, head))
+    merge = model.vit.config.merge_size
+
+    def adapter_tokens(images: list[Any]) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """The adapter's output per image, as the LLM reads it (with the token positions when it adds them)."""
+        tokens, grids = visual_tokens(model.vit, images)
+        with torch.inference_mode():
+            grid_hw = torch.tensor([(h * merge, w * merge) for h, w in grids], dtype=torch.long)
+            out = model.adapter(torch.from_numpy(np.concatenate(tokens)), grid_hw, merge).float().numpy()
+        offsets = np.cumsum([0] + [len(t) for t in tokens])
+        return [out[a:b] for a, b in zip(offsets[:-1], offsets[1:])], grids
+
+    for name, encode in (("vit", lambda images: visual_tokens(model.vit, images)), ("adapter", adapter_tokens)):
+        scores = probes.score(encode)
         metrics |= {f"probe_{name}_{key}": value for key, value in scores.items()}
     return metrics
 

@@ -89,19 +89,63 @@ def load_llm(folder: str | Path, dtype: torch.dtype = torch.float32, safetensors
 class MlpAdapter(nn.Module):
     """The 2-layer MLP from the ViT's width to the LLM's; with `output_norm`, a LayerNorm at the output whose
     gain starts at the scale of the LLM's token embeddings, so image tokens enter the LLM's residual stream
-    at the size text tokens do (unnormalised, they start ~15x larger and the LLM's layers barely move them)."""
+    at the size text tokens do (unnormalised, they start ~15x larger and the LLM's layers barely move them).
 
-    def __init__(self, vit_width: int, llm_width: int, hidden: int = 0, output_norm: bool = False) -> None:
+    With `position_buckets` B > 0, each token also gets where it sits in its image: a learned row embedding
+    and a learned column embedding, indexed by the token's centre as a fraction of the image's height and width
+    cut into B buckets, added to the MLP's output. Seed-ViT's 2D RoPE makes its features depend on relative
+    offsets only (the `cell_position` probe reads a token's third of the image at chance from them), and the
+    LLM sees the tokens in row-major order with 1D positions and an image-dependent row length, so without
+    this nothing tells it where a token is in the [0, 999] frame grounding answers in. Fractions of the
+    image rather than cell indices, since images of any size share that frame (as Qwen2-VL's M-RoPE gives the
+    LLM rows and columns, and LLaVA-NeXT a token at each row's end)."""
+
+    def __init__(self, vit_width: int, llm_width: int, hidden: int = 0, output_norm: bool = False,
+                 position_buckets: int = 0) -> None:
         super().__init__()
+        if position_buckets < 0:
+            raise ValueError(f"position_buckets must be >= 0, got {position_buckets}")
         hidden = hidden or llm_width
         self.norm = nn.LayerNorm(vit_width)
         self.fc1 = nn.Linear(vit_width, hidden)
         self.fc2 = nn.Linear(hidden, llm_width)
         self.out_norm = nn.LayerNorm(llm_width) if output_norm else None
+        self.position_buckets = position_buckets
+        if position_buckets:
+            self.row_embedding = nn.Embedding(position_buckets, llm_width)
+            self.col_embedding = nn.Embedding(position_buckets, llm_width)
+            nn.init.normal_(self.row_embedding.weight, std=0.02)
+            nn.init.normal_(self.col_embedding.weight, std=0.02)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, grid_hw: torch.Tensor | None = None, merge_size: int = 2) -> torch.Tensor:
+        """Adapter output of the pooled tokens of the images whose patch grids are `grid_hw` (row-major cells
+        of merge_size x merge_size patches, images in order); `grid_hw` is needed only with position buckets."""
         out = self.fc2(F.gelu(self.fc1(self.norm(features))))
-        return self.out_norm(out) if self.out_norm is not None else out
+        out = self.out_norm(out) if self.out_norm is not None else out
+        if not self.position_buckets:
+            return out
+        if grid_hw is None:
+            raise ValueError("an adapter with position buckets needs each image's patch grid (grid_hw)")
+        rows, cols = token_buckets(grid_hw, merge_size, self.position_buckets, out.device)
+        if rows.shape[0] != out.shape[0]:
+            raise ValueError(f"{out.shape[0]} tokens for grids holding {rows.shape[0]}")
+        return out + self.row_embedding(rows).to(out.dtype) + self.col_embedding(cols).to(out.dtype)
+
+
+def token_buckets(grid_hw: torch.Tensor, merge_size: int, buckets: int,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(row bucket, column bucket) of every pooled token of the images, row-major within each image: the
+    token's centre as a fraction of its image's rows / columns, times `buckets`, floored."""
+    rows, cols = [], []
+    for h, w in (grid_hw.detach().cpu() // merge_size).tolist():
+        r = ((torch.arange(h, dtype=torch.float64) + 0.5) / h * buckets).long().clamp(max=buckets - 1)
+        c = ((torch.arange(w, dtype=torch.float64) + 0.5) / w * buckets).long().clamp(max=buckets - 1)
+        rows.append(r.repeat_interleave(w))
+        cols.append(c.repeat(h))
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty
+    return torch.cat(rows).to(device), torch.cat(cols).to(device)
 
 
 @dataclasses.dataclass
@@ -114,11 +158,12 @@ class VlmLoss:
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, vit: SeedViT, llm: Any, image_pad_id: int, adapter_hidden: int = 0,
-                 adapter_output_norm: bool = False) -> None:
+                 adapter_output_norm: bool = False, adapter_position_buckets: int = 0) -> None:
         super().__init__()
         self.vit = vit
         self.llm = llm
-        self.adapter = MlpAdapter(vit.config.width, llm.config.hidden_size, adapter_hidden, adapter_output_norm)
+        self.adapter = MlpAdapter(vit.config.width, llm.config.hidden_size, adapter_hidden, adapter_output_norm,
+                                  adapter_position_buckets)
         if self.adapter.out_norm is not None:
             with torch.no_grad():  # start at the text embeddings' per-coordinate scale
                 scale = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
@@ -131,7 +176,7 @@ class VisionLanguageModel(nn.Module):
 
     def image_embeddings(self, pixel_values: torch.Tensor, grid_hw: torch.Tensor) -> torch.Tensor:
         """(pooled tokens of all images, LLM width): ViT on the packed patches, pooled 2x2, through the adapter."""
-        return self.adapter(self.vit(pixel_values, grid_hw).pooled)
+        return self.adapter(self.vit(pixel_values, grid_hw).pooled, grid_hw, self.vit.config.merge_size)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               grid_hw: torch.Tensor | None = None, image_order: torch.Tensor | None = None,
@@ -228,7 +273,8 @@ def export_vlm(model: VisionLanguageModel, tokenizer: Any, folder: Path, summary
     config = {"architecture": EXPORT_ARCHITECTURE, "vit": dataclasses.asdict(model.vit.config),
               "adapter": {"vit_width": model.vit.config.width, "llm_width": model.llm.config.hidden_size,
                           "hidden": model.adapter.fc1.out_features,
-                          "output_norm": model.adapter.out_norm is not None},
+                          "output_norm": model.adapter.out_norm is not None,
+                          "position_buckets": model.adapter.position_buckets},
               "image_pad_id": model.image_pad_id, **summary}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if folder.exists():
@@ -251,6 +297,7 @@ def load_vlm(folder: str | Path, device: str | torch.device = "cpu",
     vit.load_state_dict(load_file(str(folder / "vit.safetensors")))
     llm = load_llm(folder / "llm", dtype, safetensors_only=True)
     model = VisionLanguageModel(vit, llm, int(saved["image_pad_id"]), int(saved["adapter"]["hidden"]),
-                                bool(saved["adapter"].get("output_norm", False)))
+                                bool(saved["adapter"].get("output_norm", False)),
+                                int(saved["adapter"].get("position_buckets", 0)))
     model.adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
     return model.to(device=device, dtype=dtype).eval(), load_tokenizer(folder / "llm"), saved
