@@ -2,9 +2,9 @@
 shuffled-image control, the probes, rejection sampling, and the stage-0 ablation) in one command.
 
     .venv/bin/python benchmarks/vlm_results.py [--profile tiny] [--root DIR] [--set key=value ...] [--no-readme]
-        [--seeds 0 1 2] [--no-ablation]
+        [--seeds 0 1 2] [--no-ablation] [--until vlm_eval_stage2]
 
-Runs the pipeline through vlm_eval_rl (SFT, the reward model and RL included) in a subprocess against one run root (default: `runs`,
+Runs the pipeline through vlm_eval_rl (SFT, the reward model and RL included; `--until` stops earlier) in a subprocess against one run root (default: `runs`,
 so steps already cached there are reused): as configured (once per seed with `--seeds`), and through
 vlm_eval_stage2 with the `skip_stage0` experiment. Reads each VLM step's metrics from the run summary and prints Markdown tables: evaluation per
 checkpoint, every cell "true images / shuffled images" (each held-out item asked again with another
@@ -45,13 +45,17 @@ RS_COLUMNS = ("prompts", "samples", "sample_pass_rate", "acceptance_rate", "acce
               "mean_thinking_words", "accepted_thinking_words")
 EVAL_COLUMNS = ("caption_f1", "caption_object_colour_recall", "caption_shape_recall", "caption_background_recall",
                 "counting_accuracy", "counting_majority", "grounding_iou", "grounding_iou50", "pointing_hit",
+                "grounding_iou_1to3", "pointing_hit_1to3",
                 "ocr_exact", "video_tiou50", "video_qa_exact", "video_qa_majority")
 GAP_COLUMNS = ("heldout_answer_loss", "image_use_gap", "image_use_gap_caption", "image_use_gap_counting",
                "image_use_gap_grounding", "image_use_gap_ocr", "image_use_gap_video")
 PROBE_COLUMNS = ("background_mean", "colour_present_mean", "colour_present_max", "shape_present_max", "count_max",
-                 "count_majority", "cell_object", "cell_colour", "cell_colour_majority")
+                 "count_majority", "cell_object", "cell_colour", "cell_colour_majority", "cell_position")
 TRAIN_COLUMNS = ("seconds", "steps", "loss_first", "loss_last10", "aux_loss_mean", "tokens_per_s_mean",
                  "padding_mean")
+
+
+UNTIL_STEPS = ("vlm_eval_stage2", "vlm_eval_sft", "vlm_eval_rl")
 
 
 def run_pipeline(root: Path, args: list[str], until: str = "vlm_eval_rl") -> tuple[float, dict[str, dict[str, Any]]]:
@@ -206,13 +210,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run.seed values (mean and spread)")
     parser.add_argument("--no-readme", action="store_true", help="print and record, but leave README.md alone")
     parser.add_argument("--no-ablation", action="store_true", help="skip the skip_stage0 run")
+    parser.add_argument("--until", default="vlm_eval_rl", choices=UNTIL_STEPS,
+                        help="the last step of each seed's run (vlm_eval_stage2: the perception stages only)")
     args = parser.parse_args()
     base = ["--profile", args.profile, *[x for o in args.overrides for x in ("--set", o)]]
     root = Path(args.root).resolve()
     seeds = args.seeds or [None]
     walls, evaluations, probes, trainings, samplings, rls = [], [], [], [], [], []
     for seed in seeds:
-        wall, steps = run_pipeline(root, base + ([] if seed is None else ["--set", f"run.seed={seed}"]))
+        wall, steps = run_pipeline(root, base + ([] if seed is None else ["--set", f"run.seed={seed}"]), args.until)
         walls.append(round(wall, 1))
         evaluations.append(evaluation_rows(steps, ""))
         probes.append(probe_rows(steps))
@@ -232,7 +238,9 @@ def main() -> None:
     seeds_text = f", seeds {', '.join(map(str, seeds))} (mean ±spread)" if args.seeds else ""
     block = (f"Profile `{args.profile}`, measured {time.strftime('%Y-%m-%d')} by `python benchmarks/vlm_results.py"
              f"{' --profile ' + args.profile if args.profile != 'tiny' else ''}"
-             f"{' --seeds ' + ' '.join(map(str, seeds)) if args.seeds else ''}` "
+             f"{' --seeds ' + ' '.join(map(str, seeds)) if args.seeds else ''}"
+             f"{' --until ' + args.until if args.until != 'vlm_eval_rl' else ''}"
+             f"{' --no-ablation' if args.no_ablation else ''}{''.join(' --set ' + o for o in args.overrides)}` "
              f"(held-out items: {items or 'none'}{seeds_text}). Each cell: true images / shuffled images.\n\n"
              f"{table(evaluation, EVAL_COLUMNS, controls=True)}\n"
              f"Answer lengths (words) and the thinking format (one `<think>` block, then an answer):\n\n"
@@ -252,7 +260,7 @@ def main() -> None:
     print(block)
     record(REPO / "benchmarks" / "results" / f"vlm_results_{args.profile}.json",
            {"profile": args.profile, "overrides": args.overrides, "seeds": seeds,
-            "wall_s": {"main": walls, "ablation": round(wall_ablation, 1)}},
+            "until": args.until, "wall_s": {"main": walls, "ablation": round(wall_ablation, 1)}},
            [{"table": "evaluation", "rows": evaluations}, {"table": "probes", "rows": probes},
             {"table": "training", "rows": trainings}, {"table": "rejection_sampling", "rows": samplings},
             {"table": "rl", "rows": rls},

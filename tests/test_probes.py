@@ -64,3 +64,33 @@ def test_pixel_histograms_read_object_colours_and_noise_does_not() -> None:
     noise = run_probes(probes.facts, [rng.normal(size=(16, 64)).astype(np.float32) for _ in probes.images], grids)
     assert noise["colour_present_mean"] < 0.65 and noise["background_mean"] < 0.5
     assert set(noise) >= {"count_mean", "count_max", "count_majority", "shape_present_max", "images"}
+
+
+def test_region_of_cuts_any_grid_in_thirds() -> None:
+    from components.common.probes import region_of
+
+    assert [region_of(i, 3, 3) for i in range(9)] == list(range(9))
+    assert [region_of(i, 1, 6) for i in range(6)] == [3, 3, 4, 4, 5, 5]  # one row: the middle third
+    assert region_of(0, 8, 8) == 0 and region_of(63, 8, 8) == 8 and region_of(4 * 8 + 4, 8, 8) == 4
+
+
+def test_cell_position_reads_where_a_token_sits_only_when_its_features_say_so() -> None:
+    rng = np.random.default_rng(0)
+    facts, grids = [], []
+    for index in range(60):
+        gh, gw = int(rng.integers(3, 8)), int(rng.integers(3, 8))
+        facts.append(ImageFacts(key=f"k{index}", boxes=[("red", (0.0, 0.0, 28.0, 28.0))], width=gw * 28,
+                                height=gh * 28, count=1))
+        grids.append((gh, gw))
+    # Translation-equivariant features (as relative positions give): the content, not the place.
+    content = [rng.normal(size=(gh * gw, 16)).astype(np.float32) for gh, gw in grids]
+    blind = run_probes(facts, content, grids)
+    assert blind["cell_position"] < 0.25  # chance is 1/9
+
+    def placed(tokens: np.ndarray, gh: int, gw: int) -> np.ndarray:
+        rows = (np.arange(gh)[:, None].repeat(gw, 1).reshape(-1) + 0.5) / gh
+        cols = (np.arange(gw)[None, :].repeat(gh, 0).reshape(-1) + 0.5) / gw
+        return np.concatenate([tokens, 3 * rows[:, None], 3 * cols[:, None]], axis=1)
+
+    seeing = run_probes(facts, [placed(t, gh, gw) for t, (gh, gw) in zip(content, grids)], grids)
+    assert seeing["cell_position"] > 0.6

@@ -3,6 +3,7 @@ model output, metrics behave on hand-checked cases, and aggregation reports mean
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import string
@@ -361,8 +362,9 @@ def test_empty_predictions_score_zero_and_unparsed() -> None:
         metrics = score(item, "")
         assert all(value == 0.0 for value in metrics.values()), (item, metrics)
     box, point = items_from_sample(GROUNDING)
-    assert score(box, "") == {"grounding_iou50": 0.0, "grounding_iou": 0.0, "grounding_parsed": 0.0}
-    assert score(point, "") == {"pointing_hit": 0.0, "pointing_parsed": 0.0}
+    assert score(box, "") == {"grounding_iou50": 0.0, "grounding_iou": 0.0, "grounding_parsed": 0.0,
+                              "grounding_iou_1to3": 0.0, "grounding_iou50_1to3": 0.0}
+    assert score(point, "") == {"pointing_hit": 0.0, "pointing_parsed": 0.0, "pointing_hit_1to3": 0.0}
 
 
 def test_caption_scores_objects_apart_from_the_background() -> None:
@@ -445,3 +447,44 @@ def test_results_table() -> None:
         "| untrained | 0.250 | - | 4 |",
         "| stage2 | 0.812 | 1.000 | 4 |",
     ]
+
+
+# ---------------------------------------------------------------------------------------------- few-object scenes
+
+
+def test_items_carry_the_scene_object_count_of_their_annotations() -> None:
+    assert {item.scene_objects for item in items_from_sample(GROUNDING)} == {1}
+    assert {item.scene_objects for item in items_from_sample(COUNTING)} == {0}  # its annotations list no objects
+    assert items_from_sample(CAPTION)[0].scene_objects == 0
+    crowded = json.loads(json.dumps(GROUNDING))
+    crowded["annotations"]["objects"] *= 5
+    assert {item.scene_objects for item in items_from_sample(crowded)} == {5}
+    as_text = json.loads(json.dumps(GROUNDING))
+    as_text["annotations"] = json.dumps(as_text["annotations"])
+    assert {item.scene_objects for item in items_from_sample(as_text)} == {1}
+    broken = json.loads(json.dumps(GROUNDING))
+    broken["annotations"] = "{not json"
+    assert {item.scene_objects for item in items_from_sample(broken)} == {0}
+    (item,) = items_from_sample(GROUNDING)[:1]
+    assert EvalItem.from_dict(item.to_dict()) == item
+    assert EvalItem.from_dict({k: v for k, v in item.to_dict().items() if k != "scene_objects"}).scene_objects == 0
+
+
+def test_grounding_on_scenes_of_one_to_three_objects_is_scored_apart() -> None:
+    box, point = items_from_sample(GROUNDING)
+    right, wrong = "<box>[733, 79, 793, 156]</box>", "<box>[0, 0, 10, 10]</box>"
+    assert score(box, right) == {"grounding_iou50": 1.0, "grounding_iou": 1.0, "grounding_parsed": 1.0,
+                                 "grounding_iou_1to3": 1.0, "grounding_iou50_1to3": 1.0}
+    assert score(box, wrong)["grounding_iou_1to3"] == 0.0
+    assert score(point, "<point>[752, 750]</point>")["pointing_hit_1to3"] == 1.0
+    assert "pointing_parsed_1to3" not in score(point, "<point>[752, 750]</point>")
+    assert score(box, f"<think>It is at the top right.</think>{right}", thinking=True)["grounding_iou_1to3"] == 1.0
+    assert score(box, f"<think>unclosed {right}", thinking=True)["grounding_iou_1to3"] == 0.0
+    crowded = dataclasses.replace(box, scene_objects=4)
+    assert not [k for k in score(crowded, right) if k.endswith("_1to3")]
+    unknown = dataclasses.replace(box, scene_objects=0)
+    assert not [k for k in score(unknown, right) if k.endswith("_1to3")]
+    counting = items_from_sample(COUNTING)[0]
+    assert not [k for k in score(dataclasses.replace(counting, scene_objects=2), "1") if k.endswith("_1to3")]
+    summary = aggregate([(box, score(box, right)), (crowded, score(crowded, wrong))])
+    assert summary["grounding_iou"] == 0.5 and summary["grounding_iou_1to3"] == 1.0

@@ -66,11 +66,12 @@ def ids(tok: Any) -> SpecialIds:
     return SpecialIds.of(tok)
 
 
-def make_model(tok: Any, seed: int = 0, **overrides: Any) -> VisionLanguageModel:
+def make_model(tok: Any, seed: int = 0, position_buckets: int = 0, **overrides: Any) -> VisionLanguageModel:
     torch.manual_seed(seed)
     special = SpecialIds.of(tok)
     llm = build_llm(llm_config(**overrides), vocab_size=len(tok), pad_id=special.pad)
-    return VisionLanguageModel(SeedViT(VIT_CONFIG), llm, special.image_pad).eval()
+    return VisionLanguageModel(SeedViT(VIT_CONFIG), llm, special.image_pad,
+                               adapter_position_buckets=position_buckets).eval()
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +397,7 @@ def test_engine_matches_a_greedy_loop_without_cache(tok: Any, ids: SpecialIds,
 def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_path: Path) -> None:
     base = make_model(tok, seed=3)
     model = VisionLanguageModel(base.vit, base.llm, ids.image_pad, adapter_hidden=48,  # a narrower adapter
-                                adapter_output_norm=True).eval()
+                                adapter_output_norm=True, adapter_position_buckets=8).eval()
     with torch.no_grad():  # a non-default adapter, so loading it is visible
         for parameter in model.adapter.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
@@ -419,6 +420,7 @@ def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_p
     assert loaded.image_pad_id == ids.image_pad and SpecialIds.of(loaded_tok) == ids
     assert loaded.adapter.fc1.out_features == 48 and saved["adapter"]["hidden"] == 48
     assert saved["adapter"]["output_norm"] and loaded.adapter.out_norm is not None
+    assert saved["adapter"]["position_buckets"] == 8 and loaded.adapter.position_buckets == 8
     assert loaded.aux_loss_coef == model.aux_loss_coef > 0 and loaded.llm.config.output_router_logits
     assert loaded.vit.config == VIT_CONFIG
     samples, _ = _encoded_pair(tok)
@@ -499,10 +501,13 @@ def packed_logits(model: VisionLanguageModel, pack: Any, images: list[Image.Imag
         return model.llm(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False).logits[0]
 
 
-def test_changing_one_image_changes_its_own_samples_logits_and_no_others(tok: Any, ids: SpecialIds) -> None:
+@pytest.mark.parametrize("position_buckets", [0, 8])
+def test_changing_one_image_changes_its_own_samples_logits_and_no_others(tok: Any, ids: SpecialIds,
+                                                                         position_buckets: int) -> None:
     """The splice the perception issue rests on: inside one packed row, a new picture for sample b moves b's
-    logits (after its image) and leaves sample a's untouched; a new picture for a moves only a's."""
-    model = make_model(tok, seed=3)
+    logits (after its image) and leaves sample a's untouched; a new picture for a moves only a's (with and
+    without the adapter's token positions, which index each image's own grid)."""
+    model = make_model(tok, seed=3, position_buckets=position_buckets)
     samples, (images_a, images_b) = _encoded_pair(tok)
     packer = Packer(max_tokens=256, max_images=8, pad_id=ids.pad, buffer_size=4)
     for sample in samples:
@@ -530,3 +535,33 @@ def test_adapter_output_norm_starts_at_the_text_embeddings_scale(tok: Any) -> No
         rms = [float(m.image_embeddings(packed.pixel_values, packed.grid_hw).pow(2).mean().sqrt()) for m in (plain, normed)]
     assert abs(rms[1] - text_rms) / text_rms < 0.05  # LayerNorm output at the embeddings' scale
     assert rms[0] > 3 * text_rms  # without it, image tokens start several times larger
+
+
+def test_token_buckets_are_each_tokens_place_as_a_fraction_of_its_image() -> None:
+    from components.vlm.model import token_buckets
+
+    rows, cols = token_buckets(torch.tensor([[4, 6], [2, 2]]), merge_size=2, buckets=4)
+    # image 1: 2 x 3 tokens, centres at 1/4, 3/4 of the height and 1/6, 3/6, 5/6 of the width; image 2: one token
+    assert rows.tolist() == [1, 1, 1, 3, 3, 3, 2]
+    assert cols.tolist() == [0, 2, 3, 0, 2, 3, 2]
+    wide, tall = token_buckets(torch.tensor([[2, 64]]), 2, 4)[1], token_buckets(torch.tensor([[64, 2]]), 2, 4)[0]
+    assert wide.tolist() == tall.tolist() == [i * 4 // 32 for i in range(32)]  # any length spans all buckets
+    assert token_buckets(torch.zeros(0, 2, dtype=torch.long), 2, 4)[0].numel() == 0
+
+
+def test_adapter_positions_tell_identical_tokens_apart_and_need_the_grid(tok: Any) -> None:
+    from components.vlm.model import MlpAdapter
+
+    torch.manual_seed(0)
+    features = torch.randn(1, 32).repeat(6, 1)  # one 2 x 3-token image, every token the same
+    grid = torch.tensor([[4, 6]])
+    plain, placed = MlpAdapter(32, 16), MlpAdapter(32, 16, position_buckets=4)
+    assert torch.allclose(plain(features), plain(features)[:1].expand(6, -1))
+    out = placed(features, grid)
+    assert len({tuple(row) for row in out.round(decimals=5).tolist()}) == 6
+    with pytest.raises(ValueError, match="grid_hw"):
+        placed(features)
+    with pytest.raises(ValueError, match="tokens for grids"):
+        placed(features, torch.tensor([[2, 2]]))
+    with pytest.raises(ValueError, match="position_buckets"):
+        MlpAdapter(32, 16, position_buckets=-1)

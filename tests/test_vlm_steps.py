@@ -88,3 +88,9 @@ def test_a_stage_image_size_cap_reaches_the_vit_and_is_checked() -> None:
         StageConfig(max_pixels=100)
     assert keys("train.vlm.stage1.max_pixels=25088")["vlm_stage1"] != keys()["vlm_stage1"]
     assert keys("train.vlm.adapter_output_norm=false")["vlm_stage0"] != keys()["vlm_stage0"]
+    changed = keys("train.vlm.adapter_position_buckets=4")
+    assert changed["vlm_stage0"] != keys()["vlm_stage0"] and changed["llm_pretrain"] == keys()["llm_pretrain"]
+    from components.vlm.config import VlmConfig
+
+    with pytest.raises(ValueError, match="adapter_position_buckets"):
+        VlmConfig(adapter_position_buckets=-1)

@@ -68,6 +68,7 @@ class EvalItem:
     question: str  # opens with exactly one "<image>\n" or "<video>\n"
     reference: str  # the expected answer text, as in the sample
     turn: int  # index of the (question, answer) pair in the sample's conversation
+    scene_objects: int = 0  # objects in the picture when the sample's annotations list them; 0: unknown
 
     def __post_init__(self) -> None:
         if self.kind not in EVAL_TASKS:
@@ -80,7 +81,8 @@ class EvalItem:
     def from_dict(cls, row: Mapping[str, Any]) -> EvalItem:
         """Inverse of to_dict; extra columns of a Ray Data row (image bytes, ...) are ignored."""
         return cls(key=str(row["key"]), kind=str(row["kind"]), question=str(row["question"]),
-                   reference=str(row["reference"]), turn=int(row["turn"]))
+                   reference=str(row["reference"]), turn=int(row["turn"]),
+                   scene_objects=int(row.get("scene_objects", 0) or 0))
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -98,7 +100,7 @@ def items_from_sample(info: Mapping[str, Any], max_per_sample: int = 4) -> list[
         items = caption_items(key, info.get("caption"))
     elif task in ("grounding", "counting", "ocr", "video"):
         pairs = conversation_pairs(info.get("conversations"))
-        items = [] if pairs is None else turn_items(key, str(task), pairs)
+        items = [] if pairs is None else turn_items(key, str(task), pairs, scene_object_count(info))
     else:
         items = []
     return items[:max_per_sample]
@@ -116,15 +118,28 @@ def caption_items(key: str, caption: Any) -> list[EvalItem]:
                      reference=caption.strip(), turn=0)]
 
 
-def turn_items(key: str, task: str, pairs: list[tuple[str, str]]) -> list[EvalItem]:
+def turn_items(key: str, task: str, pairs: list[tuple[str, str]], scene_objects: int = 0) -> list[EvalItem]:
     token = VIDEO_TOKEN if task == "video" else IMAGE_TOKEN
     items = []
     for turn, (question, answer) in enumerate(pairs):
         kind = classify_turn(task, question, answer)
         if kind is not None:
             items.append(EvalItem(key=key, kind=kind, question=with_media_token(question, token),
-                                  reference=answer.strip(), turn=turn))
+                                  reference=answer.strip(), turn=turn, scene_objects=scene_objects))
     return items
+
+
+def scene_object_count(info: Mapping[str, Any]) -> int:
+    """How many objects the sample's annotations list (the grounding and counting scenes keep every one);
+    0 when they list none or are malformed."""
+    annotations = info.get("annotations")
+    if isinstance(annotations, str):
+        try:
+            annotations = json.loads(annotations)
+        except ValueError:
+            return 0
+    objects = annotations.get("objects") if isinstance(annotations, Mapping) else None
+    return len(objects) if isinstance(objects, list) else 0
 
 
 def classify_turn(task: str, question: str, answer: str) -> str | None:
@@ -226,12 +241,25 @@ def score(item: EvalItem, prediction: str, thinking: bool = False) -> dict[str, 
     if scorer is None:
         raise ValueError(f"unknown evaluation kind {item.kind!r}")
     if not thinking:
-        return scorer(item.reference, prediction)
+        return few_object_copies(item, scorer(item.reference, prediction))
     ok = format_ok(prediction)
     metrics = scorer(item.reference, answer_of(prediction, True))
     if not ok:
         metrics = dict.fromkeys(metrics, 0.0)
-    return metrics | {"format_ok": float(ok)}
+    return few_object_copies(item, metrics) | {"format_ok": float(ok)}
+
+
+FEW_OBJECTS = 3  # grounding and pointing are also scored apart on scenes of 1 to this many objects
+FEW_OBJECT_METRICS = ("grounding_iou", "grounding_iou50", "pointing_hit")
+
+
+def few_object_copies(item: EvalItem, metrics: dict[str, float]) -> dict[str, float]:
+    """The grounding and pointing scores again as `<metric>_1to3` when the item's scene holds 1 to 3 objects:
+    there a model that reads positions from the pixels has one target among few, and the shuffled control
+    says what guessing the usual place of a lone object scores."""
+    if not 1 <= item.scene_objects <= FEW_OBJECTS:
+        return metrics
+    return metrics | {f"{name}_1to{FEW_OBJECTS}": metrics[name] for name in FEW_OBJECT_METRICS if name in metrics}
 
 
 def score_caption(reference: str, prediction: str) -> dict[str, float]:

@@ -102,8 +102,8 @@ class GreedyAnswerer:
         completions = self.engine.generate(requests)
         predictions = [answer_text(self.tokenizer, samples[0].token_ids) for samples in completions]
         return {"key": batch["key"], "kind": batch["kind"], "question": batch["question"],
-                "reference": batch["reference"], "turn": batch["turn"], "control": batch["control"],
-                "prediction": np.array(predictions, dtype=object)}
+                "reference": batch["reference"], "turn": batch["turn"], "scene_objects": batch["scene_objects"],
+                "control": batch["control"], "prediction": np.array(predictions, dtype=object)}
 
 
 def answer_items(checkpoint: Path, rows: list[dict[str, Any]], eval_cfg: VlmEvalConfig,
@@ -133,8 +133,7 @@ def score_answers(answers: list[dict[str, Any]], thinking: bool = False) -> tupl
     scored: dict[str, list[Any]] = {"true": [], "shuffled": []}
     examples: dict[tuple[str, str, int], dict[str, Any]] = {}
     for row in answers:
-        item = EvalItem(key=str(row["key"]), kind=str(row["kind"]), question=str(row["question"]),
-                        reference=str(row["reference"]), turn=int(row["turn"]))
+        item = EvalItem.from_dict(row)
         control = str(row.get("control", "true"))
         result = score(item, str(row["prediction"]), thinking=thinking)
         reasoning, answer = split_thinking(str(row["prediction"])) if thinking else (None, str(row["prediction"]))
@@ -144,7 +143,8 @@ def score_answers(answers: list[dict[str, Any]], thinking: bool = False) -> tupl
         scored[control].append((item, result))
         example = examples.setdefault((item.key, item.kind, item.turn),
                                       {"key": item.key, "kind": item.kind, "turn": item.turn,
-                                       "question": item.question, "reference": item.reference})
+                                       "question": item.question, "reference": item.reference,
+                                       "scene_objects": item.scene_objects})
         suffix = "" if control == "true" else f"_{control}"
         example |= {f"prediction{suffix}": str(row["prediction"]), **{f"{k}{suffix}": v for k, v in result.items()}}
     metrics = {control: aggregate(items) for control, items in scored.items() if items}
