@@ -101,9 +101,8 @@ class GreedyAnswerer:
                     for question, images, stamps in zip(batch["question"], batch["images"], batch["timestamps"])]
         completions = self.engine.generate(requests)
         predictions = [answer_text(self.tokenizer, samples[0].token_ids) for samples in completions]
-        return {"key": batch["key"], "kind": batch["kind"], "question": batch["question"],
-                "reference": batch["reference"], "turn": batch["turn"], "scene_objects": batch["scene_objects"],
-                "control": batch["control"], "prediction": np.array(predictions, dtype=object)}
+        passed = {name: values for name, values in batch.items() if name not in ("images", "timestamps")}
+        return passed | {"prediction": np.array(predictions, dtype=object)}
 
 
 def answer_items(checkpoint: Path, rows: list[dict[str, Any]], eval_cfg: VlmEvalConfig,
