@@ -60,13 +60,19 @@ UNTIL_STEPS = ("vlm_eval_stage2", "vlm_eval_sft", "vlm_eval_rl")
 
 def run_pipeline(root: Path, args: list[str], until: str = "vlm_eval_rl") -> tuple[float, dict[str, dict[str, Any]]]:
     env = os.environ | {"SEEDVL_RUN_ROOT": str(root)}
+    runs = root / "pipeline_runs"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "pipelines/full.py", "--until", until, *args], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"pipeline failed:\n{done.stderr[-4000:]}")
-    latest = sorted((root / "pipeline_runs").iterdir())[-1]
-    steps = {s["name"]: s for s in json.loads((latest / "summary.json").read_text())["steps"]}
+    # this run's own record: another pipeline on the same root (a side experiment) may have started after it
+    ours = [run for run in set(runs.iterdir()) - before if f"/{run.name}/" in done.stdout + done.stderr]
+    new = ours or sorted(set(runs.iterdir()) - before)
+    if len(new) != 1:
+        sys.exit(f"cannot tell this run's record among {sorted(p.name for p in new)} in {runs}")
+    steps = {s["name"]: s for s in json.loads((new[0] / "summary.json").read_text())["steps"]}
     return time.perf_counter() - started, steps
 
 
@@ -173,6 +179,8 @@ def cell(stats: dict[str, tuple[float, float]], metric: str, controls: bool) -> 
 
 def table(rows: dict[str, dict[str, tuple[float, float]]], columns: tuple[str, ...], controls: bool = False) -> str:
     columns = tuple(c for c in columns if any(c in r for r in rows.values()))
+    if not columns:
+        return ""
     lines = ["| checkpoint | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += [f"| {name} | " + " | ".join(cell(stats, c, controls) for c in columns) + " |" for name, stats in rows.items()]
     return "\n".join(lines) + "\n"
@@ -188,6 +196,29 @@ def training_rows(steps: dict[str, dict[str, Any]], suffix: str) -> dict[str, di
                 seconds = json.loads((Path(step["output_dir"]) / "_MANIFEST.json").read_text())["duration_s"]
             rows[f"{name.removeprefix('vlm_')}{suffix}"] = {"seconds": seconds, **step["metrics"]}
     return rows
+
+
+def sections(evaluation: dict, samplings: list, rls: list, probes: list, training: dict) -> list[tuple[str, str]]:
+    """The block's tables with their headings, leaving out those with nothing to show (a run that stops at
+    stage 2 has no rejection sampling, reward model or RL)."""
+    images = int(next(iter(probes[0].values()), {}).get("images", 0)) if probes else 0
+    candidates = [
+        ("", table(evaluation, EVAL_COLUMNS, controls=True)),
+        ("Answer lengths (words) and the thinking format (one `<think>` block, then an answer):\n\n",
+         table(evaluation, SFT_COLUMNS, controls=True)),
+        ("Rejection sampling from the first SFT round, with thinking on (per task; acceptance: prompts with at least one "
+         "verified answer):\n\n", table(over_seeds(samplings), RS_COLUMNS)),
+        ("Reward model (Bradley-Terry on our own pairs: verified or reference answers over wrong samples, concise over "
+         "rambling captions; held-out prompts' pairs):\n\n", table(only(rls, "reward model"), RM_COLUMNS)),
+        ("Hybrid RL, the reward curve (first and last quarter of the policy steps) and the run's means:\n\n",
+         table(only(rls, "rl"), RL_COLUMNS)),
+        ("Answer loss on held-out samples and the image-use gap (shuffled minus own images, nats):\n\n",
+         table(evaluation, GAP_COLUMNS)),
+        (f"Linear probes (held-out fifth of {images} pictures; balanced accuracy for background/present, accuracy for "
+         "counts and cells):\n\n", table(over_seeds(probes), PROBE_COLUMNS)),
+        ("", table(training, TRAIN_COLUMNS)),
+    ]
+    return [(heading, text) for heading, text in candidates if text]
 
 
 def replace_readme_block(table: str, profile: str) -> None:
@@ -242,21 +273,7 @@ def main() -> None:
              f"{' --until ' + args.until if args.until != 'vlm_eval_rl' else ''}"
              f"{' --no-ablation' if args.no_ablation else ''}{''.join(' --set ' + o for o in args.overrides)}` "
              f"(held-out items: {items or 'none'}{seeds_text}). Each cell: true images / shuffled images.\n\n"
-             f"{table(evaluation, EVAL_COLUMNS, controls=True)}\n"
-             f"Answer lengths (words) and the thinking format (one `<think>` block, then an answer):\n\n"
-             f"{table(evaluation, SFT_COLUMNS, controls=True)}\n"
-             f"Rejection sampling from the first SFT round, with thinking on (per task; acceptance: prompts with at "
-             f"least one verified answer):\n\n{table(over_seeds(samplings), RS_COLUMNS)}\n"
-             f"Reward model (Bradley-Terry on our own pairs: verified or reference answers over wrong samples, "
-             f"concise over rambling captions; held-out prompts' pairs):\n\n{table(only(rls, 'reward model'), RM_COLUMNS)}\n"
-             f"Hybrid RL, the reward curve (first and last quarter of the policy steps) and the run's means:\n\n"
-             f"{table(only(rls, 'rl'), RL_COLUMNS)}\n"
-             f"Answer loss on held-out samples and the image-use gap (shuffled minus own images, nats):\n\n"
-             f"{table(evaluation, GAP_COLUMNS)}\n"
-             f"Linear probes (held-out fifth of {int(next(iter(probes[0].values()), {}).get('images', 0))} pictures; "
-             f"balanced accuracy for background/present, accuracy for counts and cells):\n\n"
-             f"{table(over_seeds(probes), PROBE_COLUMNS)}\n"
-             f"{table(training, TRAIN_COLUMNS)}")
+             + "\n".join(f"{heading}{text}" for heading, text in sections(evaluation, samplings, rls, probes, training)))
     print(block)
     record(REPO / "benchmarks" / "results" / f"vlm_results_{args.profile}.json",
            {"profile": args.profile, "overrides": args.overrides, "seeds": seeds,
