@@ -67,7 +67,13 @@ def test_vlm_stages_eval_export_ablation_and_resume(tiny_run: PipelineRun) -> No
     assert not list(export.rglob("*.bin")) and not list(export.rglob("*.pt"))
     assert (export / "llm" / "config.json").is_file() and list((export / "llm").glob("*.safetensors"))
     examples = (Path(steps["vlm_eval_stage1"]["output_dir"]) / "eval" / "stage1.jsonl").read_text().splitlines()
-    assert examples and {"prediction", "prediction_shuffled", "reference", "kind"} <= set(json.loads(examples[0]))
+    rows = [json.loads(line) for line in examples]
+    assert rows and all({"prediction", "reference", "kind"} <= set(row) for row in rows)
+    assert rows == sorted(rows, key=lambda row: (row["key"], row["kind"], row["turn"]))  # the same file every run
+    # every item of a kind the control could swap images for carries its shuffled answer too
+    swapped = {key.removeprefix("eval_shuffled/n_") for key in steps["vlm_eval_stage1"]["metrics"]
+               if key.startswith("eval_shuffled/n_")}
+    assert "caption" in swapped and all("prediction_shuffled" in row for row in rows if row["kind"] in swapped)
 
     # an evaluation setting changed: every evaluation reruns, nothing trains again
     changed = run(root, "--set", "train.vlm.eval.max_new_tokens=5")

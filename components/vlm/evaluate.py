@@ -147,7 +147,9 @@ def score_answers(answers: list[dict[str, Any]], thinking: bool = False) -> tupl
         suffix = "" if control == "true" else f"_{control}"
         example |= {f"prediction{suffix}": str(row["prediction"]), **{f"{k}{suffix}": v for k, v in result.items()}}
     metrics = {control: aggregate(items) for control, items in scored.items() if items}
-    return metrics, list(examples.values())
+    # Ray Data's actor pool returns rows in no fixed order: the examples are sorted so the file is the same
+    # on every run
+    return metrics, [examples[k] for k in sorted(examples)]
 
 
 def image_use_gap(checkpoint: Path, shards_dir: Path, job: VlmEvalJob, seed: int) -> dict[str, float]:
