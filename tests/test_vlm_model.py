@@ -66,12 +66,13 @@ def ids(tok: Any) -> SpecialIds:
     return SpecialIds.of(tok)
 
 
-def make_model(tok: Any, seed: int = 0, position_buckets: int = 0, **overrides: Any) -> VisionLanguageModel:
+def make_model(tok: Any, seed: int = 0, position_buckets: int = 0, position_frequencies: int = 0,
+               **overrides: Any) -> VisionLanguageModel:
     torch.manual_seed(seed)
     special = SpecialIds.of(tok)
     llm = build_llm(llm_config(**overrides), vocab_size=len(tok), pad_id=special.pad)
-    return VisionLanguageModel(SeedViT(VIT_CONFIG), llm, special.image_pad,
-                               adapter_position_buckets=position_buckets).eval()
+    return VisionLanguageModel(SeedViT(VIT_CONFIG), llm, special.image_pad, adapter_position_buckets=position_buckets,
+                               adapter_position_frequencies=position_frequencies).eval()
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +398,8 @@ def test_engine_matches_a_greedy_loop_without_cache(tok: Any, ids: SpecialIds,
 def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_path: Path) -> None:
     base = make_model(tok, seed=3)
     model = VisionLanguageModel(base.vit, base.llm, ids.image_pad, adapter_hidden=48,  # a narrower adapter
-                                adapter_output_norm=True, adapter_position_buckets=8).eval()
+                                adapter_output_norm=True, adapter_position_buckets=8,
+                                adapter_position_frequencies=3).eval()
     with torch.no_grad():  # a non-default adapter, so loading it is visible
         for parameter in model.adapter.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
@@ -421,6 +423,7 @@ def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_p
     assert loaded.adapter.fc1.out_features == 48 and saved["adapter"]["hidden"] == 48
     assert saved["adapter"]["output_norm"] and loaded.adapter.out_norm is not None
     assert saved["adapter"]["position_buckets"] == 8 and loaded.adapter.position_buckets == 8
+    assert saved["adapter"]["position_frequencies"] == 3 and loaded.adapter.fc1.in_features == VIT_CONFIG.width + 12
     assert loaded.aux_loss_coef == model.aux_loss_coef > 0 and loaded.llm.config.output_router_logits
     assert loaded.vit.config == VIT_CONFIG
     samples, _ = _encoded_pair(tok)
@@ -501,13 +504,14 @@ def packed_logits(model: VisionLanguageModel, pack: Any, images: list[Image.Imag
         return model.llm(inputs_embeds=embeds, position_ids=batch["position_ids"], use_cache=False).logits[0]
 
 
-@pytest.mark.parametrize("position_buckets", [0, 8])
+@pytest.mark.parametrize("position_buckets,position_frequencies", [(0, 0), (8, 0), (0, 3)])
 def test_changing_one_image_changes_its_own_samples_logits_and_no_others(tok: Any, ids: SpecialIds,
-                                                                         position_buckets: int) -> None:
+                                                                         position_buckets: int,
+                                                                         position_frequencies: int) -> None:
     """The splice the perception issue rests on: inside one packed row, a new picture for sample b moves b's
     logits (after its image) and leaves sample a's untouched; a new picture for a moves only a's (with and
     without the adapter's token positions, which index each image's own grid)."""
-    model = make_model(tok, seed=3, position_buckets=position_buckets)
+    model = make_model(tok, seed=3, position_buckets=position_buckets, position_frequencies=position_frequencies)
     samples, (images_a, images_b) = _encoded_pair(tok)
     packer = Packer(max_tokens=256, max_images=8, pad_id=ids.pad, buffer_size=4)
     for sample in samples:
@@ -549,13 +553,32 @@ def test_token_buckets_are_each_tokens_place_as_a_fraction_of_its_image() -> Non
     assert token_buckets(torch.zeros(0, 2, dtype=torch.long), 2, 4)[0].numel() == 0
 
 
-def test_adapter_positions_tell_identical_tokens_apart_and_need_the_grid(tok: Any) -> None:
+def test_position_features_are_octaves_of_each_tokens_centre() -> None:
+    from components.vlm.model import position_features, token_centres
+
+    centres = token_centres(torch.tensor([[4, 6], [2, 2]]), merge_size=2)
+    assert centres[:, 0].tolist() == [0.25] * 3 + [0.75] * 3 + [0.5]
+    assert torch.allclose(centres[:3, 1], torch.tensor([1 / 6, 3 / 6, 5 / 6], dtype=torch.float64))
+    features = position_features(centres, 2)
+    assert features.shape == (7, 8) and features.abs().max() <= 1.0
+    # layout: sin(y), sin(2y), cos(y), cos(2y), then the same of x (pi * 2^k * fraction)
+    y, x = 0.25, 1 / 6
+    expected = [torch.sin(torch.tensor(torch.pi * y)), torch.sin(torch.tensor(2 * torch.pi * y)),
+                torch.cos(torch.tensor(torch.pi * y)), torch.cos(torch.tensor(2 * torch.pi * y)),
+                torch.sin(torch.tensor(torch.pi * x)), torch.sin(torch.tensor(2 * torch.pi * x)),
+                torch.cos(torch.tensor(torch.pi * x)), torch.cos(torch.tensor(2 * torch.pi * x))]
+    assert torch.allclose(features[0], torch.stack(expected).float(), atol=1e-6)
+    assert len({tuple(row) for row in features.round(decimals=5).tolist()}) == 7  # every token placed apart
+
+
+@pytest.mark.parametrize("placement", [{"position_buckets": 4}, {"position_frequencies": 2}])
+def test_adapter_positions_tell_identical_tokens_apart_and_need_the_grid(tok: Any, placement: dict[str, int]) -> None:
     from components.vlm.model import MlpAdapter
 
     torch.manual_seed(0)
     features = torch.randn(1, 32).repeat(6, 1)  # one 2 x 3-token image, every token the same
     grid = torch.tensor([[4, 6]])
-    plain, placed = MlpAdapter(32, 16), MlpAdapter(32, 16, position_buckets=4)
+    plain, placed = MlpAdapter(32, 16), MlpAdapter(32, 16, **placement)
     assert torch.allclose(plain(features), plain(features)[:1].expand(6, -1))
     out = placed(features, grid)
     assert len({tuple(row) for row in out.round(decimals=5).tolist()}) == 6
@@ -565,3 +588,5 @@ def test_adapter_positions_tell_identical_tokens_apart_and_need_the_grid(tok: An
         placed(features, torch.tensor([[2, 2]]))
     with pytest.raises(ValueError, match="position_buckets"):
         MlpAdapter(32, 16, position_buckets=-1)
+    with pytest.raises(ValueError, match="position_frequencies"):
+        MlpAdapter(32, 16, position_frequencies=-1)

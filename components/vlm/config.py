@@ -191,6 +191,9 @@ class VlmConfig:
     # > 0: learned row and column embeddings (this many buckets of the image's height and width) added to each
     # visual token, so the LLM knows where in the image a token sits; 0: none (tokens carry no position)
     adapter_position_buckets: int = 0
+    # > 0: the token's place in its image enters the adapter MLP beside its features, as sin/cos of this many
+    # octaves of its centre's height and width fractions; 0: none
+    adapter_position_frequencies: int = 0
     holdout_fraction: float = 0.05  # samples kept out of every stage, for the evaluation
     system_prompt: str = ""  # prepended to every training sample when set
     llm_pretrain: LlmPretrainConfig = dataclasses.field(default_factory=LlmPretrainConfig)
@@ -230,6 +233,9 @@ class VlmConfig:
         if self.adapter_position_buckets < 0:
             raise ValueError(f"adapter_position_buckets must be >= 0 (0: no position embeddings), got "
                              f"{self.adapter_position_buckets}")
+        if self.adapter_position_frequencies < 0:
+            raise ValueError(f"adapter_position_frequencies must be >= 0 (0: no position inputs), got "
+                             f"{self.adapter_position_frequencies}")
 
     @property
     def job(self) -> TrainJob:
@@ -278,6 +284,7 @@ class VlmStageJob:
     job: TrainJob
     adapter_output_norm: bool = False
     adapter_position_buckets: int = 0
+    adapter_position_frequencies: int = 0
 
 
 @dataclasses.dataclass
@@ -332,7 +339,8 @@ def llm_pretrain_view(vlm: VlmConfig) -> LlmPretrainJob:
 def stage_view(name: str) -> Callable[[VlmConfig], VlmStageJob]:
     def view(vlm: VlmConfig) -> VlmStageJob:
         return VlmStageJob(name, getattr(vlm, name), vlm.llm, vlm.adapter_hidden, vlm.holdout_fraction,
-                           vlm.system_prompt, vlm.job, vlm.adapter_output_norm, vlm.adapter_position_buckets)
+                           vlm.system_prompt, vlm.job, vlm.adapter_output_norm, vlm.adapter_position_buckets,
+                           vlm.adapter_position_frequencies)
     return view
 
 

@@ -98,16 +98,26 @@ class MlpAdapter(nn.Module):
     LLM sees the tokens in row-major order with 1D positions and an image-dependent row length, so without
     this nothing tells it where a token is in the [0, 999] frame grounding answers in. Fractions of the
     image rather than cell indices, since images of any size share that frame (as Qwen2-VL's M-RoPE gives the
-    LLM rows and columns, and LLaVA-NeXT a token at each row's end)."""
+    LLM rows and columns, and LLaVA-NeXT a token at each row's end).
+
+    With `position_frequencies` K > 0, the same centre fractions (y, x) enter the MLP instead, beside the
+    normalised ViT features: sin and cos of pi * 2^k * y and of pi * 2^k * x for k < K (4K inputs, in [-1, 1]
+    like the normalised features). The MLP mixes place and content and the output norm keeps the token at the
+    text embeddings' scale, where added embeddings grow with training until the place outweighs the content
+    (learned row and column embeddings of norm ~0.6 against ~0.7 for the content, measured on the small
+    profile)."""
 
     def __init__(self, vit_width: int, llm_width: int, hidden: int = 0, output_norm: bool = False,
-                 position_buckets: int = 0) -> None:
+                 position_buckets: int = 0, position_frequencies: int = 0) -> None:
         super().__init__()
         if position_buckets < 0:
             raise ValueError(f"position_buckets must be >= 0, got {position_buckets}")
+        if position_frequencies < 0:
+            raise ValueError(f"position_frequencies must be >= 0, got {position_frequencies}")
         hidden = hidden or llm_width
         self.norm = nn.LayerNorm(vit_width)
-        self.fc1 = nn.Linear(vit_width, hidden)
+        self.position_frequencies = position_frequencies
+        self.fc1 = nn.Linear(vit_width + 4 * position_frequencies, hidden)
         self.fc2 = nn.Linear(hidden, llm_width)
         self.out_norm = nn.LayerNorm(llm_width) if output_norm else None
         self.position_buckets = position_buckets
@@ -119,33 +129,50 @@ class MlpAdapter(nn.Module):
 
     def forward(self, features: torch.Tensor, grid_hw: torch.Tensor | None = None, merge_size: int = 2) -> torch.Tensor:
         """Adapter output of the pooled tokens of the images whose patch grids are `grid_hw` (row-major cells
-        of merge_size x merge_size patches, images in order); `grid_hw` is needed only with position buckets."""
-        out = self.fc2(F.gelu(self.fc1(self.norm(features))))
+        of merge_size x merge_size patches, images in order); `grid_hw` is needed only with positions."""
+        if (self.position_buckets or self.position_frequencies) and grid_hw is None:
+            raise ValueError("an adapter with positions needs each image's patch grid (grid_hw)")
+        inputs = self.norm(features)
+        if self.position_frequencies:
+            places = position_features(token_centres(grid_hw, merge_size), self.position_frequencies)
+            if places.shape[0] != inputs.shape[0]:
+                raise ValueError(f"{inputs.shape[0]} tokens for grids holding {places.shape[0]}")
+            inputs = torch.cat([inputs, places.to(device=inputs.device, dtype=inputs.dtype)], dim=-1)
+        out = self.fc2(F.gelu(self.fc1(inputs)))
         out = self.out_norm(out) if self.out_norm is not None else out
         if not self.position_buckets:
             return out
-        if grid_hw is None:
-            raise ValueError("an adapter with position buckets needs each image's patch grid (grid_hw)")
         rows, cols = token_buckets(grid_hw, merge_size, self.position_buckets, out.device)
         if rows.shape[0] != out.shape[0]:
             raise ValueError(f"{out.shape[0]} tokens for grids holding {rows.shape[0]}")
         return out + self.row_embedding(rows).to(out.dtype) + self.col_embedding(cols).to(out.dtype)
 
 
+def token_centres(grid_hw: torch.Tensor, merge_size: int) -> torch.Tensor:
+    """(tokens, 2) float64: every pooled token's centre as a fraction of its image's height and width, (y, x)
+    in (0, 1), row-major within each image, images in order."""
+    centres = [torch.zeros(0, 2, dtype=torch.float64)]
+    for h, w in (grid_hw.detach().cpu() // merge_size).tolist():
+        y = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+        x = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+        centres.append(torch.stack([y.repeat_interleave(w), x.repeat(h)], dim=-1))
+    return torch.cat(centres)
+
+
+def position_features(centres: torch.Tensor, frequencies: int) -> torch.Tensor:
+    """(tokens, 4 * frequencies): sin and cos of pi * 2^k * y, then of pi * 2^k * x, for k < frequencies."""
+    scales = torch.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float64)
+    angles = centres[:, :, None] * scales  # (tokens, 2, K)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1).float()
+
+
 def token_buckets(grid_hw: torch.Tensor, merge_size: int, buckets: int,
                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(row bucket, column bucket) of every pooled token of the images, row-major within each image: the
     token's centre as a fraction of its image's rows / columns, times `buckets`, floored."""
-    rows, cols = [], []
-    for h, w in (grid_hw.detach().cpu() // merge_size).tolist():
-        r = ((torch.arange(h, dtype=torch.float64) + 0.5) / h * buckets).long().clamp(max=buckets - 1)
-        c = ((torch.arange(w, dtype=torch.float64) + 0.5) / w * buckets).long().clamp(max=buckets - 1)
-        rows.append(r.repeat_interleave(w))
-        cols.append(c.repeat(h))
-    if not rows:
-        empty = torch.zeros(0, dtype=torch.long, device=device)
-        return empty, empty
-    return torch.cat(rows).to(device), torch.cat(cols).to(device)
+    centres = token_centres(grid_hw, merge_size)
+    buckets_of = (centres * buckets).long().clamp(max=buckets - 1).to(device)
+    return buckets_of[:, 0], buckets_of[:, 1]
 
 
 @dataclasses.dataclass
@@ -158,12 +185,13 @@ class VlmLoss:
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, vit: SeedViT, llm: Any, image_pad_id: int, adapter_hidden: int = 0,
-                 adapter_output_norm: bool = False, adapter_position_buckets: int = 0) -> None:
+                 adapter_output_norm: bool = False, adapter_position_buckets: int = 0,
+                 adapter_position_frequencies: int = 0) -> None:
         super().__init__()
         self.vit = vit
         self.llm = llm
         self.adapter = MlpAdapter(vit.config.width, llm.config.hidden_size, adapter_hidden, adapter_output_norm,
-                                  adapter_position_buckets)
+                                  adapter_position_buckets, adapter_position_frequencies)
         if self.adapter.out_norm is not None:
             with torch.no_grad():  # start at the text embeddings' per-coordinate scale
                 scale = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
@@ -274,7 +302,8 @@ def export_vlm(model: VisionLanguageModel, tokenizer: Any, folder: Path, summary
               "adapter": {"vit_width": model.vit.config.width, "llm_width": model.llm.config.hidden_size,
                           "hidden": model.adapter.fc1.out_features,
                           "output_norm": model.adapter.out_norm is not None,
-                          "position_buckets": model.adapter.position_buckets},
+                          "position_buckets": model.adapter.position_buckets,
+                          "position_frequencies": model.adapter.position_frequencies},
               "image_pad_id": model.image_pad_id, **summary}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if folder.exists():
@@ -298,6 +327,7 @@ def load_vlm(folder: str | Path, device: str | torch.device = "cpu",
     llm = load_llm(folder / "llm", dtype, safetensors_only=True)
     model = VisionLanguageModel(vit, llm, int(saved["image_pad_id"]), int(saved["adapter"]["hidden"]),
                                 bool(saved["adapter"].get("output_norm", False)),
-                                int(saved["adapter"].get("position_buckets", 0)))
+                                int(saved["adapter"].get("position_buckets", 0)),
+                                int(saved["adapter"].get("position_frequencies", 0)))
     model.adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
     return model.to(device=device, dtype=dtype).eval(), load_tokenizer(folder / "llm"), saved
