@@ -31,6 +31,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from components.data.synthesis.avi_writer import jpeg_bytes, mjpeg_avi_from_jpegs
 from components.data.synthetic_crawl import BACKGROUNDS, COLOURS, SHAPES, DrawnObject, Scene, render
 
@@ -309,17 +311,27 @@ def object_state_at(clip: SyntheticClip, t: float) -> list[dict[str, Any]]:
     return _states(clip.visible, frame_at(clip, t))
 
 
-def _render_video(visible: list[dict[str, Any]], num_frames: int, fps: float, width: int, height: int,
-                  background: str) -> bytes:
-    cache: dict[tuple[Any, ...], bytes] = {}
-    jpegs = []
+def drawn_frames(visible: list[dict[str, Any]], num_frames: int, width: int, height: int,
+                 background: str) -> tuple[list[Image.Image], list[int]]:
+    """The clip's distinct pictures, and per frame the index of the picture it shows (frames with the
+    same content share one picture)."""
+    seen: dict[tuple[Any, ...], int] = {}
+    pictures: list[Image.Image] = []
+    shown = []
     for frame in range(num_frames):
         drawn = tuple((s["shape"], s["colour"], s["box"]) for s in _states(visible, frame))
-        if drawn not in cache:
-            scene = Scene(width, height, background, [DrawnObject(*d) for d in drawn])
-            cache[drawn] = jpeg_bytes(render(scene), JPEG_QUALITY)
-        jpegs.append(cache[drawn])
-    return mjpeg_avi_from_jpegs(jpegs, fps, width, height)
+        if drawn not in seen:
+            seen[drawn] = len(pictures)
+            pictures.append(render(Scene(width, height, background, [DrawnObject(*d) for d in drawn])))
+        shown.append(seen[drawn])
+    return pictures, shown
+
+
+def _render_video(visible: list[dict[str, Any]], num_frames: int, fps: float, width: int, height: int,
+                  background: str) -> bytes:
+    pictures, shown = drawn_frames(visible, num_frames, width, height, background)
+    jpegs = [jpeg_bytes(picture, JPEG_QUALITY) for picture in pictures]  # each distinct picture encoded once
+    return mjpeg_avi_from_jpegs([jpegs[i] for i in shown], fps, width, height)
 
 
 def format_seconds(t: float) -> str:
