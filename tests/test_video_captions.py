@@ -19,9 +19,9 @@ from components.common.executor import run_into
 from components.data.config import (ShardsConfig, VideoCaptionsConfig, VideoCaptionsJob, VideoConfig,
                                     VideoSourceConfig)
 from components.data.lib.table import data_dir, read_stats
-from components.data.video_captions import (PENDING_SCHEMA, assemble, captioner_preflight, check_model_folder,
-                                            clean_answer, dense_caption, load_captioner, unique_segments,
-                                            video_captions, windows)
+from components.data.lib.captioner import check_model_folder, clean_answer, load_captioner
+from components.data.video_captions import (PENDING_SCHEMA, assemble, captioner_preflight, dense_caption,
+                                            unique_segments, video_captions, windows)
 
 WORDS = ["pancake", "pan", "flips", "someone", "butter", "kitchen", "hand", "plate", "stove", "golden", "batter",
          "spatula"]
