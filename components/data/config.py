@@ -352,8 +352,9 @@ class ImageCaptionsConfig:
 @dataclasses.dataclass
 class ImageCaptionsJob:
     """What the `image_captions` step uses: its own section, basic_filters' rules (which captions are poor,
-    which images it drops anyway, so are not captioned) and ingest's image size guard (an image ingest did
-    not open because its caption was not UTF-8 is opened here)."""
+    which images it drops anyway, so are not captioned; its `resources` also size the step's column tasks)
+    and ingest's image size guard (an image ingest did not open because its caption was not UTF-8 is opened
+    here)."""
 
     captions: ImageCaptionsConfig
     filters: BasicFiltersConfig
