@@ -185,10 +185,10 @@ def image_captions(ctx: StageContext[ImageCaptionsJob]) -> StageResult:
     metrics: dict[str, float] = {"images_in": float(pending)}
     if not files:
         data_dir(table).mkdir(parents=True)
-    rows = ray.data.read_parquet(files) if files else None
     download = ctx.workdir / "_captioner"
     try:
-        if rows is not None:
+        if files:
+            rows = ray.data.read_parquet(files)
             out = rows.map_batches(passthrough, fn_kwargs={"job": job}, batch_format="pyarrow",
                                    batch_size=tasks.batch_size, **tasks.map_kwargs())
             if pending:
