@@ -129,9 +129,9 @@ def load_config(
     for override in overrides or []:
         layered.merge(parse_override(override), f"--set {override}")
     config = build(PipelineConfig, layered)
-    captions = config.data.video_captions
-    if captions.enabled and not captions.registry_uri:  # the captioner's models:/ names: the pipeline's own registry
-        captions.registry_uri = config.tracking_uri
+    for captions in (config.data.image_captions, config.data.video_captions):
+        if captions.enabled and not captions.registry_uri:  # the captioner's models:/ names: the pipeline's own registry
+            captions.registry_uri = config.tracking_uri
     check_cross_fields(config, layered)
     check_vlm(config, layered)
     return config, layered

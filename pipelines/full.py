@@ -1,4 +1,5 @@
-"""The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> basic filters ->
+"""The whole pipeline, in the order of DESIGN.md: synthetic crawl -> ingest -> (model captions for images
+without a usable one, when configured ->) basic filters ->
 (CLIP scorer training ->) CLIP-score filter -> dedup -> rebalance, plus OCR synthesis,
 grounding/counting synthesis and video samples (real videos captioned by a model when configured) -> WebDataset
 shards by task type -> Seed-ViT
@@ -35,6 +36,7 @@ from components.data.clip_filter import clip_filter  # noqa: E402
 from components.data.clip_scorer import clip_scorer  # noqa: E402
 from components.data.dedup import dedup  # noqa: E402
 from components.data.grounding_samples import grounding_samples  # noqa: E402
+from components.data.image_captions import image_captions  # noqa: E402
 from components.data.ingest import ingest  # noqa: E402
 from components.data.ocr_samples import ocr_samples  # noqa: E402
 from components.data.rebalance import rebalance  # noqa: E402
@@ -95,7 +97,9 @@ CURATED = [("dedup", "samples"), ("clip_filter", "samples"), ("basic_filters", "
 STEPS = [
     Step(synthetic_crawl, enabled=lambda config: config.data.synthetic_crawl.enabled),
     Step(ingest, inputs={"crawl": ("synthetic_crawl", "shards")}),
-    Step(basic_filters, inputs={"samples": ("ingest", "samples")}),
+    Step(image_captions, inputs={"samples": ("ingest", "samples")},
+         enabled=lambda config: config.data.image_captions.enabled),
+    Step(basic_filters, inputs={"samples": [("image_captions", "samples"), ("ingest", "samples")]}),
     Step(clip_scorer, enabled=lambda config: config.data.clip_scorer.enabled),
     Step(clip_filter, inputs={"samples": ("basic_filters", "samples"), "scorer": ("clip_scorer", "scorer")},
          enabled=lambda config: config.data.clip_filter.enabled),

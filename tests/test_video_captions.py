@@ -1,5 +1,5 @@
 """Model-written video captions: the windows and answer cleaning, the config's and the loader's errors, a
-transformers image-text-to-text folder (a tiny random LLaVA saved by the test) captioning, and the step on
+transformers image-text-to-text folder (a tiny random LLaVA, tests/vlm_exports.py) captioning, and the step on
 Ray Data between video_samples and write_shards: the uncaptioned real clip gets model segments, a caption
 and a grounding sample marked `caption_source: model:...`, the human caption stays, a broken file is
 dropped with its reason, and the shard json carries `caption_source`."""
@@ -18,56 +18,12 @@ import pytest
 from components.common.executor import run_into
 from components.data.config import (ShardsConfig, VideoCaptionsConfig, VideoCaptionsJob, VideoConfig,
                                     VideoSourceConfig)
+from components.data.lib.captioner import check_model_folder, clean_answer, load_captioner
 from components.data.lib.table import data_dir, read_stats
-from components.data.video_captions import (PENDING_SCHEMA, assemble, captioner_preflight, check_model_folder,
-                                            clean_answer, dense_caption, load_captioner, unique_segments,
-                                            video_captions, windows)
-
-WORDS = ["pancake", "pan", "flips", "someone", "butter", "kitchen", "hand", "plate", "stove", "golden", "batter",
-         "spatula"]
-
-
-def make_tiny_llava(folder: Path) -> Path:
-    """A randomly initialised LLaVA (1-layer CLIP tower, 1-layer Llama) with a word-level tokenizer, saved
-    with its processor: loads through AutoProcessor + AutoModelForImageTextToText. Special tokens' output
-    rows are zeroed and the words' scaled up, so greedy decoding writes words rather than ending at once."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from components.common.torchvision_compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
-
-    specials = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
-    vocab = {word: index for index, word in enumerate(specials + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %} <image> "
-                "{% else %} {{ c['text'] }} {% endif %}{% endfor %}{% endfor %}")
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28},
-                                                                  crop_size={"height": 28, "width": 28}),
-                               tokenizer=fast, patch_size=14, vision_feature_select_strategy="default",
-                               chat_template=template, num_additional_image_tokens=1)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=28, patch_size=14, projection_dim=16),
-        text_config=LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=1024,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
-        image_token_index=3, vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight
-        head[:len(specials)] = 0.0
-        head[len(specials):] *= 50.0
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+from components.data.video_captions import (PENDING_SCHEMA, assemble, captioner_preflight, dense_caption,
+                                            unique_segments, video_captions, windows)
+from vlm_exports import TINY_LLAVA_WORDS as WORDS
+from vlm_exports import make_tiny_llava
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""A tiny exported VLM with random weights, for tests of code that loads an export (serving): the real
-tokenizer training, model classes and `export_vlm`, at sizes that build in about a second."""
+"""A tiny exported VLM with random weights, for tests of code that loads an export (serving, captioning): the
+real tokenizer training, model classes and `export_vlm`, at sizes that build in about a second; and a tiny
+transformers image-text-to-text folder (`make_tiny_llava`) for the captioning steps' transformers path."""
 
 from __future__ import annotations
 
@@ -86,4 +87,51 @@ def write_two_mode_export(folder: Path, seed: int = 0, max_steps: int = 300) -> 
         if float(loss.detach()) < 0.02:  # both answers the greedy ones by far
             break
     export_vlm(model.eval(), tokenizer, folder, {"stage": "sft", "steps": max_steps, "answer_modes": dict(MODES)})
+    return folder
+
+
+TINY_LLAVA_WORDS = ["pancake", "pan", "flips", "someone", "butter", "kitchen", "hand", "plate", "stove", "golden",
+                    "batter", "spatula"]
+
+
+def make_tiny_llava(folder: Path) -> Path:
+    """A randomly initialised LLaVA (1-layer CLIP tower, 1-layer Llama) with a word-level tokenizer, saved
+    with its processor: loads through AutoProcessor + AutoModelForImageTextToText. Special tokens' output
+    rows are zeroed and the words' scaled up, so greedy decoding writes words rather than ending at once."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from components.common.torchvision_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    specials = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]
+    vocab = {word: index for index, word in enumerate(specials + TINY_LLAVA_WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %} <image> "
+                "{% else %} {{ c['text'] }} {% endif %}{% endfor %}{% endfor %}")
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28},
+                                                                  crop_size={"height": 28, "width": 28}),
+                               tokenizer=fast, patch_size=14, vision_feature_select_strategy="default",
+                               chat_template=template, num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=28, patch_size=14, projection_dim=16),
+        text_config=LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=1024,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+        image_token_index=3, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[:len(specials)] = 0.0
+        head[len(specials):] *= 50.0
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from components.common.model_registry import MODEL_URI
 from components.common.resources import Resources
@@ -304,6 +304,68 @@ class VideoConfig:
         return float(self.task_fps.get(task, self.sample_fps))
 
 
+def check_captioner_fields(section: str, cfg: Any) -> None:
+    """The captioner fields image_captions and video_captions share, checked at load (`section`: their key)."""
+    if cfg.enabled and not cfg.model:
+        raise ValueError(f"{section}.model is empty: name the captioner (models:/seedvl@latest-pipeline, "
+                         "models:/seedvl/<version>, an exported VLM folder or a local transformers model folder), "
+                         f"or set {section}.enabled=false")
+    if cfg.model.startswith("models:") and not MODEL_URI.match(cfg.model):
+        raise ValueError(f"{section}.model {cfg.model!r} is not a registry URI: write "
+                         "models:/<name>@<alias> or models:/<name>/<version>")
+    if cfg.max_new_tokens < 1 or cfg.min_words < 1 or not cfg.prompt.strip() or cfg.num_gpus < 0:
+        raise ValueError(f"{section}: need max_new_tokens >= 1, min_words >= 1, a non-empty prompt and num_gpus >= 0")
+    if cfg.generate_batch < 1:
+        raise ValueError(f"{section}.generate_batch must be >= 1, got {cfg.generate_batch}")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
+        raise ValueError(f"{section}: need temperature >= 0 (0: greedy) and top_p in (0, 1], got "
+                         f"{cfg.temperature} and {cfg.top_p}")
+
+
+@dataclasses.dataclass
+class ImageCaptionsConfig:
+    """Model-written captions for images (step `image_captions`, between `ingest` and `basic_filters`): an
+    image whose caption is missing, not UTF-8, or poor by basic_filters' caption rules (with
+    `replace_human`, every image basic_filters would keep) is described by the captioner, and the row is
+    marked `caption_source: model:<model>`; every other row passes through as `human`."""
+
+    enabled: bool = False
+    # models:/<name>@<alias> or models:/<name>/<version> (our registry), an exported VLM folder, or a local
+    # Hugging Face image-text-to-text model folder (AutoProcessor + AutoModelForImageTextToText; never downloaded)
+    model: str = ""
+    registry_uri: str = ""  # the MLflow store models:/ names are looked up in; '' = the pipeline's own (filled at load)
+    replace_human: bool = False  # also caption images with a good hand-written caption, and use the model's instead
+    prompt: str = "Describe this image in one sentence."
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy; else sampled (top_p), seeded per image from run.seed and its key
+    top_p: float = 1.0
+    min_words: int = 2  # an answer with fewer words (letters only) is unparseable, as is one basic_filters would drop
+    generate_batch: int = 16  # images decoded together in one generation call
+    num_gpus: float = 0.0  # per captioning actor; with a GPU the model runs there in bf16
+    resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=1, concurrency=1,
+                                                                                  batch_size=16))
+
+    def __post_init__(self) -> None:
+        check_captioner_fields("data.image_captions", self)
+
+
+@dataclasses.dataclass
+class ImageCaptionsJob:
+    """What the `image_captions` step uses: its own section, basic_filters' rules (which captions are poor,
+    which images it drops anyway, so are not captioned; its `resources` also size the step's column tasks)
+    and ingest's image size guard (an image ingest did not open because its caption was not UTF-8 is opened
+    here)."""
+
+    captions: ImageCaptionsConfig
+    filters: BasicFiltersConfig
+    max_image_pixels: int
+
+
+def image_captions_view(data: DataConfig) -> ImageCaptionsJob:
+    return ImageCaptionsJob(captions=data.image_captions, filters=data.basic_filters,
+                            max_image_pixels=data.ingest.max_image_pixels)
+
+
 @dataclasses.dataclass
 class VideoCaptionsConfig:
     """Model-written dense, timestamped captions for real videos (step `video_captions`, after
@@ -330,24 +392,10 @@ class VideoCaptionsConfig:
                                                                                   batch_size=4))
 
     def __post_init__(self) -> None:
-        if self.enabled and not self.model:
-            raise ValueError("data.video_captions.model is empty: name the captioner (models:/seedvl@latest-pipeline, "
-                             "models:/seedvl/<version>, an exported VLM folder or a local transformers model folder), "
-                             "or set data.video_captions.enabled=false")
-        if self.model.startswith("models:") and not MODEL_URI.match(self.model):
-            raise ValueError(f"data.video_captions.model {self.model!r} is not a registry URI: write "
-                             "models:/<name>@<alias> or models:/<name>/<version>")
+        check_captioner_fields("data.video_captions", self)
         if self.window_s <= 0 or self.max_frames_per_window < 1:
             raise ValueError(f"data.video_captions: need window_s > 0 and max_frames_per_window >= 1, got "
                              f"{self.window_s} and {self.max_frames_per_window}")
-        if self.max_new_tokens < 1 or self.min_words < 1 or not self.prompt.strip() or self.num_gpus < 0:
-            raise ValueError("data.video_captions: need max_new_tokens >= 1, min_words >= 1, a non-empty prompt and "
-                             "num_gpus >= 0")
-        if self.generate_batch < 1:
-            raise ValueError(f"data.video_captions.generate_batch must be >= 1, got {self.generate_batch}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"data.video_captions: need temperature >= 0 (0: greedy) and top_p in (0, 1], got "
-                             f"{self.temperature} and {self.top_p}")
 
 
 @dataclasses.dataclass
@@ -380,6 +428,7 @@ class ShardsConfig:
 class DataConfig:
     synthetic_crawl: SyntheticCrawlConfig = dataclasses.field(default_factory=SyntheticCrawlConfig)
     ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    image_captions: ImageCaptionsConfig = dataclasses.field(default_factory=ImageCaptionsConfig)
     basic_filters: BasicFiltersConfig = dataclasses.field(default_factory=BasicFiltersConfig)
     clip_scorer: ClipScorerConfig = dataclasses.field(default_factory=ClipScorerConfig)
     clip_filter: ClipFilterConfig = dataclasses.field(default_factory=ClipFilterConfig)

@@ -13,7 +13,8 @@ segments whose text is unique, so each question has one answer).
 It is Ray Data batch inference in three parts: decoding in tasks (the same child-process decoder as
 video_samples, at the caption and the grounding rate), captioning in an actor pool (the model loaded
 once per actor: our own exported VLM through the generation engine, or a local transformers
-image-text-to-text model through `generate`, greedy), and assembling the rows in tasks. The captioner
+image-text-to-text model through `generate`, greedy; lib/captioner.py, shared with image_captions), and
+assembling the rows in tasks. The captioner
 is `models:/<name>@<alias>`, `models:/<name>/<version>` (resolved in the registry at key time: moving
 the alias recomputes the step), an exported VLM folder, or a transformers folder (never downloaded).
 
@@ -28,7 +29,6 @@ all fail keeps its human caption (`human_kept` in the metrics).
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 import zlib
@@ -39,9 +39,10 @@ import numpy as np
 import pyarrow as pa
 
 from components.common.contract import StageContext, StageResult, component
-from components.common.model_registry import model_identity, resolve_model
-from components.common.video import VideoDecodeError, timestamp_prefix
+from components.common.video import VideoDecodeError
 from components.data.config import VideoCaptionsConfig, VideoCaptionsJob, VideoConfig, video_captions_view
+from components.data.lib.captioner import (caption_in_batches, captioner_error, captioner_folder, captioner_identity,
+                                           clean_answer, load_captioner)
 from components.data.lib.table import data_dir, plot_counts, write_stats
 from components.data.lib.tasks import TASK_SCHEMA, task_row
 from components.data.video_samples import DESCRIBE, frame_fields, grounding_turns, sample, sampling_annotations
@@ -131,118 +132,7 @@ def windows(timestamps: list[float], window_s: float, max_frames: int) -> list[t
     return out
 
 
-def clean_answer(text: str, min_words: int) -> str | None:
-    """The model's answer as one caption sentence, or None when it is unusable (empty, or fewer than
-    `min_words` words of letters): reasoning before `</think>`, media/markup tokens, control characters and
-    undecodable bytes removed, whitespace collapsed."""
-    answer = text.split("</think>", 1)[1] if "</think>" in text else text
-    answer = re.sub(r"<[^<>\s]{1,40}>", " ", answer)
-    answer = "".join(ch if ch.isprintable() and ch != "\ufffd" else " " for ch in answer)
-    answer = " ".join(answer.split())
-    if len(re.findall(r"[^\W\d_]{2,}", answer)) < min_words:
-        return None
-    return answer
-
-
 # ---- part 2: caption (actor pool) ---------------------------------------------------------------------
-
-def is_exported_vlm(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "vit.safetensors").is_file() and (folder / "llm").is_dir()
-
-
-def check_model_folder(folder: Path) -> str:
-    """'vlm' (our export) or 'transformers'; else an error naming what a model folder holds."""
-    if is_exported_vlm(folder):
-        return "vlm"
-    if (folder / "config.json").is_file():
-        return "transformers"
-    raise FileNotFoundError(
-        f"data.video_captions.model: {folder} is not a model folder: an exported VLM holds config.json, "
-        "vit.safetensors, adapter.safetensors and llm/; a transformers image-text-to-text model holds config.json, "
-        "its weights and its processor files (save_pretrained of the model and of its AutoProcessor)")
-
-
-class VlmCaptioner:
-    """Our exported VLM in the generation engine, greedy; an export trained with answer modes is asked in
-    direct mode."""
-
-    def __init__(self, folder: Path, cfg: VideoCaptionsConfig) -> None:
-        from components.generation.engine import GenerationEngine
-        from components.vlm.inference import load_for_inference
-        from components.vlm.modes import system_prompt
-
-        model, self.tokenizer = load_for_inference(folder)
-        self.engine = GenerationEngine(model, self.tokenizer)
-        saved = json.loads((folder / "config.json").read_text())
-        self.system = system_prompt("direct") if saved.get("answer_modes") else None
-        self.cfg = cfg
-
-    def caption(self, requests: list[tuple[list[bytes], list[float]]], seeds: list[int]) -> list[str]:
-        from components.generation.engine import SamplingParams
-        from components.vlm.conversation import answer_text
-        from components.vlm.inference import generation_request
-        from components.vlm.tokenizer import VIDEO_PLACEHOLDER
-
-        cfg = self.cfg
-        inputs = [generation_request(self.engine, self.tokenizer, f"{VIDEO_PLACEHOLDER}\n{cfg.prompt}", frames, stamps,
-                                     self.system, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                                                 top_p=cfg.top_p, seed=seed))
-                  for (frames, stamps), seed in zip(requests, seeds)]
-        return [answer_text(self.tokenizer, samples[0].token_ids) for samples in self.engine.generate(inputs)]
-
-
-class TransformersCaptioner:
-    """A local transformers image-text-to-text model (AutoProcessor + AutoModelForImageTextToText, files only,
-    never downloaded) through `generate`; each frame is an image after its `[t second]` text. Sampling is
-    seeded per generation call (by its first window's seed)."""
-
-    def __init__(self, folder: Path, cfg: VideoCaptionsConfig) -> None:
-        import torch
-
-        from components.common.torchvision_compat import ensure_torchvision_importable
-
-        ensure_torchvision_importable()  # transformers' image processors import torchvision
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-        tokenizer = getattr(self.processor, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.padding_side = "left"  # batched generation continues every row at its end
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = AutoModelForImageTextToText.from_pretrained(str(folder), local_files_only=True,
-                                                                 dtype=dtype).to(device).eval()
-        self.cfg = cfg
-
-    def caption(self, requests: list[tuple[list[bytes], list[float]]], seeds: list[int]) -> list[str]:
-        import torch
-
-        from components.vlm.data import decode_png
-
-        texts, images = [], []
-        for frames, stamps in requests:
-            content: list[dict[str, str]] = []
-            for stamp in stamps:
-                content += [{"type": "text", "text": timestamp_prefix(stamp)}, {"type": "image"}]
-            content.append({"type": "text", "text": self.cfg.prompt})
-            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                            add_generation_prompt=True))
-            images.append([decode_png(bytes(f)) for f in frames])
-        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True).to(self.model.device)
-        sampled = self.cfg.temperature > 0
-        options = {"do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p} if sampled else {
-            "do_sample": False}
-        if sampled:
-            torch.manual_seed(seeds[0])
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.cfg.max_new_tokens, **options)
-        return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def load_captioner(folder: Path, cfg: VideoCaptionsConfig) -> VlmCaptioner | TransformersCaptioner:
-    kind = check_model_folder(folder)
-    return VlmCaptioner(folder, cfg) if kind == "vlm" else TransformersCaptioner(folder, cfg)
-
 
 def window_seed(seed: int, key: str, start: float) -> int:
     """A stable per-window sampling seed: the same run seed, file and window always draw the same caption."""
@@ -276,10 +166,7 @@ class SegmentCaptioner:
                 seeds.append(window_seed(self.seed, row["key"], start))
                 owners.append((index, start, end))
         started = time.perf_counter()
-        answers: list[str] = []
-        size = self.cfg.generate_batch
-        for first in range(0, len(requests), size):
-            answers += self.captioner.caption(requests[first:first + size], seeds[first:first + size])
+        answers = caption_in_batches(self.captioner, requests, seeds, self.cfg.generate_batch)
         elapsed = time.perf_counter() - started
         segments: dict[int, list[dict[str, Any]]] = {}
         for (index, start, end), answer in zip(owners, answers):
@@ -363,26 +250,17 @@ def assemble(batch: pa.Table, model_label: str, video: VideoConfig) -> pa.Table:
 # ---- the step ------------------------------------------------------------------------------------------
 
 def captioner_fingerprint(job: VideoCaptionsJob) -> dict[str, Any]:
-    """The captioner as key material: a registry URI by the version it resolves to now (so moving an alias
-    recomputes the step), a folder by its files. The registry's address is left out of the key."""
+    """The captioner as key material (lib/captioner.py): moving an alias recomputes the step."""
     if not job.captions.enabled:
         return {}
-    return {"captioner": model_identity(job.captions.model, job.captions.registry_uri)}
+    return captioner_identity(job.captions.model, job.captions.registry_uri)
 
 
 def captioner_preflight(job: VideoCaptionsJob) -> str:
     """Before anything runs: the captioner exists (a registry version, or a model folder)."""
     if not job.captions.enabled:
         return ""
-    model = job.captions.model
-    try:
-        if model.startswith("models:"):
-            model_identity(model, job.captions.registry_uri)
-        else:
-            check_model_folder(Path(model).expanduser())
-    except (FileNotFoundError, ValueError) as error:
-        return f"data.video_captions.model: {error}"
-    return ""
+    return captioner_error("data.video_captions.model", job.captions.model, job.captions.registry_uri)
 
 
 def pending_items(table: Path, cfg: VideoCaptionsConfig) -> list[dict[str, Any]]:
@@ -415,9 +293,7 @@ def video_captions(ctx: StageContext[VideoCaptionsJob]) -> StageResult:
     download = ctx.workdir / "_captioner"
     try:
         if items:
-            resolved = resolve_model(cfg.model, cfg.registry_uri, download) if cfg.model.startswith("models:") else None
-            folder = resolved.folder if resolved else Path(cfg.model).expanduser().resolve()
-            label = resolved.label if resolved else str(folder)
+            folder, label = captioner_folder(cfg.model, cfg.registry_uri, download)
             threads = max(1, int(cfg.resources.num_cpus))
             started = time.perf_counter()
             decoded = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
