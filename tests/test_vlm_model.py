@@ -399,7 +399,7 @@ def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_p
     base = make_model(tok, seed=3)
     model = VisionLanguageModel(base.vit, base.llm, ids.image_pad, adapter_hidden=48,  # a narrower adapter
                                 adapter_output_norm=True, adapter_position_buckets=8,
-                                adapter_position_frequencies=3).eval()
+                                adapter_position_frequencies=3, adapter_position_scale=0.5).eval()
     with torch.no_grad():  # a non-default adapter, so loading it is visible
         for parameter in model.adapter.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
@@ -423,6 +423,7 @@ def test_export_then_load_gives_the_same_logits(tok: Any, ids: SpecialIds, tmp_p
     assert loaded.adapter.fc1.out_features == 48 and saved["adapter"]["hidden"] == 48
     assert saved["adapter"]["output_norm"] and loaded.adapter.out_norm is not None
     assert saved["adapter"]["position_buckets"] == 8 and loaded.adapter.position_buckets == 8
+    assert saved["adapter"]["position_scale"] == loaded.adapter.position_scale == 0.5
     assert saved["adapter"]["position_frequencies"] == 3 and loaded.adapter.fc1.in_features == VIT_CONFIG.width + 12
     assert loaded.aux_loss_coef == model.aux_loss_coef > 0 and loaded.llm.config.output_router_logits
     assert loaded.vit.config == VIT_CONFIG
@@ -590,3 +591,19 @@ def test_adapter_positions_tell_identical_tokens_apart_and_need_the_grid(tok: An
         MlpAdapter(32, 16, position_buckets=-1)
     with pytest.raises(ValueError, match="position_frequencies"):
         MlpAdapter(32, 16, position_frequencies=-1)
+    with pytest.raises(ValueError, match="position_scale"):
+        MlpAdapter(32, 16, position_buckets=4, position_scale=0.0)
+
+
+def test_position_scale_shrinks_the_added_embeddings_only() -> None:
+    from components.vlm.model import MlpAdapter
+
+    torch.manual_seed(0)
+    full = MlpAdapter(32, 16, output_norm=True, position_buckets=4)
+    quarter = MlpAdapter(32, 16, output_norm=True, position_buckets=4, position_scale=0.25)
+    quarter.load_state_dict(full.state_dict())  # the same weights
+    features, grid = torch.randn(6, 32), torch.tensor([[4, 6]])
+    content = MlpAdapter(32, 16, output_norm=True)
+    content.load_state_dict({k: v for k, v in full.state_dict().items() if "embedding" not in k})
+    base = content(features)
+    assert torch.allclose(quarter(features, grid) - base, 0.25 * (full(features, grid) - base), atol=1e-6)

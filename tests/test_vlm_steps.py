@@ -97,3 +97,6 @@ def test_a_stage_image_size_cap_reaches_the_vit_and_is_checked() -> None:
     assert keys("train.vlm.adapter_position_frequencies=3")["vlm_stage0"] != keys()["vlm_stage0"]
     with pytest.raises(ValueError, match="adapter_position_frequencies"):
         VlmConfig(adapter_position_frequencies=-1)
+    assert keys("train.vlm.adapter_position_scale=0.25")["vlm_stage0"] != keys()["vlm_stage0"]
+    with pytest.raises(ValueError, match="adapter_position_scale"):
+        VlmConfig(adapter_position_scale=0.0)

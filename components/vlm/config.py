@@ -194,6 +194,8 @@ class VlmConfig:
     # > 0: the token's place in its image enters the adapter MLP beside its features, as sin/cos of this many
     # octaves of its centre's height and width fractions; 0: none
     adapter_position_frequencies: int = 0
+    # the added row/column embeddings times this (init and learned alike): < 1 keeps them below the content
+    adapter_position_scale: float = 1.0
     holdout_fraction: float = 0.05  # samples kept out of every stage, for the evaluation
     system_prompt: str = ""  # prepended to every training sample when set
     llm_pretrain: LlmPretrainConfig = dataclasses.field(default_factory=LlmPretrainConfig)
@@ -233,6 +235,8 @@ class VlmConfig:
         if self.adapter_position_buckets < 0:
             raise ValueError(f"adapter_position_buckets must be >= 0 (0: no position embeddings), got "
                              f"{self.adapter_position_buckets}")
+        if not self.adapter_position_scale > 0:
+            raise ValueError(f"adapter_position_scale must be > 0, got {self.adapter_position_scale}")
         if self.adapter_position_frequencies < 0:
             raise ValueError(f"adapter_position_frequencies must be >= 0 (0: no position inputs), got "
                              f"{self.adapter_position_frequencies}")
@@ -285,6 +289,7 @@ class VlmStageJob:
     adapter_output_norm: bool = False
     adapter_position_buckets: int = 0
     adapter_position_frequencies: int = 0
+    adapter_position_scale: float = 1.0
 
 
 @dataclasses.dataclass
@@ -340,7 +345,7 @@ def stage_view(name: str) -> Callable[[VlmConfig], VlmStageJob]:
     def view(vlm: VlmConfig) -> VlmStageJob:
         return VlmStageJob(name, getattr(vlm, name), vlm.llm, vlm.adapter_hidden, vlm.holdout_fraction,
                            vlm.system_prompt, vlm.job, vlm.adapter_output_norm, vlm.adapter_position_buckets,
-                           vlm.adapter_position_frequencies)
+                           vlm.adapter_position_frequencies, vlm.adapter_position_scale)
     return view
 
 

@@ -100,6 +100,10 @@ class MlpAdapter(nn.Module):
     image rather than cell indices, since images of any size share that frame (as Qwen2-VL's M-RoPE gives the
     LLM rows and columns, and LLaVA-NeXT a token at each row's end).
 
+    `position_scale` multiplies the added embeddings (init and learned alike): Adam moves each weight by
+    about the learning rate whatever its size, so a scale below 1 keeps them that much smaller than the
+    content they are added to.
+
     With `position_frequencies` K > 0, the same centre fractions (y, x) enter the MLP instead, beside the
     normalised ViT features: sin and cos of pi * 2^k * y and of pi * 2^k * x for k < K (4K inputs, in [-1, 1]
     like the normalised features). The MLP mixes place and content and the output norm keeps the token at the
@@ -109,7 +113,7 @@ class MlpAdapter(nn.Module):
     better than no positions (README, "Where is a token?")."""
 
     def __init__(self, vit_width: int, llm_width: int, hidden: int = 0, output_norm: bool = False,
-                 position_buckets: int = 0, position_frequencies: int = 0) -> None:
+                 position_buckets: int = 0, position_frequencies: int = 0, position_scale: float = 1.0) -> None:
         super().__init__()
         if position_buckets < 0:
             raise ValueError(f"position_buckets must be >= 0, got {position_buckets}")
@@ -121,7 +125,9 @@ class MlpAdapter(nn.Module):
         self.fc1 = nn.Linear(vit_width + 4 * position_frequencies, hidden)
         self.fc2 = nn.Linear(hidden, llm_width)
         self.out_norm = nn.LayerNorm(llm_width) if output_norm else None
-        self.position_buckets = position_buckets
+        if position_scale <= 0:
+            raise ValueError(f"position_scale must be > 0, got {position_scale}")
+        self.position_buckets, self.position_scale = position_buckets, float(position_scale)
         if position_buckets:
             self.row_embedding = nn.Embedding(position_buckets, llm_width)
             self.col_embedding = nn.Embedding(position_buckets, llm_width)
@@ -146,7 +152,8 @@ class MlpAdapter(nn.Module):
         rows, cols = token_buckets(grid_hw, merge_size, self.position_buckets, out.device)
         if rows.shape[0] != out.shape[0]:
             raise ValueError(f"{out.shape[0]} tokens for grids holding {rows.shape[0]}")
-        return out + self.row_embedding(rows).to(out.dtype) + self.col_embedding(cols).to(out.dtype)
+        placed = self.row_embedding(rows) + self.col_embedding(cols)
+        return out + (self.position_scale * placed).to(out.dtype)
 
 
 def token_centres(grid_hw: torch.Tensor, merge_size: int) -> torch.Tensor:
@@ -187,12 +194,12 @@ class VlmLoss:
 class VisionLanguageModel(nn.Module):
     def __init__(self, vit: SeedViT, llm: Any, image_pad_id: int, adapter_hidden: int = 0,
                  adapter_output_norm: bool = False, adapter_position_buckets: int = 0,
-                 adapter_position_frequencies: int = 0) -> None:
+                 adapter_position_frequencies: int = 0, adapter_position_scale: float = 1.0) -> None:
         super().__init__()
         self.vit = vit
         self.llm = llm
         self.adapter = MlpAdapter(vit.config.width, llm.config.hidden_size, adapter_hidden, adapter_output_norm,
-                                  adapter_position_buckets, adapter_position_frequencies)
+                                  adapter_position_buckets, adapter_position_frequencies, adapter_position_scale)
         if self.adapter.out_norm is not None:
             with torch.no_grad():  # start at the text embeddings' per-coordinate scale
                 scale = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
@@ -304,7 +311,8 @@ def export_vlm(model: VisionLanguageModel, tokenizer: Any, folder: Path, summary
                           "hidden": model.adapter.fc1.out_features,
                           "output_norm": model.adapter.out_norm is not None,
                           "position_buckets": model.adapter.position_buckets,
-                          "position_frequencies": model.adapter.position_frequencies},
+                          "position_frequencies": model.adapter.position_frequencies,
+                          "position_scale": model.adapter.position_scale},
               "image_pad_id": model.image_pad_id, **summary}
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     if folder.exists():
@@ -329,6 +337,7 @@ def load_vlm(folder: str | Path, device: str | torch.device = "cpu",
     model = VisionLanguageModel(vit, llm, int(saved["image_pad_id"]), int(saved["adapter"]["hidden"]),
                                 bool(saved["adapter"].get("output_norm", False)),
                                 int(saved["adapter"].get("position_buckets", 0)),
-                                int(saved["adapter"].get("position_frequencies", 0)))
+                                int(saved["adapter"].get("position_frequencies", 0)),
+                                float(saved["adapter"].get("position_scale", 1.0)))
     model.adapter.load_state_dict(load_file(str(folder / "adapter.safetensors")))
     return model.to(device=device, dtype=dtype).eval(), load_tokenizer(folder / "llm"), saved

@@ -151,7 +151,7 @@ def build_model(loop_config: dict[str, Any], device: torch.device) -> tuple[Any,
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     model = VisionLanguageModel(vit, llm, SpecialIds.of(tokenizer).image_pad, job.adapter_hidden,
                                 job.adapter_output_norm, job.adapter_position_buckets,
-                                job.adapter_position_frequencies)
+                                job.adapter_position_frequencies, job.adapter_position_scale)
     return model.train(), tokenizer, at_resolution(vit, job.stage.max_pixels)
 
 
