@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from components.common.model_registry import MODEL_URI
 from components.common.resources import Resources
@@ -323,30 +323,40 @@ def check_captioner_fields(section: str, cfg: Any) -> None:
 
 
 @dataclasses.dataclass
-class ImageCaptionsConfig:
-    """Model-written captions for images (step `image_captions`, between `ingest` and `basic_filters`): an
-    image whose caption is missing, not UTF-8, or poor by basic_filters' caption rules (with
-    `replace_human`, every image basic_filters would keep) is described by the captioner, and the row is
-    marked `caption_source: model:<model>`; every other row passes through as `human`."""
+class CaptionerConfig:
+    """The captioner fields image_captions and video_captions share, checked at load under `SECTION`."""
 
+    SECTION: ClassVar[str] = ""
     enabled: bool = False
     # models:/<name>@<alias> or models:/<name>/<version> (our registry), an exported VLM folder, or a local
     # Hugging Face image-text-to-text model folder (AutoProcessor + AutoModelForImageTextToText; never downloaded)
     model: str = ""
     registry_uri: str = ""  # the MLflow store models:/ names are looked up in; '' = the pipeline's own (filled at load)
-    replace_human: bool = False  # also caption images with a good hand-written caption, and use the model's instead
-    prompt: str = "Describe this image in one sentence."
+    replace_human: bool = False  # also caption what has a hand-written caption, and use the model's instead
+    prompt: str = ""
     max_new_tokens: int = 32
-    temperature: float = 0.0  # 0: greedy; else sampled (top_p), seeded per image from run.seed and its key
+    temperature: float = 0.0  # 0: greedy; else sampled (top_p), seeded per request from run.seed and its key
     top_p: float = 1.0
-    min_words: int = 2  # an answer with fewer words (letters only) is unparseable, as is one basic_filters would drop
-    generate_batch: int = 16  # images decoded together in one generation call
+    min_words: int = 2  # an answer with fewer words (letters only) is unparseable
+    generate_batch: int = 16  # requests (images, or a video's windows) decoded together in one generation call
     num_gpus: float = 0.0  # per captioning actor; with a GPU the model runs there in bf16
     resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=1, concurrency=1,
                                                                                   batch_size=16))
 
     def __post_init__(self) -> None:
-        check_captioner_fields("data.image_captions", self)
+        check_captioner_fields(self.SECTION, self)
+
+
+@dataclasses.dataclass
+class ImageCaptionsConfig(CaptionerConfig):
+    """Model-written captions for images (step `image_captions`, between `ingest` and `basic_filters`): an
+    image whose caption is missing, not UTF-8, or poor by basic_filters' caption rules (with
+    `replace_human`, every image basic_filters would keep) is described by the captioner, and the row is
+    marked `caption_source: model:<model>`; every other row passes through as `human`. An answer
+    basic_filters would drop is unparseable too."""
+
+    SECTION: ClassVar[str] = "data.image_captions"
+    prompt: str = "Describe this image in one sentence."
 
 
 @dataclasses.dataclass
@@ -367,32 +377,22 @@ def image_captions_view(data: DataConfig) -> ImageCaptionsJob:
 
 
 @dataclasses.dataclass
-class VideoCaptionsConfig:
+class VideoCaptionsConfig(CaptionerConfig):
     """Model-written dense, timestamped captions for real videos (step `video_captions`, after
     `video_samples`): a file without a hand-written caption (else dropped as `caption_missing`) is
     cut into `window_s` windows, the captioner describes each window's frames, and the segments become its
-    caption sample and its temporal-grounding sample, marked `caption_source: model:<model>`."""
+    caption sample and its temporal-grounding sample, marked `caption_source: model:<model>`. Sampling is
+    seeded per window (run.seed, key and start); an unparseable segment answer is dropped."""
 
-    enabled: bool = False
-    # models:/<name>@<alias> or models:/<name>/<version> (our registry), an exported VLM folder, or a local
-    # Hugging Face image-text-to-text model folder (AutoProcessor + AutoModelForImageTextToText; never downloaded)
-    model: str = ""
-    registry_uri: str = ""  # the MLflow store models:/ names are looked up in; '' = the pipeline's own (filled at load)
-    replace_human: bool = False  # also caption files that have a hand-written caption, and use the model's instead
-    window_s: float = 4.0  # seconds of video per captioned segment
-    max_frames_per_window: int = 8  # the window's frames (at data.video's caption rate), thinned evenly to this
+    SECTION: ClassVar[str] = "data.video_captions"
     prompt: str = "Describe what happens in these frames in one sentence."
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0: greedy; else sampled (top_p), seeded per window from run.seed, key and start
-    top_p: float = 1.0
-    min_words: int = 2  # a segment answer with fewer words (letters only) is dropped as unparseable
-    generate_batch: int = 16  # windows decoded together in one generation call
-    num_gpus: float = 0.0  # per captioning actor; with a GPU the model runs there in bf16
     resources: Resources = dataclasses.field(default_factory=lambda: Resources(num_cpus=1, concurrency=1,
                                                                                   batch_size=4))
+    window_s: float = 4.0  # seconds of video per captioned segment
+    max_frames_per_window: int = 8  # the window's frames (at data.video's caption rate), thinned evenly to this
 
     def __post_init__(self) -> None:
-        check_captioner_fields("data.video_captions", self)
+        super().__post_init__()
         if self.window_s <= 0 or self.max_frames_per_window < 1:
             raise ValueError(f"data.video_captions: need window_s > 0 and max_frames_per_window >= 1, got "
                              f"{self.window_s} and {self.max_frames_per_window}")

@@ -35,8 +35,8 @@ from components.common.contract import StageContext, StageResult, component
 from components.data.basic_filters import drop_reason as basic_drop_reason
 from components.data.config import ImageCaptionsConfig, ImageCaptionsJob, image_captions_view
 from components.data.ingest import inspect_image
-from components.data.lib.captioner import (caption_in_batches, captioner_error, captioner_folder, captioner_identity,
-                                           clean_answer, load_captioner)
+from components.data.lib.captioner import (CaptionerActor, caption_in_batches, captioner_error, captioner_folder,
+                                           captioner_identity, clean_answer)
 from components.data.lib.table import SAMPLE_SCHEMA, data_dir, drop_metrics, plot_counts, read_columns, write_stats
 
 OUT_SCHEMA = SAMPLE_SCHEMA.append(pa.field("caption_source", pa.string()))
@@ -98,16 +98,11 @@ def image_seed(seed: int, key: str) -> int:
     return zlib.crc32(f"{seed}-{key}".encode())
 
 
-class ImageCaptioner:
+class ImageCaptioner(CaptionerActor):
     """A Ray Data callable class: loads the captioner once, then asks it about every image of a batch that
     needs a caption (`generate_batch` images per generation call) and fills each one's raw `answer`."""
 
-    def __init__(self, folder: str, cfg: ImageCaptionsConfig, seed: int = 0, threads: int = 1) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-        self.cfg, self.seed = cfg, seed
-        self.captioner = load_captioner(Path(folder), cfg)
+    cfg: ImageCaptionsConfig
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

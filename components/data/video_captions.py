@@ -41,8 +41,8 @@ import pyarrow as pa
 from components.common.contract import StageContext, StageResult, component
 from components.common.video import VideoDecodeError
 from components.data.config import VideoCaptionsConfig, VideoCaptionsJob, VideoConfig, video_captions_view
-from components.data.lib.captioner import (caption_in_batches, captioner_error, captioner_folder, captioner_identity,
-                                           clean_answer, load_captioner)
+from components.data.lib.captioner import (CaptionerActor, caption_in_batches, captioner_error, captioner_folder,
+                                           captioner_identity, clean_answer)
 from components.data.lib.table import data_dir, plot_counts, write_stats
 from components.data.lib.tasks import TASK_SCHEMA, task_row
 from components.data.video_samples import DESCRIBE, frame_fields, grounding_turns, sample, sampling_annotations
@@ -139,16 +139,11 @@ def window_seed(seed: int, key: str, start: float) -> int:
     return zlib.crc32(f"{seed}-{key}-{start:.3f}".encode())
 
 
-class SegmentCaptioner:
+class SegmentCaptioner(CaptionerActor):
     """A Ray Data callable class: loads the captioner once, then captions every window of a batch of files
     (`generate_batch` windows per generation call) and fills each file's `segments`."""
 
-    def __init__(self, folder: str, cfg: VideoCaptionsConfig, seed: int = 0, threads: int = 1) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-        self.cfg, self.seed = cfg, seed
-        self.captioner = load_captioner(Path(folder), cfg)
+    cfg: VideoCaptionsConfig
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

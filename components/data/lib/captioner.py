@@ -167,6 +167,18 @@ def load_captioner(folder: Path, cfg: CaptionSettings) -> VlmCaptioner | Transfo
     return VlmCaptioner(folder, cfg) if kind == "vlm" else TransformersCaptioner(folder, cfg)
 
 
+class CaptionerActor:
+    """Base of the captioning steps' Ray Data callable classes: the captioner loaded once per actor, on
+    `threads` CPU threads, with the step's config section and the run's seed."""
+
+    def __init__(self, folder: str, cfg: Any, seed: int = 0, threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg, self.seed = cfg, seed
+        self.captioner = load_captioner(Path(folder), cfg)
+
+
 def caption_in_batches(captioner: VlmCaptioner | TransformersCaptioner, requests: list[Request], seeds: list[int],
                        size: int) -> list[str]:
     """Every request's raw answer, `size` requests per generation call."""
