@@ -45,7 +45,7 @@ RS_COLUMNS = ("prompts", "samples", "sample_pass_rate", "acceptance_rate", "acce
               "mean_thinking_words", "accepted_thinking_words")
 EVAL_COLUMNS = ("caption_f1", "caption_object_colour_recall", "caption_shape_recall", "caption_background_recall",
                 "counting_accuracy", "counting_majority", "grounding_iou", "grounding_iou50", "pointing_hit",
-                "grounding_iou_1to3", "pointing_hit_1to3",
+                "grounding_iou_1to3", "pointing_hit_1to3", "counting_accuracy_1to3", "counting_majority_1to3",
                 "ocr_exact", "video_tiou50", "video_qa_exact", "video_qa_majority")
 GAP_COLUMNS = ("heldout_answer_loss", "image_use_gap", "image_use_gap_caption", "image_use_gap_counting",
                "image_use_gap_grounding", "image_use_gap_ocr", "image_use_gap_video")

@@ -273,6 +273,21 @@ def test_some_questions_have_zero_answers_and_crowded_counts_are_large() -> None
     assert max(crowded) >= 8
 
 
+def test_the_first_questions_mix_every_kind_so_one_answer_does_not_dominate() -> None:
+    """The step keeps the first `max_questions` (4): each kind must be there in random order, not the
+    colour+shape groups first (which made three answers in four "1")."""
+    first_four = [e for layout in LAYOUTS for (w, h) in SMALL_SIZES for seed in range(4)
+                  for e in sample(layout, w, h, seed).counting[:4]]
+    kinds = {(e["colour"] is not None, e["shape"] is not None) for e in first_four}
+    assert kinds == {(False, False), (False, True), (True, False), (True, True)}
+    answers = [e["answer"] for e in first_four]
+    assert max(answers.count(a) for a in set(answers)) < 0.5 * len(answers)
+    assert answers.count(0) >= 0.1 * len(answers)
+    first = {(e["colour"] is not None, e["shape"] is not None) for layout in LAYOUTS for seed in range(4)
+             for e in sample(layout, 333, 777, seed).counting[:1]}
+    assert len(first) >= 3
+
+
 # --- arguments -----------------------------------------------------------------------------------
 
 

@@ -3,6 +3,8 @@ scored apart, and its gap beside each score."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from components.vlm.evaluate import prefixed, score_answers, shuffled_control
 
 
@@ -45,3 +47,30 @@ def test_scores_per_control_and_their_gap() -> None:
                              "gap/counting_accuracy": 0.75})
     assert keys == {"eval/counting_accuracy": 1.0, "eval_shuffled/counting_accuracy": 0.25,
                     "eval_gap/counting_accuracy": 0.75}
+
+
+def test_held_out_rows_take_items_turn_by_turn_across_samples(monkeypatch) -> None:
+    """Each sample's first question before any sample's second: a kind's items come from many pictures."""
+    import types
+
+    from PIL import Image
+
+    import components.vlm.data as vlm_data
+    from components.vlm.evaluate import held_out_rows
+
+    def counting(key: str) -> types.SimpleNamespace:
+        turns = [{"from": role, "value": text} for q, a in (("<image>\nHow many shapes are there?", "2"),
+                 ("How many red shapes are there?", "1"), ("How many blue squares are there?", "0"))
+                 for role, text in (("human", q), ("gpt", a))]
+        return types.SimpleNamespace(info={"conversations": turns}, task="counting", key=key,
+                                     images=[Image.new("RGB", (8, 8))])
+
+    samples = [counting(f"s{i}") for i in range(4)]
+    monkeypatch.setattr(vlm_data, "held_out_samples", lambda *args: iter(samples))
+    monkeypatch.setattr(vlm_data, "select_frames", lambda sample, frames: (sample.images, None))
+    job = types.SimpleNamespace(holdout_fraction=0.1, frames_per_clip=4,
+                                eval=types.SimpleNamespace(max_items_per_kind=6))
+    rows, counter = held_out_rows(Path("unused"), job)
+    assert [(r["key"], r["turn"]) for r in rows] == [("s0", 0), ("s1", 0), ("s2", 0), ("s3", 0), ("s0", 1), ("s1", 1)]
+    assert counter["kept"] == 4 and all(r["images"] and r["control"] == "true" for r in rows)
+    assert rows[0]["images"] is rows[4]["images"]  # one encoding per sample

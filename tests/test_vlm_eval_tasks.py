@@ -484,7 +484,16 @@ def test_grounding_on_scenes_of_one_to_three_objects_is_scored_apart() -> None:
     assert not [k for k in score(crowded, right) if k.endswith("_1to3")]
     unknown = dataclasses.replace(box, scene_objects=0)
     assert not [k for k in score(unknown, right) if k.endswith("_1to3")]
-    counting = items_from_sample(COUNTING)[0]
-    assert not [k for k in score(dataclasses.replace(counting, scene_objects=2), "1") if k.endswith("_1to3")]
     summary = aggregate([(box, score(box, right)), (crowded, score(crowded, wrong))])
     assert summary["grounding_iou"] == 0.5 and summary["grounding_iou_1to3"] == 1.0
+
+
+def test_counting_on_scenes_of_one_to_three_objects_is_scored_apart_with_its_own_majority() -> None:
+    counting = items_from_sample(COUNTING)[0]
+    few = [dataclasses.replace(counting, scene_objects=2, reference=r) for r in ("0", "2", "2")]
+    many = [dataclasses.replace(counting, scene_objects=9, reference=r) for r in ("1", "1", "1", "1")]
+    assert score(few[0], "0") == {"counting_accuracy": 1.0, "counting_parsed": 1.0, "counting_accuracy_1to3": 1.0}
+    assert "counting_accuracy_1to3" not in score(many[0], "1")
+    summary = aggregate([(item, score(item, "1")) for item in few + many])
+    assert summary["counting_accuracy"] == 4 / 7 and summary["counting_accuracy_1to3"] == 0.0
+    assert summary["counting_majority"] == 4 / 7 and summary["counting_majority_1to3"] == 2 / 3

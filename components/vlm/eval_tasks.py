@@ -250,13 +250,13 @@ def score(item: EvalItem, prediction: str, thinking: bool = False) -> dict[str, 
 
 
 FEW_OBJECTS = 3  # grounding and pointing are also scored apart on scenes of 1 to this many objects
-FEW_OBJECT_METRICS = ("grounding_iou", "grounding_iou50", "pointing_hit")
+FEW_OBJECT_METRICS = ("grounding_iou", "grounding_iou50", "pointing_hit", "counting_accuracy")
 
 
 def few_object_copies(item: EvalItem, metrics: dict[str, float]) -> dict[str, float]:
-    """The grounding and pointing scores again as `<metric>_1to3` when the item's scene holds 1 to 3 objects:
-    there a model that reads positions from the pixels has one target among few, and the shuffled control
-    says what guessing the usual place of a lone object scores."""
+    """The grounding, pointing and counting scores again as `<metric>_1to3` when the item's scene holds 1 to 3
+    objects: there a model that reads positions from the pixels has one target among few, and the shuffled
+    control says what guessing the usual place of a lone object (or the usual count) scores."""
     if not 1 <= item.scene_objects <= FEW_OBJECTS:
         return metrics
     return metrics | {f"{name}_1to{FEW_OBJECTS}": metrics[name] for name in FEW_OBJECT_METRICS if name in metrics}
@@ -318,16 +318,19 @@ _SCORERS = {"caption": score_caption, "counting": score_counting, "grounding": s
 
 def aggregate(scored: Iterable[tuple[EvalItem, Mapping[str, float]]]) -> dict[str, float]:
     """Mean of every metric over the items that have it, `n_<kind>` item counts, and the chance levels
-    `counting_majority` / `video_qa_majority` (accuracy of always giving the most common reference).
+    `counting_majority` / `video_qa_majority` (accuracy of always giving the most common reference; also
+    `counting_majority_1to3` over the counting items of scenes of 1 to 3 objects).
     Keys are sorted."""
     sums: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
-    references: dict[str, list[str]] = {"counting": [], "video_qa": []}
+    references: dict[str, list[str]] = {"counting": [], "video_qa": [], f"counting_1to{FEW_OBJECTS}": []}
     for item, metrics in scored:
         kinds[item.kind] += 1
         if item.kind in references:
             references[item.kind].append(normalise_text(item.reference))
+        if item.kind == "counting" and 1 <= item.scene_objects <= FEW_OBJECTS:
+            references[f"counting_1to{FEW_OBJECTS}"].append(normalise_text(item.reference))
         for name, value in metrics.items():
             sums[name] += float(value)
             counts[name] += 1
@@ -335,7 +338,8 @@ def aggregate(scored: Iterable[tuple[EvalItem, Mapping[str, float]]]) -> dict[st
     result |= {f"n_{kind}": float(count) for kind, count in kinds.items()}
     for kind, answers in references.items():
         if answers:
-            result[f"{kind}_majority"] = majority_accuracy(answers)
+            name, _, few = kind.partition("_1to")
+            result[f"{name}_majority" + (f"_1to{few}" if few else "")] = majority_accuracy(answers)
     return dict(sorted(result.items()))
 
 

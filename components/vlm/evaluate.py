@@ -30,24 +30,33 @@ log = logging.getLogger(__name__)
 
 def held_out_rows(shards_dir: Path, job: VlmEvalJob) -> tuple[list[dict[str, Any]], DropCounter]:
     """Evaluation items as Ray Data rows (PNG bytes of the images or frames travel with them), at most
-    `max_items_per_kind` per kind, and the drop counts of the held-out samples read."""
+    `max_items_per_kind` per kind, and the drop counts of the held-out samples read. Items are taken turn
+    by turn across samples (every sample's first item, then every second one, ...), so a kind's items come
+    from as many pictures as the held-out split has rather than from the first few samples' every turn."""
     from components.vlm.data import held_out_samples, select_frames
     from components.vlm.eval_tasks import items_from_sample
 
     counter = DropCounter()
-    per_kind: Counter[str] = Counter()
-    rows: list[dict[str, Any]] = []
+    per_sample: list[tuple[list[Any], Any]] = []
     for sample in held_out_samples(shards_dir, MIX_TASKS, job.holdout_fraction, counter):
-        images, stamps = select_frames(sample, job.frames_per_clip)
-        encoded_images = None
-        for item in items_from_sample({**sample.info, "task": sample.task, "key": sample.key}):
-            if per_kind[item.kind] >= job.eval.max_items_per_kind:
-                continue
-            per_kind[item.kind] += 1
-            encoded_images = encoded_images or [encode_png(image) for image in images]
-            rows.append({**item.to_dict(), "images": encoded_images, "timestamps": stamps or [],
-                         "control": "true"})
+        items = items_from_sample({**sample.info, "task": sample.task, "key": sample.key})
+        if items:
+            per_sample.append((items, sample))
         counter["kept"] += 1
+    per_kind: Counter[str] = Counter()
+    media: dict[int, tuple[list[bytes], list[float]]] = {}  # encoded once per sample, only where used
+    rows: list[dict[str, Any]] = []
+    for turn in range(max((len(items) for items, _ in per_sample), default=0)):
+        for index, (items, sample) in enumerate(per_sample):
+            if turn >= len(items) or per_kind[items[turn].kind] >= job.eval.max_items_per_kind:
+                continue
+            per_kind[items[turn].kind] += 1
+            if index not in media:
+                images, stamps = select_frames(sample, job.frames_per_clip)
+                media[index] = ([encode_png(image) for image in images], stamps or [])
+            encoded_images, stamps = media[index]
+            rows.append({**items[turn].to_dict(), "images": encoded_images, "timestamps": stamps,
+                         "control": "true"})
     return rows, counter
 
 
