@@ -49,6 +49,10 @@ def test_counting_reasoning_enumerates_then_counts() -> None:
         "I look for green shapes and find none, so there are 0.")
     assert counting_reasoning("How many diamonds are there?", "3", annotations) is None  # answer disagrees
     assert counting_reasoning("How many stars are there?", "1", annotations) is None  # no such question
+    crowd = {"counting": [{"question": "How many shapes are there?", "answer": 12, "colour": None, "shape": None,
+                           "points": [[900, 900]] * 2 + [[100, 100]] * 9 + [[500, 500]]}]}
+    assert counting_reasoning("How many shapes are there?", "12", crowd) == (
+        "The shapes: nine at the top left, one at the middle and two at the bottom right. That makes 12.")
 
 
 def test_grounding_ocr_and_position_words() -> None:
