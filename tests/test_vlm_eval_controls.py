@@ -50,7 +50,7 @@ def test_scores_per_control_and_their_gap() -> None:
 
 
 def test_held_out_rows_take_items_turn_by_turn_across_samples(monkeypatch) -> None:
-    """Each sample's first question before any sample's second: a kind's items come from many pictures."""
+    """One question per sample before any sample's second, every turn among them: many pictures per kind."""
     import types
 
     from PIL import Image
@@ -71,6 +71,6 @@ def test_held_out_rows_take_items_turn_by_turn_across_samples(monkeypatch) -> No
     job = types.SimpleNamespace(holdout_fraction=0.1, frames_per_clip=4,
                                 eval=types.SimpleNamespace(max_items_per_kind=6))
     rows, counter = held_out_rows(Path("unused"), job)
-    assert [(r["key"], r["turn"]) for r in rows] == [("s0", 0), ("s1", 0), ("s2", 0), ("s3", 0), ("s0", 1), ("s1", 1)]
+    assert [(r["key"], r["turn"]) for r in rows] == [("s0", 0), ("s1", 1), ("s2", 2), ("s3", 0), ("s0", 1), ("s1", 2)]
     assert counter["kept"] == 4 and all(r["images"] and r["control"] == "true" for r in rows)
     assert rows[0]["images"] is rows[4]["images"]  # one encoding per sample

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 
 def held_out_rows(shards_dir: Path, job: VlmEvalJob) -> tuple[list[dict[str, Any]], DropCounter]:
     """Evaluation items as Ray Data rows (PNG bytes of the images or frames travel with them), at most
-    `max_items_per_kind` per kind, and the drop counts of the held-out samples read. Items are taken turn
-    by turn across samples (every sample's first item, then every second one, ...), so a kind's items come
-    from as many pictures as the held-out split has rather than from the first few samples' every turn."""
+    `max_items_per_kind` per kind, and the drop counts of the held-out samples read. Items are taken one
+    per sample in rounds (sample i gives its item i, i+1, ... modulo its count), so a kind's items come from as
+    many pictures as the held-out split has, and from every turn (boxes and points alike), rather than from the
+    first few samples' every turn."""
     from components.vlm.data import held_out_samples, select_frames
     from components.vlm.eval_tasks import items_from_sample
 
@@ -46,17 +47,19 @@ def held_out_rows(shards_dir: Path, job: VlmEvalJob) -> tuple[list[dict[str, Any
     per_kind: Counter[str] = Counter()
     media: dict[int, tuple[list[bytes], list[float]]] = {}  # encoded once per sample, only where used
     rows: list[dict[str, Any]] = []
-    for turn in range(max((len(items) for items, _ in per_sample), default=0)):
+    for round_ in range(max((len(items) for items, _ in per_sample), default=0)):
         for index, (items, sample) in enumerate(per_sample):
-            if turn >= len(items) or per_kind[items[turn].kind] >= job.eval.max_items_per_kind:
+            if round_ >= len(items):
                 continue
-            per_kind[items[turn].kind] += 1
+            item = items[(index + round_) % len(items)]
+            if per_kind[item.kind] >= job.eval.max_items_per_kind:
+                continue
+            per_kind[item.kind] += 1
             if index not in media:
                 images, stamps = select_frames(sample, job.frames_per_clip)
                 media[index] = ([encode_png(image) for image in images], stamps or [])
             encoded_images, stamps = media[index]
-            rows.append({**items[turn].to_dict(), "images": encoded_images, "timestamps": stamps,
-                         "control": "true"})
+            rows.append({**item.to_dict(), "images": encoded_images, "timestamps": stamps, "control": "true"})
     return rows, counter
 
 
