@@ -236,6 +236,39 @@ def test_packed_forward_loss_equals_per_sample_losses(tok: Any, ids: SpecialIds,
     assert abs(float(leaky.lm_loss) - total / tokens) > 1e-4
 
 
+def test_sample_and_square_reductions_weigh_each_sample_by_its_answer_tokens(
+        tok: Any, ids: SpecialIds, model: VisionLanguageModel) -> None:
+    samples, _ = _encoded_pair(tok)
+    packer = Packer(max_tokens=256, max_images=8, pad_id=ids.pad, buffer_size=4)
+    for sample in samples:
+        packer.add(sample)
+    [pack] = packer.flush()
+    batch = collate([pack])
+    packed_images = images_to_vit_input(pack.media, VIT_CONFIG)
+    with torch.no_grad():
+        losses = {reduction: model(batch["input_ids"], batch["position_ids"], batch["labels"],
+                                   packed_images.pixel_values, packed_images.grid_hw, loss_reduction=reduction)
+                  for reduction in ("token", "sample", "square")}
+        alone = []
+        for sample in samples:
+            images = images_to_vit_input(sample.media, VIT_CONFIG)
+            result = model(torch.tensor([sample.input_ids]), torch.arange(sample.length)[None],
+                           torch.tensor([sample.labels]), images.pixel_values, images.grid_hw)
+            alone.append((float(result.lm_loss), result.answer_tokens))
+    (loss_a, n_a), (loss_b, n_b) = alone
+    trained = {name: float(r.loss - model.aux_loss_coef * r.aux_loss) for name, r in losses.items()}
+    assert n_a != n_b
+    assert abs(trained["sample"] - (loss_a + loss_b) / 2) < 1e-5
+    square = (loss_a * n_a ** 0.5 + loss_b * n_b ** 0.5) / (n_a ** 0.5 + n_b ** 0.5)
+    assert abs(trained["square"] - square) < 1e-5
+    token = (loss_a * n_a + loss_b * n_b) / (n_a + n_b)
+    assert all(abs(float(result.lm_loss) - token) < 1e-5 for result in losses.values())  # what is logged
+    assert abs(trained["token"] - token) < 1e-5 and abs(token - (loss_a + loss_b) / 2) > 1e-4
+    with pytest.raises(ValueError, match="unknown loss reduction"):
+        model(batch["input_ids"], batch["position_ids"], batch["labels"], packed_images.pixel_values,
+              packed_images.grid_hw, loss_reduction="mean")
+
+
 def test_batch_of_packs_with_a_video_equals_per_sample_losses(tok: Any, ids: SpecialIds,
                                                              model: VisionLanguageModel) -> None:
     """Two packs in one batch (as the train loop stacks packs_per_step of them), a video among the samples:

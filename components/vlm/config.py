@@ -65,6 +65,13 @@ class LlmPretrainConfig:
             raise ValueError("steps and packs_per_step must be >= 1 and max_tokens >= 16")
 
 
+# How the answer tokens of a packed batch are averaged (InternVL 2.5's `loss_reduction`): each token weighs
+# 1 / n ** p, n the answer tokens of its sample. "token" (p = 0): every token alike, so a sample with long
+# answers (a caption, four boxes) outweighs one with short ones (four one-digit counts); "sample" (p = 1): every
+# sample alike; "square" (p = 0.5) in between.
+LOSS_REDUCTIONS = {"token": 0.0, "square": 0.5, "sample": 1.0}
+
+
 @dataclasses.dataclass
 class StageConfig:
     """One VLM training stage: which parts train, on what mix, with what sequence length."""
@@ -83,8 +90,13 @@ class StageConfig:
         default_factory=lambda: {"caption": 1.0, "ocr": 1.0, "grounding": 1.0, "counting": 1.0})
     frames_per_clip: int = 8  # video frames drawn evenly from each clip's sampled frames
     max_pixels: int = 0  # images resized to hold at most this many pixels from this stage on; 0: the ViT's own
+    # how answer tokens are averaged: "token" (all alike), "sample" (every sample alike, so four one-digit counts
+    # weigh as much as a caption), "square" (1/sqrt(tokens of the sample)); InternVL 2.5's loss_reduction
+    loss_reduction: str = "token"
 
     def __post_init__(self) -> None:
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, got {self.loss_reduction!r}")
         if self.max_pixels and self.max_pixels < 28 * 28:
             raise ValueError(f"max_pixels must be 0 (the ViT's own) or at least 784 (one 28x28 token), "
                              f"got {self.max_pixels}")

@@ -25,7 +25,7 @@ from torch import nn
 from components.common.torchvision_compat import ensure_torchvision_importable
 from components.vit.config import SeedViTConfig
 from components.vit.model import SeedViT
-from components.vlm.config import LlmConfig
+from components.vlm.config import LOSS_REDUCTIONS, LlmConfig
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -242,12 +242,14 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, grid_hw: torch.Tensor | None = None,
-                image_order: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> VlmLoss:
+                image_order: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                loss_reduction: str = "token") -> VlmLoss:
         """Packed batch [B, T]: next-token loss on the answer tokens, plus the balancing loss. The B packs
         run as one row (position ids keep the samples apart), and logits are made only where a label
-        follows, so a long context with a large vocabulary never materialises [B, T, vocab] logits."""
+        follows, so a long context with a large vocabulary never materialises [B, T, vocab] logits.
+        `loss_reduction` weighs the answer tokens (`LOSS_REDUCTIONS`)."""
         embeds = self.embed(input_ids, pixel_values, grid_hw, image_order, image_features)
-        return causal_lm_loss(self.llm, embeds, position_ids, labels, self.aux_loss_coef)
+        return causal_lm_loss(self.llm, embeds, position_ids, labels, self.aux_loss_coef, loss_reduction)
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -261,10 +263,22 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss / count, count
 
 
+def sample_token_weights(position_ids: torch.Tensor, label_positions: torch.Tensor, power: float) -> torch.Tensor:
+    """Weight of each labelled position of a flat packed row: 1 / n ** power, n the labelled positions of the
+    same sample (samples start where the position ids restart at 0)."""
+    sample = torch.cumsum((position_ids == 0).long(), 0) - 1
+    owner = sample[label_positions]
+    counts = torch.bincount(owner)[owner].float()
+    return counts.pow(-power)
+
+
 def causal_lm_loss(llm: Any, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                   aux_loss_coef: float) -> VlmLoss:
+                   aux_loss_coef: float, reduction: str = "token") -> VlmLoss:
     """The answer loss of packed rows [B, T] (run as one row), computing logits only at the positions
-    whose next token is labelled, plus the router's balancing loss."""
+    whose next token is labelled, plus the router's balancing loss. What backpropagates averages the answer
+    tokens as `reduction` says (`LOSS_REDUCTIONS`); `lm_loss` is always the plain mean over answer tokens."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"unknown loss reduction {reduction!r}; expected one of {sorted(LOSS_REDUCTIONS)}")
     embeds = embeds.reshape(1, -1, embeds.shape[-1])
     position_ids = position_ids.reshape(1, -1)
     flat = labels.reshape(-1)
@@ -273,12 +287,18 @@ def causal_lm_loss(llm: Any, embeds: torch.Tensor, position_ids: torch.Tensor, l
     out = llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, logits_to_keep=keep)
     logits = out.logits[0]
     if len(predicting):
-        lm_loss = F.cross_entropy(logits.float(), flat[predicting + 1], reduction="mean")
+        per_token = F.cross_entropy(logits.float(), flat[predicting + 1], reduction="none")
+        lm_loss = per_token.mean()
+        if reduction == "token":
+            trained = lm_loss
+        else:
+            weights = sample_token_weights(position_ids[0], predicting + 1, LOSS_REDUCTIONS[reduction])
+            trained = (per_token * weights).sum() / weights.sum()
     else:
-        lm_loss = logits.sum() * 0.0
+        lm_loss = trained = logits.sum() * 0.0
     aux = getattr(out, "aux_loss", None)
     aux = aux if aux is not None else lm_loss.new_zeros(())
-    return VlmLoss(loss=lm_loss + aux_loss_coef * aux, lm_loss=lm_loss, aux_loss=aux, answer_tokens=len(predicting))
+    return VlmLoss(loss=trained + aux_loss_coef * aux, lm_loss=lm_loss, aux_loss=aux, answer_tokens=len(predicting))
 
 
 def set_trainable(model: VisionLanguageModel, parts: list[str]) -> dict[str, int]:

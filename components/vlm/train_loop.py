@@ -184,11 +184,12 @@ class StageStep:
         device, engine = self.worker.device, self.engine
         packs = self.feed.next_packs(self.stage.packs_per_step)
         batch = {k: v.to(device) for k, v in collate(packs).items()}
+        reduction = getattr(self.stage, "loss_reduction", "token")
         num_images, num_patches, loads = 0, 0, {}
         if self.vit_cfg is None:  # text only
             embeds = engine.module.get_input_embeddings()(batch["input_ids"])
             terms = causal_lm_loss(engine, embeds, batch["position_ids"], batch["labels"],
-                                   float(getattr(engine.module.config, "router_aux_loss_coef", 0.0)))
+                                   float(getattr(engine.module.config, "router_aux_loss_coef", 0.0)), reduction)
             loss = terms.loss
         else:
             images = [image for pack in packs for image in pack.media]
@@ -199,12 +200,13 @@ class StageStep:
                 balanced = balanced_image_features(engine.module, pixel_values, grid_hw, self.balance.group_size,
                                                    self.vit_cfg.merge_size)
                 terms = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                               labels=batch["labels"], image_features=balanced.features)
+                               labels=batch["labels"], image_features=balanced.features, loss_reduction=reduction)
                 loss = terms.loss + 0.0 * balanced.features.sum()  # see balanced_image_features
                 loads = vit_load_metrics(balanced.patches_before, balanced.patches_after)
             else:
                 terms = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                               labels=batch["labels"], pixel_values=pixel_values, grid_hw=grid_hw)
+                               labels=batch["labels"], pixel_values=pixel_values, grid_hw=grid_hw,
+                               loss_reduction=reduction)
                 loss = terms.loss
                 patches = all_gather_floats(float(num_patches))
                 loads = vit_load_metrics(patches, patches)
