@@ -249,7 +249,7 @@ def score(item: EvalItem, prediction: str, thinking: bool = False) -> dict[str, 
     return few_object_copies(item, metrics) | {"format_ok": float(ok)}
 
 
-FEW_OBJECTS = 3  # grounding and pointing are also scored apart on scenes of 1 to this many objects
+FEW_OBJECTS = 3  # grounding, pointing and counting are also scored apart on scenes of 1 to this many objects
 FEW_OBJECT_METRICS = ("grounding_iou", "grounding_iou50", "pointing_hit", "counting_accuracy")
 
 
@@ -324,13 +324,14 @@ def aggregate(scored: Iterable[tuple[EvalItem, Mapping[str, float]]]) -> dict[st
     sums: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
-    references: dict[str, list[str]] = {"counting": [], "video_qa": [], f"counting_1to{FEW_OBJECTS}": []}
+    references: dict[str, list[str]] = {"counting": [], "video_qa": []}
+    few_object_counts: list[str] = []
     for item, metrics in scored:
         kinds[item.kind] += 1
         if item.kind in references:
             references[item.kind].append(normalise_text(item.reference))
         if item.kind == "counting" and 1 <= item.scene_objects <= FEW_OBJECTS:
-            references[f"counting_1to{FEW_OBJECTS}"].append(normalise_text(item.reference))
+            few_object_counts.append(normalise_text(item.reference))
         for name, value in metrics.items():
             sums[name] += float(value)
             counts[name] += 1
@@ -338,8 +339,9 @@ def aggregate(scored: Iterable[tuple[EvalItem, Mapping[str, float]]]) -> dict[st
     result |= {f"n_{kind}": float(count) for kind, count in kinds.items()}
     for kind, answers in references.items():
         if answers:
-            name, _, few = kind.partition("_1to")
-            result[f"{name}_majority" + (f"_1to{few}" if few else "")] = majority_accuracy(answers)
+            result[f"{kind}_majority"] = majority_accuracy(answers)
+    if few_object_counts:
+        result[f"counting_majority_1to{FEW_OBJECTS}"] = majority_accuracy(few_object_counts)
     return dict(sorted(result.items()))
 
 
