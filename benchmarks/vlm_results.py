@@ -39,7 +39,8 @@ RL_COLUMNS = ("reward_general_first", "reward_general_last", "reward_verifiable_
               "verifier_pass_rate_first", "verifier_pass_rate_last", "mean_kl_general", "mean_kl_verifiable",
               "mean_entropy", "mean_response_length", "mean_explained_variance", "mean_truncated")
 RM_COLUMNS = ("train_pairs", "heldout_pairs", "initial_heldout_pair_accuracy", "heldout_pair_accuracy",
-              "heldout_pair_accuracy_verified", "heldout_pair_accuracy_reference", "heldout_pair_accuracy_concise")
+              "heldout_pair_accuracy_verified", "heldout_pair_accuracy_reference", "heldout_pair_accuracy_concise",
+              "heldout_pair_accuracy_faithful")
 SFT_COLUMNS = ("format_ok", "answer_words", "thinking_words")
 RS_COLUMNS = ("prompts", "samples", "sample_pass_rate", "acceptance_rate", "accepted", "format_failures", "truncated",
               "mean_thinking_words", "accepted_thinking_words")
@@ -209,7 +210,7 @@ def sections(evaluation: dict, samplings: list, rls: list, probes: list, trainin
         ("Rejection sampling from the first SFT round, with thinking on (per task; acceptance: prompts with at least one "
          "verified answer):\n\n", table(over_seeds(samplings), RS_COLUMNS)),
         ("Reward model (Bradley-Terry on our own pairs: verified or reference answers over wrong samples, concise over "
-         "rambling captions; held-out prompts' pairs):\n\n", table(only(rls, "reward model"), RM_COLUMNS)),
+         "rambling captions, faithful over one-colour-swapped captions; held-out prompts' pairs):\n\n", table(only(rls, "reward model"), RM_COLUMNS)),
         ("Hybrid RL, the reward curve (first and last quarter of the policy steps) and the run's means:\n\n",
          table(only(rls, "rl"), RL_COLUMNS)),
         ("Answer loss on held-out samples and the image-use gap (shuffled minus own images, nats):\n\n",

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from components.rl.algorithms import RlAlgoConfig, bradley_terry_loss  # noqa: E402
 from components.rl.config import RlConfig  # noqa: E402
 from components.rl.prompts import PromptSampler, type_counts  # noqa: E402
-from components.rl.reward_model import caption_pairs, split_pairs, verifiable_pairs  # noqa: E402
+from components.rl.reward_model import caption_pairs, colour_swapped, split_pairs, verifiable_pairs  # noqa: E402
 from components.training.config import DeepSpeedSettings  # noqa: E402
 
 DS = DeepSpeedSettings(zero_stage=2, bf16=False)
@@ -69,6 +69,21 @@ def test_captions_prefer_the_concise_reference_to_a_rambling_one() -> None:
         assert pair.chosen == caption and pair.rejected.startswith(caption) and len(pair.rejected) > len(caption)
         assert pair.source == "concise"
     assert caption_pairs(captions[:1], 2, 0) == []
+
+
+def test_faithful_pairs_change_one_object_colour_and_never_the_background() -> None:
+    import random
+
+    caption = "a red circle and two black squares on a black background"
+    swapped = colour_swapped(caption, 40, random.Random(0))
+    assert len(swapped) == len(set(swapped)) == 14  # two object colour words, seven other colours each
+    for wrong in swapped:
+        assert wrong.endswith("on a black background") and wrong != caption
+        assert sum(a != b for a, b in zip(wrong.split(), caption.split())) == 1
+    assert colour_swapped("a dog on a sofa", 3, random.Random(0)) == []
+    pairs = caption_pairs([("k1", "<image>\nDescribe.", caption)], sentences=2, seed=0, colour_swaps=2)
+    assert [p.source for p in pairs] == ["faithful", "faithful"]  # one caption: no other to ramble with
+    assert all(p.chosen == caption and p.prompt == "k1:0" for p in pairs)
 
 
 def test_the_split_keeps_every_prompt_on_one_side_and_both_sides_non_empty() -> None:

@@ -13,7 +13,7 @@ from components.training.shards import DropCounter, RawSample, ShardStream
 from components.vlm.modes import DIRECT_SYSTEM_PROMPT, MODES, THINKING_SYSTEM_PROMPT, system_prompt
 from components.vlm.rejection_sampling import acceptance_metrics, accepted_sample, judge, select_accepted
 from components.vlm.sample_shards import ShardWriter
-from components.vlm.sft_data import (counting_reasoning, grounding_reasoning, mode_of, ocr_reasoning, sft_conversation,
+from components.vlm.sft_data import (caption_reasoning, counting_reasoning, grounding_reasoning, mode_of, ocr_reasoning, sft_conversation,
                                      sft_sample, where)
 from components.vlm.stages import merged_shard_tree
 
@@ -41,18 +41,29 @@ def test_the_modes_are_defined_once_and_serving_uses_them() -> None:
         system_prompt("fast")
 
 
-def test_counting_reasoning_enumerates_then_counts() -> None:
+def test_counting_reasoning_counts_then_enumerates() -> None:
     annotations = COUNTING["annotations"]
     text = counting_reasoning("<image>\nHow many diamonds are there?", "2", annotations)
-    assert text == "The diamonds: one at the top right and one at the bottom right. That makes 2."
+    assert text == "I count 2. The diamonds: one at the top right and one at the bottom right."
     assert counting_reasoning("How many green shapes are there?", "0", annotations) == (
-        "I look for green shapes and find none, so there are 0.")
+        "I count 0. I find no green shapes.")
     assert counting_reasoning("How many diamonds are there?", "3", annotations) is None  # answer disagrees
     assert counting_reasoning("How many stars are there?", "1", annotations) is None  # no such question
     crowd = {"counting": [{"question": "How many shapes are there?", "answer": 12, "colour": None, "shape": None,
                            "points": [[900, 900]] * 2 + [[100, 100]] * 9 + [[500, 500]]}]}
     assert counting_reasoning("How many shapes are there?", "12", crowd) == (
-        "The shapes: nine at the top left, one at the middle and two at the bottom right. That makes 12.")
+        "I count 12. The shapes: nine at the top left, one at the middle and two at the bottom right.")
+
+
+def test_caption_reasoning_opens_with_the_background_unlike_counting() -> None:
+    scene = {"width": 200, "height": 100, "caption": "a red circle and a green square on a beige background",
+             "meta": {"synthetic": {"true_caption": "a red circle and a green square on a beige background",
+                                    "objects": [{"colour": "red", "shape": "circle", "box": [10, 10, 30, 30]},
+                                                {"colour": "green", "shape": "square", "box": [90, 40, 110, 60]}]}}}
+    assert caption_reasoning(scene) == ("The background is beige. On it: a red circle at the top left and a green "
+                                        "square at the middle.")
+    assert caption_reasoning({**scene, "meta": {"synthetic": {"objects": [{"colour": "red"}]}}}) is None
+    assert caption_reasoning({"caption": "a dog", "width": 9, "height": 9}) is None  # a web caption: no reasoning
 
 
 def test_grounding_ocr_and_position_words() -> None:
@@ -72,7 +83,7 @@ def test_conversation_modes_and_fallback_to_direct() -> None:
     conversation, mode = sft_conversation(COUNTING, "counting", "thinking")
     assert mode == "thinking" and conversation[0] == {"from": "system", "value": THINKING_SYSTEM_PROMPT}
     answers = [turn["value"] for turn in conversation if turn["from"] == "gpt"]
-    assert answers[0].startswith("<think>The diamonds: one at") and answers[1].startswith("<think>I look for")
+    assert answers[0].startswith("<think>I count 2. The diamonds: one at") and answers[1].startswith("<think>I count 0.")
     assert answers[0].endswith("</think>2") and answers[1].endswith("</think>0")
     direct, mode = sft_conversation(COUNTING, "counting", "direct")
     assert mode == "direct" and direct[0]["value"] == DIRECT_SYSTEM_PROMPT and [t["value"] for t in direct[2::2]] == ["2", "0"]

@@ -9,7 +9,11 @@ Where the pairs come from, at our scale (there is no human preference data for o
   one: it is correct by construction.
 * caption prompts (the general prompts RL scores with this model): a training-split caption sample of the
   curated shards; its reference caption (concise) is preferred to a rambling one, the same caption with
-  `rambling_sentences` sentences of other samples' captions appended.
+  `rambling_sentences` sentences of other samples' captions appended; and, with `colour_swaps`, preferred
+  to the same caption with one object's colour word changed to another colour (a "faithful" pair: the two
+  answers differ in one word that only the picture can decide, so the model cannot rank them by length or
+  style). Without these pairs the reward model learned length alone, and RL drifted towards captions it
+  scored well without naming the objects' colours (README, "What SFT and RL do on the small profile").
 
 The `<think>` part of every answer is cut off (`strip_thinking`) before the model sees it, as in RL. Pairs
 are split by prompt: the held-out prompts' pairs never train and give the held-out pair accuracy (before and
@@ -52,7 +56,8 @@ class PreferencePair:
     chosen: str
     rejected: str
     source: str  # "verified" (a correct sample over a wrong one), "reference" (the reference over a wrong
-    # sample), "concise" (a reference caption over a rambling one)
+    # sample), "concise" (a reference caption over a rambling one), "faithful" (a reference caption over the
+    # same caption with one object's colour changed)
 
 
 def verifiable_pairs(samples: list[dict[str, Any]], max_per_prompt: int, seed: int) -> list[PreferencePair]:
@@ -78,22 +83,41 @@ def verifiable_pairs(samples: list[dict[str, Any]], max_per_prompt: int, seed: i
     return pairs
 
 
-def caption_pairs(captions: list[tuple[str, str, str]], sentences: int, seed: int) -> list[PreferencePair]:
+def caption_pairs(captions: list[tuple[str, str, str]], sentences: int, seed: int,
+                  colour_swaps: int = 0) -> list[PreferencePair]:
     """(key, question, reference caption) -> the reference preferred to itself followed by `sentences`
-    sentences of other samples' captions (a rambling answer: longer, and about another picture). Needs two
-    captions at least."""
-    if len(captions) < 2:
-        return []
+    sentences of other samples' captions (a rambling answer: longer, and about another picture; needs two
+    captions at least), and to up to `colour_swaps` copies of itself with one object colour word changed
+    (`colour_swapped`)."""
     rng = random.Random(seed)
     pairs = []
     for index, (key, question, caption) in enumerate(captions):
         others = [c for i, (_, _, c) in enumerate(captions) if i != index and _norm(c) != _norm(caption)]
-        if not others:
-            continue
-        extra = [_first_sentence(rng.choice(others)) for _ in range(sentences)]
-        rambling = " ".join([caption.rstrip(), *extra])
-        pairs.append(PreferencePair(f"{key}:0", key, "caption", question, caption.strip(), rambling, "concise"))
+        if others:
+            extra = [_first_sentence(rng.choice(others)) for _ in range(sentences)]
+            rambling = " ".join([caption.rstrip(), *extra])
+            pairs.append(PreferencePair(f"{key}:0", key, "caption", question, caption.strip(), rambling, "concise"))
+        swaps = colour_swapped(caption.strip(), colour_swaps, random.Random(zlib.crc32(f"{seed}:{key}".encode())))
+        pairs += [PreferencePair(f"{key}:0", key, "caption", question, caption.strip(), wrong, "faithful")
+                  for wrong in swaps]
     return pairs
+
+
+def colour_swapped(caption: str, count: int, rng: random.Random) -> list[str]:
+    """Up to `count` distinct copies of `caption` with one colour word of its objects (not the "on a ...
+    background" phrase) changed to another object colour: "a red circle on a white background" -> "a blue
+    circle on a white background". A caption naming no object colour gives none."""
+    import re
+
+    from components.common.probes import OBJECT_COLOURS
+    from components.vlm.verifiers import background_span
+
+    background = background_span(caption)
+    words = [m for m in re.finditer(r"[A-Za-z]+", caption) if m.group().lower() in OBJECT_COLOURS
+             and (background is None or not background[0] <= m.start() < background[1])]
+    options = [(m, colour) for m in words for colour in OBJECT_COLOURS if colour != m.group().lower()]
+    rng.shuffle(options)
+    return [caption[:m.start()] + colour + caption[m.end():] for m, colour in options[:count]]
 
 
 def split_pairs(pairs: list[PreferencePair], fraction: float, seed: int) -> tuple[list[PreferencePair],
@@ -289,7 +313,7 @@ def run_reward_model(ctx: StageContext[RewardModelJob]) -> StageResult:
     samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
     pairs = verifiable_pairs(samples, cfg.max_pairs_per_prompt, ctx.seed)
     captions = training_captions(ctx.inputs["shards"], cfg.caption_prompts, job.holdout_fraction)
-    pairs += caption_pairs(captions, cfg.rambling_sentences, ctx.seed)
+    pairs += caption_pairs(captions, cfg.rambling_sentences, ctx.seed, cfg.colour_swaps)
     train_pairs, heldout_pairs = split_pairs(pairs, cfg.heldout_fraction, ctx.seed)
     keys: dict[str, set[str]] = defaultdict(set)
     for pair in pairs:
@@ -306,7 +330,7 @@ def run_reward_model(ctx: StageContext[RewardModelJob]) -> StageResult:
         ctx.log_metrics({f"train/{k}": v for k, v in record.items()}, step)
     metrics = dict(result["metrics"])
     metrics |= {f"pairs_{source}": float(sum(p.source == source for p in pairs)) for source in
-                ("verified", "reference", "concise")}
+                ("verified", "reference", "concise", "faithful")}
     metrics["pairs_missing_media"] = float(sum(p.key not in media for p in pairs))
     (out_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
     log.info("reward_model: %d training pairs, held-out pair accuracy %.3f (before training %.3f)",
@@ -315,7 +339,7 @@ def run_reward_model(ctx: StageContext[RewardModelJob]) -> StageResult:
     return StageResult(metrics=metrics, artifacts=["reward_model/summary.json", "reward_model/pairs.jsonl"])
 
 
-reward_model = component(name="reward_model", version="1", config="train.vlm", inputs=("shards", "rs", "vlm"),
+reward_model = component(name="reward_model", version="2", config="train.vlm", inputs=("shards", "rs", "vlm"),
                          outputs=("reward_model",), view=reward_model_view)(run_reward_model)
 
 

@@ -244,6 +244,12 @@ def words(text: str) -> list[str]:
     return _WORD.findall(normalise_text(text))
 
 
+def background_span(caption: str) -> tuple[int, int] | None:
+    """Where the caption's "on a <colour> background" phrase is (start, end), or None."""
+    match = _BACKGROUND.search(caption)
+    return None if match is None else (match.start(), match.end())
+
+
 def split_background(caption: str) -> tuple[str, str | None]:
     """(the caption without its "on a <colour> background" phrase, that colour word or None): a scene's
     background is one flat colour that fills most of every visual token, so naming it proves little
