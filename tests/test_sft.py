@@ -13,8 +13,8 @@ from components.training.shards import DropCounter, RawSample, ShardStream
 from components.vlm.modes import DIRECT_SYSTEM_PROMPT, MODES, THINKING_SYSTEM_PROMPT, system_prompt
 from components.vlm.rejection_sampling import acceptance_metrics, accepted_sample, judge, select_accepted
 from components.vlm.sample_shards import ShardWriter
-from components.vlm.sft_data import (caption_reasoning, counting_reasoning, grounding_reasoning, mode_of, ocr_reasoning, sft_conversation,
-                                     sft_sample, where)
+from components.vlm.sft_data import (caption_reasoning, counting_reasoning, grounding_reasoning, mode_of,
+                                     ocr_reasoning, sft_conversation, sft_sample, where)
 from components.vlm.stages import merged_shard_tree
 
 OBJECTS = [{"box": [733, 79, 793, 156], "colour": "purple", "point": [763, 117], "shape": "diamond"},
@@ -83,7 +83,8 @@ def test_conversation_modes_and_fallback_to_direct() -> None:
     conversation, mode = sft_conversation(COUNTING, "counting", "thinking")
     assert mode == "thinking" and conversation[0] == {"from": "system", "value": THINKING_SYSTEM_PROMPT}
     answers = [turn["value"] for turn in conversation if turn["from"] == "gpt"]
-    assert answers[0].startswith("<think>I count 2. The diamonds: one at") and answers[1].startswith("<think>I count 0.")
+    assert answers[0].startswith("<think>I count 2. The diamonds: one at")
+    assert answers[1].startswith("<think>I count 0.")
     assert answers[0].endswith("</think>2") and answers[1].endswith("</think>0")
     direct, mode = sft_conversation(COUNTING, "counting", "direct")
     assert mode == "direct" and direct[0]["value"] == DIRECT_SYSTEM_PROMPT and [t["value"] for t in direct[2::2]] == ["2", "0"]

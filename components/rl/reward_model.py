@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import time
 import zlib
 from collections import defaultdict
@@ -107,8 +108,6 @@ def colour_swapped(caption: str, count: int, rng: random.Random) -> list[str]:
     """Up to `count` distinct copies of `caption` with one colour word of its objects (not the "on a ...
     background" phrase) changed to another object colour: "a red circle on a white background" -> "a blue
     circle on a white background". A caption naming no object colour gives none."""
-    import re
-
     from components.common.probes import OBJECT_COLOURS
     from components.vlm.verifiers import background_span
 

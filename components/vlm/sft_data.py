@@ -86,9 +86,10 @@ def counting_reasoning(question: str, answer: str, annotations: Mapping[str, Any
     it ("... That makes 2."), the small profile's SFT model counted worse thinking than answering directly (0.389
     against 0.486 over three seeds): a 3-layer LLM miscounts its own list and its answer then disagrees with
     it. With the count where a direct answer gives it, the places follow as the evidence and the answer after
-    `</think>` copies the count (measured: 0.410 against 0.493, at least as good on one seed of three). No inventory of every object first: that long list (90-260 tokens) made the
-    SFT model repeat phrases until the token limit. The objects are grouped by place ("two at the top left and
-    one at the middle"), at most nine groups, so "how many shapes" on a crowded scene of 20 stays short."""
+    `</think>` copies the count (measured: 0.410 against 0.493, at least as good on one seed of three).
+    No inventory of every object first: that long list (90-260 tokens) made the SFT model repeat phrases until
+    the token limit. The objects are grouped by place ("two at the top left and one at the middle"), at most
+    nine groups, so "how many shapes" on a crowded scene of 20 stays short."""
     from components.vlm.eval_tasks import strip_media_tokens
 
     entry = next((e for e in annotations.get("counting") or [] if isinstance(e, Mapping)
