@@ -165,6 +165,21 @@ def test_advantages_and_returns_decouple_policy_and_critic_lambda() -> None:
     assert not adv[1, 1:].any()
 
 
+def test_a_fixed_policy_lambda_replaces_the_length_adaptive_one() -> None:
+    # a 2-token answer: the adaptive lambda is 0 (A_0 = V_1 - V_0, the critic's guess); lambda 1 gives r - V_0
+    mask = torch.tensor([[1, 1]])
+    rewards = token_rewards(torch.tensor([1.0]), mask)
+    values = torch.tensor([[0.25, 0.75]])
+    adaptive, _ = advantages_and_returns(rewards, values, mask, RlAlgoConfig(normalise_advantages=False))
+    fixed, ret = advantages_and_returns(rewards, values, mask,
+                                        RlAlgoConfig(normalise_advantages=False, lambda_policy=1.0))
+    close(adaptive, [[0.5, 0.25]])
+    close(fixed, [[0.75, 0.25]])
+    close(ret, [[1.0, 1.0]])
+    with pytest.raises(ValueError, match="lambda_policy"):
+        RlAlgoConfig(lambda_policy=1.5)
+
+
 def test_advantage_normalisation_over_all_response_tokens() -> None:
     adv = torch.tensor([[1.0, 2.0, 3.0], [5.0, 99.0, 99.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from components.rl.algorithms import RlAlgoConfig, bradley_terry_loss  # noqa: E402
-from components.rl.config import RlConfig  # noqa: E402
+from components.rl.config import KindAdaptation, RlConfig  # noqa: E402
 from components.rl.prompts import PromptSampler, type_counts  # noqa: E402
 from components.rl.reward_model import caption_pairs, colour_swapped, split_pairs, verifiable_pairs  # noqa: E402
 from components.training.config import DeepSpeedSettings  # noqa: E402
@@ -132,6 +132,35 @@ def test_the_sampler_resumes_where_its_state_says() -> None:
     assert [resumed.next_batch(4) for _ in range(2)] == batches[4:]
 
 
+def test_kind_shares_follow_the_pass_rates_and_resume() -> None:
+    pools = {"general": [{"prompt_id": f"g{i}", "kind": "caption"} for i in range(4)],
+             "verifiable": [{"prompt_id": f"{k}{i}", "kind": k} for k in ("counting", "ocr") for i in range(3)]
+             + [{"prompt_id": "v0", "kind": "video_grounding"}]}
+    plain = PromptSampler(pools, {"general": 0.0, "verifiable": 1.0}, seed=0)
+    assert plain.shares("verifiable") == pytest.approx({"counting": 3 / 7, "ocr": 3 / 7, "video_grounding": 1 / 7})
+    dealt = [row["kind"] for row in plain.next_batch(7)]
+    assert sorted(dealt) == ["counting"] * 3 + ["ocr"] * 3 + ["video_grounding"]  # exact shares, no draw
+
+    adaptive = PromptSampler(pools, {"general": 0.0, "verifiable": 1.0}, seed=0, adapt=True, adapt_floor=0.1,
+                             adapt_momentum=0.5)
+    assert adaptive.shares("verifiable") == pytest.approx({k: 1 / 3 for k in ("counting", "ocr", "video_grounding")})
+    adaptive.observe({"counting": 0.5, "ocr": 0.0})  # first measurements set the running rates
+    adaptive.observe({"counting": 0.3})  # 0.5 + 0.5 * (0.3 - 0.5) = 0.4; ocr and video unchanged
+    weights = {"counting": 4 * 0.4 * 0.6, "ocr": 0.1, "video_grounding": 1.0}  # ocr at the floor, video unmeasured
+    total = sum(weights.values())
+    assert adaptive.shares("verifiable") == pytest.approx({k: w / total for k, w in weights.items()})
+    assert adaptive.shares("general") == {"caption": 1.0}  # general kinds never adapt
+    first = [row["kind"] for row in adaptive.next_batch(20)]
+    assert first.count("counting") == round(20 * weights["counting"] / total)
+    assert first.count("ocr") == round(20 * 0.1 / total)
+    resumed = PromptSampler(pools, {"general": 0.0, "verifiable": 1.0}, seed=0, adapt=True, adapt_floor=0.1,
+                            adapt_momentum=0.5)
+    resumed.load_state(adaptive.state_dict())
+    assert resumed.next_batch(5) == adaptive.next_batch(5)
+    with pytest.raises(ValueError, match=r"kind_adaptation\.floor"):
+        RlConfig(kind_adaptation=KindAdaptation(floor=0.0))
+
+
 def test_config_mistakes_name_the_key_and_the_fix() -> None:
     with pytest.raises(ValueError, match=r"train\.vlm\.rl\.mix.*general"):
         RlConfig(mix={"generl": 1.0})
@@ -239,6 +268,10 @@ def test_rollouts_longer_than_the_limit_are_cut_and_counted(export: Path) -> Non
                           temperature=1.0, top_p=1.0, n=3, seeds=[0], max_response_tokens=2)
     assert all(len(r["sequence"].response_ids) <= 2 for r in out["rollouts"])
     assert out["truncated"] == sum(r["generated_tokens"] > 2 for r in out["rollouts"]) > 0
+    # the engine's own stop at max_new_tokens is a cut too, though max_response_tokens is not reached
+    out = worker.generate([{"question": "Describe the image.", "images": [], "timestamps": []}], max_new_tokens=2,
+                          temperature=1.0, top_p=1.0, n=3, seeds=[0], max_response_tokens=8)
+    assert out["truncated"] == sum(r["finish_reason"] == "length" for r in out["rollouts"]) > 0
 
 
 def one_update(actor: Any, critic: Any, batch: list[Any], step: int) -> tuple[dict[str, float], dict[str, float]]:

@@ -47,6 +47,7 @@ class RlAlgoConfig:
     rollout sizes) live with the driver; these are the ones the functions of this module read."""
 
     alpha: float = 0.05  # length-adaptive GAE: lambda_policy = 1 - 1 / (alpha * length)
+    lambda_policy: float | None = None  # a fixed GAE lambda of the policy instead (null: length-adaptive)
     lambda_critic: float = 1.0  # GAE lambda of the critic's targets (VAPO: 1.0, unbiased returns)
     gamma: float = 1.0  # discount per token
     eps_low: float = 0.2  # clip-higher: ratios are clipped to [1 - eps_low, 1 + eps_high]
@@ -62,6 +63,9 @@ class RlAlgoConfig:
     def __post_init__(self) -> None:
         if not self.alpha > 0:
             raise ValueError(f"rl.alpha must be > 0 (VAPO uses 0.05), got {self.alpha}")
+        if self.lambda_policy is not None and not 0.0 <= self.lambda_policy <= 1.0:
+            raise ValueError(f"rl.lambda_policy must be in [0, 1], or null for VAPO's length-adaptive lambda, "
+                             f"got {self.lambda_policy}")
         if not 0.0 <= self.lambda_critic <= 1.0:
             raise ValueError(f"rl.lambda_critic must be in [0, 1] (VAPO uses 1.0), got {self.lambda_critic}")
         if not 0.0 < self.gamma <= 1.0:
@@ -223,13 +227,14 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     """VAPO's decoupled GAE: (policy advantages, critic returns), both (B, T), 0 off the mask.
 
     The policy's advantages use each sequence's length-adaptive lambda (`length_adaptive_lambda` of its number
-    of response tokens, `config.alpha`); the critic's returns use `config.lambda_critic` (1.0: the reward-to-go,
+    of response tokens, `config.alpha`), or `config.lambda_policy` when it is set; the critic's returns use `config.lambda_critic` (1.0: the reward-to-go,
     unbiased targets). With `config.normalise_advantages` the policy advantages are whitened over all response
     tokens of the batch (mean 0, std 1, one mean for general and verifiable rows alike, since they share one
     critic and one loss); the returns are never normalised. `rewards` are per-token (`token_rewards`), `values`
     the critic's values at rollout time.
     """
-    lam_policy = length_adaptive_lambda(mask.bool().sum(dim=-1), config.alpha).to(values.device)
+    lam_policy: float | torch.Tensor = config.lambda_policy if config.lambda_policy is not None else \
+        length_adaptive_lambda(mask.bool().sum(dim=-1), config.alpha).to(values.device)
     advantages, _ = gae(rewards, values, mask, config.gamma, lam_policy)
     _, returns = gae(rewards, values, mask, config.gamma, config.lambda_critic)
     if config.normalise_advantages:

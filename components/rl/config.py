@@ -81,6 +81,25 @@ class RlGroups:
 
 
 @dataclasses.dataclass
+class KindAdaptation:
+    """`rl.kind_adaptation`: Seed-Thinking v1.5's online data-distribution adaptation, for the verifiable kinds
+    of each batch. A kind's share follows 4 p (1 - p) of its running verifier pass rate p (`PromptSampler`): a
+    kind the policy always fails or always passes gives all its samples one reward and teaches nothing, so it
+    gets `floor`, enough to re-measure it. Off: kinds in proportion to their prompt pools."""
+
+    enabled: bool = True
+    floor: float = 0.1  # the least weight a kind keeps (against 1 at pass rate 0.5)
+    momentum: float = 0.3  # how far a step's pass rate moves the running one
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.floor <= 1.0:
+            raise ValueError(f"train.vlm.rl.kind_adaptation.floor must be in (0, 1] (e.g. 0.1), got {self.floor}")
+        if not 0.0 < self.momentum <= 1.0:
+            raise ValueError(f"train.vlm.rl.kind_adaptation.momentum must be in (0, 1] (e.g. 0.3), "
+                             f"got {self.momentum}")
+
+
+@dataclasses.dataclass
 class RlConfig:
     """`vlm_rl`: hybrid RL of the SFT export (one driver loop over long-lived Ray worker groups)."""
 
@@ -97,6 +116,7 @@ class RlConfig:
     prompts_per_task: int = 512  # training-split prompts read per kind (the prompt pool)
     general_kinds: list[str] = dataclasses.field(default_factory=lambda: list(RL_GENERAL_KINDS))
     verifiable_kinds: list[str] = dataclasses.field(default_factory=lambda: list(RL_VERIFIABLE_KINDS))
+    kind_adaptation: KindAdaptation = dataclasses.field(default_factory=KindAdaptation)
     actor_learning_rate: float = 1e-6
     critic_learning_rate: float = 5e-6
     trainable: list[str] = dataclasses.field(default_factory=lambda: ["adapter", "llm"])  # of the policy

@@ -3,7 +3,8 @@
 export as the reward group's scorer and the critic's starting point.
 
 Every step:
-  1. a batch of prompts with both types in it (`PromptSampler`, the mix of `train.vlm.rl.mix`);
+  1. a batch of prompts with both types in it (`PromptSampler`, the mix of `train.vlm.rl.mix`; the verifiable
+     kinds' shares follow their running pass rates, `train.vlm.rl.kind_adaptation`, logged as `mix/<kind>`);
   2. rollout: n samples per prompt with their token log-probs (cut at the limit, counted);
   3. in parallel (`seconds/scoring`): the reference policy's log-probs, the critic's values, the rewards
      (reward model for general prompts, verifiers for verifiable ones);
@@ -109,6 +110,7 @@ def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: i
     rows = [{**{k: prompts[r["prompt"]][k] for k in ("key", "kind", "type", "question", "reference", "images",
                                                       "timestamps")}, "text": r["text"]} for r in rollouts]
     types = [row["type"] for row in rows]
+    shares = {kind: share for t in ("general", "verifiable") for kind, share in sampler.shares(t).items()}
 
     mark = time.perf_counter()
     reference_ref, values_ref, reward_ref = (groups.reference.logprobs.remote(sequences),
@@ -128,7 +130,9 @@ def rl_step(groups: WorkerGroups, sampler: PromptSampler, cfg: RlConfig, step: i
     mark = time.perf_counter()
     critic_stats = ray.get(groups.critic.update.remote(sequences, old_values, returns))
     timings["critic"] = time.perf_counter() - mark
-    metrics: dict[str, float] = {**scored["stats"], **critic_stats}
+    metrics: dict[str, float] = {**scored["stats"], **critic_stats, **{f"mix/{k}": v for k, v in shares.items()}}
+    sampler.observe({key.split("/")[1]: value for key, value in scored["stats"].items()
+                     if key.startswith("verifier/") and key.endswith("/pass_rate") and key.count("/") == 2})
     policy_moves = step >= cfg.value_pretrain_steps
     if policy_moves:
         mark = time.perf_counter()
@@ -232,7 +236,8 @@ def train_rl(job: RlJob, pools: dict[str, list[dict[str, Any]]], policy: str, re
     restarts = 0
     while True:
         groups = WorkerGroups(job, policy, reward_model, out_dir)
-        sampler = PromptSampler(pools, cfg.mix, seed)
+        adapt = cfg.kind_adaptation
+        sampler = PromptSampler(pools, cfg.mix, seed, adapt.enabled, adapt.floor, adapt.momentum)
         latest = latest_checkpoint(checkpoints)
         step, logged = restore_checkpoint(groups, sampler, latest) if latest else (0, {})
         history = {int(k): v for k, v in logged.get("history", {}).items()}
@@ -341,7 +346,7 @@ def run_rl(ctx: StageContext[RlJob]) -> StageResult:
     return StageResult(metrics=metrics, artifacts=["vlm/summary.json", "vlm/rl_log.jsonl", "vlm/rollouts.jsonl"])
 
 
-vlm_rl = component(name="vlm_rl", version="1", config="train.vlm", inputs=("shards", "vlm", "reward_model"),
+vlm_rl = component(name="vlm_rl", version="2", config="train.vlm", inputs=("shards", "vlm", "reward_model"),
                    outputs=("vlm",), key_exclude=("fail_at_step", "checkpoint_every", "max_restarts", "groups"),
                    view=rl_view)(run_rl)
 

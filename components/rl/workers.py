@@ -71,7 +71,8 @@ class RolloutWorker:
     def generate(self, prompts: list[dict[str, Any]], max_new_tokens: int, temperature: float, top_p: float,
                  n: int, seeds: list[int], max_response_tokens: int) -> dict[str, Any]:
         """`n` samples of every prompt: per sample its prompt index, the scored sequence, its token log-probs
-        and answer text; rollouts longer than `max_response_tokens` are cut and counted."""
+        and answer text; rollouts longer than `max_response_tokens` are cut, and counted in `truncated` with
+        those the engine stopped at `max_new_tokens` before they ended."""
         from components.generation.engine import SamplingParams
         from components.vlm.conversation import answer_text
         from components.vlm.inference import generation_request
@@ -84,6 +85,7 @@ class RolloutWorker:
         completions = self.engine.generate(requests) if requests else []
         samples = [(index, completion) for index, group in enumerate(completions) for completion in group]
         cut, truncated = truncate_rollouts([c.token_ids for _, c in samples], max_response_tokens)
+        truncated += sum(c.finish_reason == "length" and len(c.token_ids) <= max_response_tokens for _, c in samples)
         rollouts = []
         for (index, completion), ids in zip(samples, cut):
             request = requests[index]
