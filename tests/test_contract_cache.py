@@ -63,7 +63,7 @@ def _code_hash_in_subprocess(folder: Path) -> str:
     return out.stdout.strip()
 
 
-def test_code_hash_follows_code_not_comments(tmp_path: Path) -> None:
+def test_code_hash_follows_code_not_comments_or_docstrings(tmp_path: Path) -> None:
     body = """
         from components.data.config import ShardsConfig
         def run(x):
@@ -73,6 +73,11 @@ def test_code_hash_follows_code_not_comments(tmp_path: Path) -> None:
     first = _code_hash_in_subprocess(tmp_path)
     _write_component_module(tmp_path, body.replace("return x + 1", "return x + 1  # a comment\n"))
     assert _code_hash_in_subprocess(tmp_path) == first
+    documented = body.replace("        from", '        """A module."""\n        from')
+    _write_component_module(tmp_path, documented.replace("def run(x):", 'def run(x):\n            """Add one."""'))
+    assert _code_hash_in_subprocess(tmp_path) == first
+    _write_component_module(tmp_path, body.replace("return x + 1", 'y = "not a docstring"\n            return x + 1'))
+    assert _code_hash_in_subprocess(tmp_path) != first
     _write_component_module(tmp_path, body.replace("x + 1", "x + 2"))
     assert _code_hash_in_subprocess(tmp_path) != first
 
