@@ -40,7 +40,7 @@ RL_COLUMNS = ("reward_general_first", "reward_general_last", "reward_verifiable_
               "mean_entropy", "mean_response_length", "mean_explained_variance", "mean_truncated")
 RM_COLUMNS = ("train_pairs", "heldout_pairs", "initial_heldout_pair_accuracy", "heldout_pair_accuracy",
               "heldout_pair_accuracy_verified", "heldout_pair_accuracy_reference", "heldout_pair_accuracy_concise",
-              "heldout_pair_accuracy_faithful")
+              "heldout_pair_accuracy_faithful", "heldout_pair_accuracy_complete")
 SFT_COLUMNS = ("format_ok", "answer_words", "thinking_words")
 RS_COLUMNS = ("prompts", "samples", "sample_pass_rate", "acceptance_rate", "accepted", "format_failures", "truncated",
               "mean_thinking_words", "accepted_thinking_words")
@@ -210,7 +210,8 @@ def sections(evaluation: dict, samplings: list, rls: list, probes: list, trainin
         ("Rejection sampling from the first SFT round, with thinking on (per task; acceptance: prompts with at least one "
          "verified answer):\n\n", table(over_seeds(samplings), RS_COLUMNS)),
         ("Reward model (Bradley-Terry on our own pairs: verified or reference answers over wrong samples, concise over "
-         "rambling captions, faithful over one-colour-swapped captions; held-out prompts' pairs):\n\n",
+         "rambling captions, faithful over one-colour-swapped captions, complete over one-object-dropped captions; held-out "
+         "prompts' pairs):\n\n",
          table(only(rls, "reward model"), RM_COLUMNS)),
         ("Hybrid RL, the reward curve (first and last quarter of the policy steps) and the run's means:\n\n",
          table(only(rls, "rl"), RL_COLUMNS)),

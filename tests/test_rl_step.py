@@ -15,9 +15,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from components.rl.algorithms import RlAlgoConfig, bradley_terry_loss  # noqa: E402
-from components.rl.config import KindAdaptation, RlConfig  # noqa: E402
+from components.rl.config import KindAdaptation, RewardModelConfig, RlConfig  # noqa: E402
 from components.rl.prompts import PromptSampler, type_counts  # noqa: E402
-from components.rl.reward_model import caption_pairs, colour_swapped, split_pairs, verifiable_pairs  # noqa: E402
+from components.rl.reward_model import (caption_pairs, colour_swapped, object_dropped, split_pairs,  # noqa: E402
+                                         verifiable_pairs)
 from components.training.config import DeepSpeedSettings  # noqa: E402
 
 DS = DeepSpeedSettings(zero_stage=2, bf16=False)
@@ -84,6 +85,24 @@ def test_faithful_pairs_change_one_object_colour_and_never_the_background() -> N
     pairs = caption_pairs([("k1", "<image>\nDescribe.", caption)], sentences=2, seed=0, colour_swaps=2)
     assert [p.source for p in pairs] == ["faithful", "faithful"]  # one caption: no other to ramble with
     assert all(p.chosen == caption and p.prompt == "k1:0" for p in pairs)
+
+
+def test_complete_pairs_leave_out_one_object_of_the_list() -> None:
+    import random
+
+    caption = "a red circle, a blue square and two green diamonds on a gray background"
+    dropped = object_dropped(caption, 5, random.Random(0))
+    assert sorted(dropped) == ["a blue square and two green diamonds on a gray background",
+                               "a red circle and a blue square on a gray background",
+                               "a red circle and two green diamonds on a gray background"]
+    assert object_dropped("a red circle and a blue square on a black background", 1, random.Random(0))[0] in (
+        "a red circle on a black background", "a blue square on a black background")
+    assert object_dropped("a red circle on a black background", 3, random.Random(0)) == []  # one object
+    assert object_dropped("a dog, a cat and a sofa", 3, random.Random(0)) == []  # not a scene caption
+    pairs = caption_pairs([("k1", "<image>\nDescribe.", caption)], sentences=2, seed=0, omissions=2)
+    assert [p.source for p in pairs] == ["complete", "complete"] and all(p.chosen == caption for p in pairs)
+    with pytest.raises(ValueError, match=r"omissions"):
+        RewardModelConfig(omissions=-1)
 
 
 def test_the_split_keeps_every_prompt_on_one_side_and_both_sides_non_empty() -> None:

@@ -31,6 +31,7 @@ class RewardModelConfig:
     caption_prompts: int = 256  # training-split caption samples turned into concise-vs-rambling pairs
     rambling_sentences: int = 2  # other captions' sentences appended to the reference to make it ramble
     colour_swaps: int = 1  # per caption, pairs of the reference over itself with one object's colour changed
+    omissions: int = 1  # per caption, pairs of the reference over itself with one object left out
     heldout_fraction: float = 0.2  # of the prompts: their pairs never train, they give the held-out accuracy
     max_tokens: int = 1024  # per scored sequence (prompt + answer); longer answers are cut
     num_gpus: float = 0.0
@@ -44,8 +45,8 @@ class RewardModelConfig:
         if min(self.steps, self.pairs_per_step, self.max_pairs_per_prompt, self.max_tokens) < 1:
             raise ValueError("train.vlm.reward_model.steps, pairs_per_step, max_pairs_per_prompt and max_tokens "
                              "must be >= 1")
-        if self.caption_prompts < 0 or self.rambling_sentences < 1 or self.colour_swaps < 0:
-            raise ValueError("train.vlm.reward_model.caption_prompts and colour_swaps must be >= 0 and "
+        if min(self.caption_prompts, self.colour_swaps, self.omissions) < 0 or self.rambling_sentences < 1:
+            raise ValueError("train.vlm.reward_model.caption_prompts, colour_swaps and omissions must be >= 0 and "
                              "rambling_sentences >= 1")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError(f"train.vlm.reward_model.heldout_fraction must be in (0, 1) (e.g. 0.2), "

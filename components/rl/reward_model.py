@@ -13,7 +13,10 @@ Where the pairs come from, at our scale (there is no human preference data for o
   to the same caption with one object's colour word changed to another colour (a "faithful" pair: the two
   answers differ in one word that only the picture can decide, so the model cannot rank them by length or
   style). Without these pairs the reward model learned length alone, and RL drifted towards captions it
-  scored well without naming the objects' colours (README, "What SFT and RL do on the small profile").
+  scored well without naming the objects' colours (README, "What SFT and RL do on the small profile"). With
+  `omissions`, the reference is also preferred to itself with one object of its list left out (a "complete"
+  pair): the concise pairs teach that shorter is better, and RL with them drifted to naming one object of
+  four.
 
 The `<think>` part of every answer is cut off (`strip_thinking`) before the model sees it, as in RL. Pairs
 are split by prompt: the held-out prompts' pairs never train and give the held-out pair accuracy (before and
@@ -58,7 +61,7 @@ class PreferencePair:
     rejected: str
     source: str  # "verified" (a correct sample over a wrong one), "reference" (the reference over a wrong
     # sample), "concise" (a reference caption over a rambling one), "faithful" (a reference caption over the
-    # same caption with one object's colour changed)
+    # same caption with one object's colour changed), "complete" (over the same caption with one object left out)
 
 
 def verifiable_pairs(samples: list[dict[str, Any]], max_per_prompt: int, seed: int) -> list[PreferencePair]:
@@ -85,11 +88,12 @@ def verifiable_pairs(samples: list[dict[str, Any]], max_per_prompt: int, seed: i
 
 
 def caption_pairs(captions: list[tuple[str, str, str]], sentences: int, seed: int,
-                  colour_swaps: int = 0) -> list[PreferencePair]:
+                  colour_swaps: int = 0, omissions: int = 0) -> list[PreferencePair]:
     """(key, question, reference caption) -> the reference preferred to itself followed by `sentences`
     sentences of other samples' captions (a rambling answer: longer, and about another picture; needs two
-    captions at least), and to up to `colour_swaps` copies of itself with one object colour word changed
-    (`colour_swapped`)."""
+    captions at least), to up to `colour_swaps` copies of itself with one object colour word changed
+    (`colour_swapped`, source "faithful"), and to up to `omissions` copies of itself with one object left out
+    (`object_dropped`, source "complete")."""
     rng = random.Random(seed)
     pairs = []
     for index, (key, question, caption) in enumerate(captions):
@@ -101,7 +105,34 @@ def caption_pairs(captions: list[tuple[str, str, str]], sentences: int, seed: in
         swaps = colour_swapped(caption.strip(), colour_swaps, random.Random(zlib.crc32(f"{seed}:{key}".encode())))
         pairs += [PreferencePair(f"{key}:0", key, "caption", question, caption.strip(), wrong, "faithful")
                   for wrong in swaps]
+        short = object_dropped(caption.strip(), omissions, random.Random(zlib.crc32(f"{seed}:{key}:drop".encode())))
+        pairs += [PreferencePair(f"{key}:0", key, "caption", question, caption.strip(), wrong, "complete")
+                  for wrong in short]
     return pairs
+
+
+_LIST_SEPARATOR = re.compile(r",\s*(?:and\s+)?|\s+and\s+")
+
+
+def object_dropped(caption: str, count: int, rng: random.Random) -> list[str]:
+    """Up to `count` distinct copies of a scene caption ("<objects> on a <colour> background", the objects a
+    list joined by commas and "and") with one object of the list left out: "a red circle, a blue square and
+    two green diamonds on a gray background" -> "a red circle and two green diamonds on a gray background".
+    A caption without the background phrase, or with one object, gives none."""
+    from components.vlm.verifiers import background_span
+
+    background = background_span(caption)
+    if background is None or count < 1:
+        return []
+    items = [item.strip() for item in _LIST_SEPARATOR.split(caption[:background[0]].strip()) if item.strip()]
+    if len(items) < 2:
+        return []
+    out = []
+    for drop in rng.sample(range(len(items)), min(count, len(items))):
+        rest = items[:drop] + items[drop + 1:]
+        listed = rest[0] if len(rest) == 1 else ", ".join(rest[:-1]) + " and " + rest[-1]
+        out.append(f"{listed} {caption[background[0]:].strip()}")
+    return _unique(out)
 
 
 def colour_swapped(caption: str, count: int, rng: random.Random) -> list[str]:
@@ -312,7 +343,7 @@ def run_reward_model(ctx: StageContext[RewardModelJob]) -> StageResult:
     samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
     pairs = verifiable_pairs(samples, cfg.max_pairs_per_prompt, ctx.seed)
     captions = training_captions(ctx.inputs["shards"], cfg.caption_prompts, job.holdout_fraction)
-    pairs += caption_pairs(captions, cfg.rambling_sentences, ctx.seed, cfg.colour_swaps)
+    pairs += caption_pairs(captions, cfg.rambling_sentences, ctx.seed, cfg.colour_swaps, cfg.omissions)
     train_pairs, heldout_pairs = split_pairs(pairs, cfg.heldout_fraction, ctx.seed)
     keys: dict[str, set[str]] = defaultdict(set)
     for pair in pairs:
@@ -329,7 +360,7 @@ def run_reward_model(ctx: StageContext[RewardModelJob]) -> StageResult:
         ctx.log_metrics({f"train/{k}": v for k, v in record.items()}, step)
     metrics = dict(result["metrics"])
     metrics |= {f"pairs_{source}": float(sum(p.source == source for p in pairs)) for source in
-                ("verified", "reference", "concise", "faithful")}
+                ("verified", "reference", "concise", "faithful", "complete")}
     metrics["pairs_missing_media"] = float(sum(p.key not in media for p in pairs))
     (out_dir / "summary.json").write_text(json.dumps(metrics, indent=1))
     log.info("reward_model: %d training pairs, held-out pair accuracy %.3f (before training %.3f)",
@@ -338,7 +369,7 @@ def run_reward_model(ctx: StageContext[RewardModelJob]) -> StageResult:
     return StageResult(metrics=metrics, artifacts=["reward_model/summary.json", "reward_model/pairs.jsonl"])
 
 
-reward_model = component(name="reward_model", version="2", config="train.vlm", inputs=("shards", "rs", "vlm"),
+reward_model = component(name="reward_model", version="3", config="train.vlm", inputs=("shards", "rs", "vlm"),
                          outputs=("reward_model",), view=reward_model_view)(run_reward_model)
 
 
