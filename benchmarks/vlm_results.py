@@ -210,8 +210,8 @@ def sections(evaluation: dict, samplings: list, rls: list, probes: list, trainin
         ("Rejection sampling from the first SFT round, with thinking on (per task; acceptance: prompts with at least one "
          "verified answer):\n\n", table(over_seeds(samplings), RS_COLUMNS)),
         ("Reward model (Bradley-Terry on our own pairs: verified or reference answers over wrong samples, concise over "
-         "rambling captions, faithful over one-colour-swapped captions, complete over one-object-dropped captions; held-out "
-         "prompts' pairs):\n\n",
+         "rambling captions, faithful over one-colour-swapped captions, complete over one-object-dropped captions; "
+         "held-out prompts' pairs):\n\n",
          table(only(rls, "reward model"), RM_COLUMNS)),
         ("Hybrid RL, the reward curve (first and last quarter of the policy steps) and the run's means:\n\n",
          table(only(rls, "rl"), RL_COLUMNS)),
