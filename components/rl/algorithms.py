@@ -230,8 +230,8 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     of response tokens, `config.alpha`), or `config.lambda_policy` when it is set; the critic's returns use
     `config.lambda_critic` (1.0: the reward-to-go, unbiased targets). With `config.normalise_advantages` the
     policy advantages are whitened over all response tokens of the batch (mean 0, std 1, one mean for general and
-    verifiable rows alike, since they share one critic and one loss); the returns are never normalised. `rewards` are per-token (`token_rewards`), `values`
-    the critic's values at rollout time.
+    verifiable rows alike, since they share one critic and one loss); the returns are never normalised.
+    `rewards` are per-token (`token_rewards`), `values` the critic's values at rollout time.
     """
     lam_policy: float | torch.Tensor = config.lambda_policy if config.lambda_policy is not None else \
         length_adaptive_lambda(mask.bool().sum(dim=-1), config.alpha).to(values.device)
