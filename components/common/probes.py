@@ -39,8 +39,8 @@ NUMBERS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5
 CELL = 28  # pixels of one visual token after the 2x2 merge of 14-pixel patches
 MIN_COVER = 0.6  # a cell is an object's when its box covers this share of the cell
 MAX_COUNT_CLASS = 9  # counts above are one class ("9 or more")
-_PHRASE = re.compile(r"\b(a|an|one|two|three|four|five|six|seven|eight|nine|ten)\s+(\w+)\s+(circle|square|triangle|"
-                     r"diamond)s?\b")
+OBJECT_PHRASE = re.compile(r"\b(a|an|one|two|three|four|five|six|seven|eight|nine|ten)\s+(\w+)\s+(circle|square|triangle|"
+                     r"diamond)s?\b")  # one object phrase of a scene caption: "a red circle", "two blue squares"
 _BACKGROUND = re.compile(r"\bon an?\s+(\w+)\s+background\b")
 
 
@@ -77,7 +77,7 @@ def facts_from_info(key: str, task: str, info: dict[str, Any], width: int, heigh
     if task == "caption":
         caption = str(info.get("caption", "")).lower()
         background = _BACKGROUND.search(caption)
-        phrases = _PHRASE.findall(caption)
+        phrases = OBJECT_PHRASE.findall(caption)
         if background is None or not phrases or any(c not in OBJECT_COLOURS for _, c, _ in phrases):
             return None  # not a scene caption (a real photo's, or a noisy one)
         synthetic = (info.get("meta") or {}).get("synthetic") or {}

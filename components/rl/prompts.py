@@ -105,7 +105,7 @@ class PromptSampler:
                  adapt: bool = False, adapt_floor: float = 0.1, adapt_momentum: float = 0.3) -> None:
         self.mix, self.seed = mix, seed
         self.adapt, self.adapt_floor, self.adapt_momentum = adapt, adapt_floor, adapt_momentum
-        self.pools = {t: len(p) for t, p in pools.items()}  # per type: how many prompts
+        self.sizes = {t: len(p) for t, p in pools.items()}  # per type: how many prompts
         self.kinds: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in pools}
         for kind_type, rows in pools.items():
             for row in rows:
@@ -138,7 +138,7 @@ class PromptSampler:
         return chosen
 
     def next_batch(self, size: int) -> list[dict[str, Any]]:
-        counts = type_counts(size, self.mix, self.pools)
+        counts = type_counts(size, self.mix, self.sizes)
         batch = []
         for prompt_type, count in counts.items():
             shares = self.shares(prompt_type)

@@ -111,20 +111,18 @@ def caption_pairs(captions: list[tuple[str, str, str]], sentences: int, seed: in
     return pairs
 
 
-_LIST_SEPARATOR = re.compile(r",\s*(?:and\s+)?|\s+and\s+")
-
-
 def object_dropped(caption: str, count: int, rng: random.Random) -> list[str]:
-    """Up to `count` distinct copies of a scene caption ("<objects> on a <colour> background", the objects a
-    list joined by commas and "and") with one object of the list left out: "a red circle, a blue square and
-    two green diamonds on a gray background" -> "a red circle and two green diamonds on a gray background".
-    A caption without the background phrase, or with one object, gives none."""
+    """Up to `count` distinct copies of a scene caption ("<objects> on a <colour> background", its objects the
+    phrases `probes.OBJECT_PHRASE` reads) with one object left out: "a red circle, a blue square and two green
+    diamonds on a gray background" -> "a red circle and two green diamonds on a gray background". A caption
+    without the background phrase, or with fewer than two objects, gives none."""
+    from components.common.probes import OBJECT_PHRASE
     from components.vlm.verifiers import background_span
 
     background = background_span(caption)
     if background is None or count < 1:
         return []
-    items = [item.strip() for item in _LIST_SEPARATOR.split(caption[:background[0]].strip()) if item.strip()]
+    items = [m.group() for m in OBJECT_PHRASE.finditer(caption[:background[0]])]
     if len(items) < 2:
         return []
     out = []

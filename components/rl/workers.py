@@ -84,8 +84,9 @@ class RolloutWorker:
                     for p, seed in zip(prompts, seeds)]
         completions = self.engine.generate(requests) if requests else []
         samples = [(index, completion) for index, group in enumerate(completions) for completion in group]
-        cut, truncated = truncate_rollouts([c.token_ids for _, c in samples], max_response_tokens)
-        truncated += sum(c.finish_reason == "length" and len(c.token_ids) <= max_response_tokens for _, c in samples)
+        cut, longer = truncate_rollouts([c.token_ids for _, c in samples], max_response_tokens)
+        truncated = longer + sum(c.finish_reason == "length" and len(c.token_ids) <= max_response_tokens
+                                 for _, c in samples)  # the engine stopped them at max_new_tokens
         rollouts = []
         for (index, completion), ids in zip(samples, cut):
             request = requests[index]
